@@ -1,0 +1,3 @@
+from qvlc.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Model families qvlc knows. Everything specific to one family lives in its own sub-package."""

@@ -1,0 +1,93 @@
+"""Checkpoint folders: the checks done before loading, the loading itself, and weight-file hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qvlc.errors import CheckpointError
+from qvlc.models.qwen2_vl.dims import Qwen2VLDims
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files a checkpoint folder needs; raises if any is missing."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{folder} is incomplete: {len(missing)} of {len(names)} weight shards are missing "
+                f"(first: {missing[0]})",
+                fix="finish downloading the checkpoint (all files listed in model.safetensors.index.json)",
+                key="model.checkpoint",
+            )
+        return [folder / n for n in names]
+    if (folder / SINGLE_NAME).is_file():
+        return [folder / SINGLE_NAME]
+    raise CheckpointError(
+        f"{folder} has no {SINGLE_NAME} or {INDEX_NAME}",
+        fix="qvlc reads safetensors checkpoints; re-save the model with save_pretrained(safe_serialization=True)",
+        key="model.checkpoint",
+    )
+
+
+def check_checkpoint(folder: Path) -> Qwen2VLDims:
+    """Everything that can be checked about a checkpoint without reading a weight."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"checkpoint folder {str(folder)!r} does not exist",
+            fix="give a local Hugging Face folder (config.json + *.safetensors), or 'tiny' for the embedded default",
+            key="model.checkpoint",
+        )
+    dims = Qwen2VLDims.from_checkpoint(folder)
+    weight_files(folder)
+    return dims
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedCheckpoint:
+    folder: Path
+    dims: Qwen2VLDims
+    model: torch.nn.Module  # Qwen2VLForConditionalGeneration, fp32, eval mode
+
+    @property
+    def text_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.model.visual
+
+    @property
+    def lm_head(self) -> torch.nn.Linear:
+        return self.model.lm_head
+
+
+def load_checkpoint(folder: Path) -> LoadedCheckpoint:
+    """Load the unmodified transformers model in fp32: the oracle, and the owner of every weight we export."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    dims = check_checkpoint(folder)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager"
+    )
+    model.eval().requires_grad_(False)
+    return LoadedCheckpoint(folder=Path(folder), dims=dims, model=model)

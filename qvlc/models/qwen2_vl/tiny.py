@@ -1,0 +1,91 @@
+"""The embedded default: a small random Qwen2-VL, saved and loaded like any real checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+TINY_SEED = 20241125
+# Bump when the recipe below changes, so cached folders built by an older recipe are not reused.
+RECIPE_VERSION = 1
+
+
+def shipped_config(name: str) -> dict:
+    """A config.json shipped with qvlc: 'tiny', 'qwen2_vl_2b' or 'qwen2_vl_7b'."""
+    return json.loads(resources.files("qvlc.models.qwen2_vl").joinpath(f"configs/{name}.json").read_text())
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QVLC_CACHE", Path.home() / ".cache" / "qvlc"))
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int, std: float | None = None) -> None:
+    """Give every weight, bias and norm scale a random value.
+
+    transformers' init leaves biases at 0 and norm scales at 1: a sliced bias or a swapped norm would then
+    go unnoticed. Random values make every wiring and slicing mistake change the numbers.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if name.endswith("bias"):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        elif "norm" in name or name.endswith(("ln_q.weight",)):
+            p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
+        elif std is not None:
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def build_random_checkpoint(config: dict, folder: Path, seed: int, dtype: torch.dtype = torch.float32,
+                            std: float | None = None) -> Path:
+    """Build a random Qwen2-VL from ``config`` and save_pretrained it into ``folder`` (atomically)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    cfg = Qwen2VLConfig(**config)
+    model = Qwen2VLForConditionalGeneration(cfg).to(dtype)
+    randomize_(model, seed, std)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        from qvlc.models.qwen2_vl.tokenizer import save_tiny_tokenizer_if_matching
+        save_tiny_tokenizer_if_matching(config, staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return folder
+
+
+def tiny_checkpoint(overrides: dict | None = None, seed: int = TINY_SEED) -> Path:
+    """Path of the tiny default checkpoint (built on first use, then cached).
+
+    ``overrides`` patch the shipped tiny config (tests use it for other head counts); the cache key covers
+    the config, the seed, the recipe and the transformers version.
+    """
+    import transformers
+
+    config = shipped_config("tiny")
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    key = hashlib.sha256(
+        json.dumps([config, seed, RECIPE_VERSION, transformers.__version__], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    folder = cache_root() / f"tiny-{key}"
+    if not (folder / "config.json").is_file():
+        build_random_checkpoint(config, folder, seed)
+    return folder
