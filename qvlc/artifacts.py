@@ -1,0 +1,102 @@
+"""Artifact folders: staging, atomic publish, file hashes, manifest.json, and `qvlc verify`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from qvlc.errors import QvlcError
+from qvlc.models.qwen2_vl.checkpoint import sha256_file
+
+MANIFEST = "manifest.json"
+LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnxsim", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def refuse_existing(final: Path, force: bool) -> None:
+    if final.exists() and not force:
+        raise QvlcError(f"artifact folder {final} already exists",
+                        fix="pass --force to replace it, or change `name` in the config", key="name")
+
+
+def make_staging(final: Path) -> Path:
+    """A hidden sibling of the final folder: same filesystem, so publishing is one rename."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+
+
+def publish(staging: Path, final: Path, force: bool) -> None:
+    """Move a complete staging folder into place. The old artifact (with --force) is removed only now."""
+    refuse_existing(final, force)
+    if final.exists():
+        trash = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(trash)
+        staging.rename(final)
+        shutil.rmtree(trash)
+    else:
+        staging.rename(final)
+
+
+def discard(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def file_table(folder: Path) -> list[dict]:
+    """Every file under ``folder`` except the manifest, sorted, with bytes and sha256."""
+    rows = []
+    for p in sorted(q for q in folder.rglob("*") if q.is_file() and q.name != MANIFEST):
+        rows.append({"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+    return rows
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    manifest = {**manifest, "files": file_table(folder)}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise QvlcError(f"{folder} has no {MANIFEST}", fix="give the folder of a finished `qvlc compile`")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class VerifyResult:
+    checked: int
+    problems: list[str]
+
+
+def verify(folder: Path) -> VerifyResult:
+    """Recompute every file's size and sha256 and compare with the manifest; list files it does not know."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    problems = []
+    listed = {row["path"]: row for row in manifest["files"]}
+    for rel, row in listed.items():
+        p = folder / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif p.stat().st_size != row["bytes"]:
+            problems.append(f"{rel}: {p.stat().st_size} bytes, manifest says {row['bytes']}")
+        elif sha256_file(p) != row["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    extra = [q.relative_to(folder).as_posix() for q in folder.rglob("*")
+             if q.is_file() and q.name != MANIFEST and q.relative_to(folder).as_posix() not in listed]
+    problems += [f"{rel}: not in the manifest" for rel in sorted(extra)]
+    return VerifyResult(len(listed), problems)

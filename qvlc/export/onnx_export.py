@@ -1,0 +1,133 @@
+"""torch module → ONNX: dynamo export, optional onnxsim, and one deduplicated external weights file.
+
+Graphs that read the same weights (prefill and decode) point into one weights file: every initializer of
+1 KiB or more is written once, keyed by dtype, shape and content hash, so a weight that both graphs hold is
+stored once whatever the exporter or onnxsim named it. Large tensors are 64 KiB aligned so runtimes can
+memory-map them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from qvlc.export import allreduce
+
+INLINE_BELOW = 1024  # bytes; smaller initializers stay inside the .onnx file
+ALIGN_LARGE = 1 << 16
+LARGE = 1 << 20
+
+
+@dataclass
+class ExportedGraph:
+    """One exported graph, still in memory (or reloaded lazily from a work file)."""
+
+    name: str  # file name in the artifact, e.g. "llm_prefill.onnx"
+    model: ir.Model
+
+
+def export_module(module: torch.nn.Module, args: tuple, input_names: Sequence[str], output_names: Sequence[str],
+                  opset: int) -> ir.Model:
+    """Dynamo-export ``module`` with static shapes; qvlc::all_reduce becomes a qvlc.AllReduce node."""
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=opset, input_names=list(input_names),
+            output_names=list(output_names), custom_translation_table=allreduce.translation_table(),
+            optimize=True, verbose=False,
+        )
+    model = program.model
+    model.producer_name = "qvlc"
+    return model
+
+
+def simplify(graph: ExportedGraph, work_dir: Path) -> ExportedGraph:
+    """Run onnxsim path to path (works past the 2 GB protobuf limit) and reload the result lazily."""
+    import onnxsim
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    src = work_dir / f"raw_{graph.name}"
+    dst = work_dir / f"sim_{graph.name}"
+    ir.save(graph.model, src, external_data=src.name + ".data")
+    allreduce.register_onnx_schema()
+    _, ok = onnxsim.simplify(str(src), output_path=str(dst), check_n=0)
+    if not ok:  # onnxsim's own check; we validate the result numerically afterwards in any case
+        raise RuntimeError(f"onnxsim could not verify its simplification of {graph.name}")
+    return ExportedGraph(graph.name, ir.load(dst))
+
+
+def _tensor_bytes(t: ir.TensorProtocol) -> bytes:
+    return t.tobytes()
+
+
+def write_shared(graphs: Sequence[ExportedGraph], folder: Path, weights_name: str,
+                 on_tensor: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Save ``graphs`` into ``folder`` with all their large initializers in one file ``weights_name``.
+
+    Returns stats: bytes of unique weights written, and bytes a per-graph layout would have written.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    weights_path = folder / weights_name
+    placed: dict[tuple, tuple[int, int]] = {}
+    stats = {"weights_bytes": 0, "unshared_bytes": 0, "tensors": 0, "shared_tensors": 0}
+    with open(weights_path, "wb") as f:
+        for graph in graphs:
+            for name, value in graph.model.graph.initializers.items():
+                t = value.const_value
+                if t is None or t.nbytes < INLINE_BELOW:
+                    continue
+                data = _tensor_bytes(t)
+                key = (t.dtype, tuple(t.shape), hashlib.sha256(data).digest())
+                stats["unshared_bytes"] += len(data)
+                stats["tensors"] += 1
+                if key in placed:
+                    stats["shared_tensors"] += 1
+                else:
+                    pos = f.tell()
+                    align = ALIGN_LARGE if len(data) >= LARGE else 64
+                    pad = (-pos) % align
+                    f.write(b"\0" * pad)
+                    placed[key] = (pos + pad, len(data))
+                    f.write(data)
+                    stats["weights_bytes"] += len(data)
+                    if on_tensor:
+                        on_tensor(len(data))
+                offset, length = placed[key]
+                value.const_value = ir.ExternalTensor(
+                    weights_name, offset, length, t.dtype, shape=t.shape, name=name, base_dir=folder)
+        f.flush()
+        os.fsync(f.fileno())
+    for graph in graphs:
+        ir.save(graph.model, folder / graph.name)
+    return stats
+
+
+def check_graph(path: Path) -> None:
+    """onnx.checker on the file path (needed past 2 GB), with qvlc.AllReduce registered."""
+    allreduce.register_onnx_schema()
+    onnx.checker.check_model(str(path))
+
+
+def graph_io(path: Path) -> dict[str, list[dict]]:
+    """Names, static shapes and dtypes of a graph's inputs and outputs (reads no weights)."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values) -> list[dict]:
+        out = []
+        for v in values:
+            tt = v.type.tensor_type
+            out.append({
+                "name": v.name,
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
+                "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim],
+            })
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output),
+            "nodes": len(model.graph.node)}

@@ -1,0 +1,196 @@
+"""Parity metrics, per-dtype tolerances, and the report that collects every check before failing once."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """An output passes when all three hold:
+    max_abs <= atol + rtol * max|ref|,  rel_l2 <= max_rel_l2,  cosine >= min_cosine."""
+
+    atol: float
+    rtol: float
+    max_rel_l2: float
+    min_cosine: float
+
+
+# Why these numbers:
+# fp32 — the graph does the same arithmetic as transformers in another order (ONNX Runtime's GEMM blocking,
+#   our grouped-query reshape instead of repeat_kv). Reordering error grows like sqrt(K)*eps32*|x|: measured
+#   ~1e-7 on tiny models and ~1e-5 on 2B-size logits (|logit| ~ 10). 1e-4 relative leaves 10x headroom at 2B,
+#   while a single weight perturbed by 1e-2 moves logits by >1e-3 relative and fails.
+# fp16 — weights, activations and the KV cache are rounded to an 11-bit mantissa (eps 9.8e-4) and the error
+#   compounds over layers; measured on 2B shapes: logits 1.8e-2 max abs, cosine 0.99998 against the fp32
+#   oracle. rel_l2 3e-2 and cosine 0.999 pass healthy fp16 graphs with margin, and still fail a wrong slice,
+#   a dropped bias or a swapped norm, which give rel_l2 of order 1.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-4, max_rel_l2=1e-4, min_cosine=0.99999),
+    "fp16": Tolerance(atol=5e-2, rtol=5e-2, max_rel_l2=3e-2, min_cosine=0.999),
+}
+
+
+def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """max abs, mean abs, relative L2 and cosine similarity of ``out`` against ``ref`` (computed in fp64)."""
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    o = np.asarray(out, dtype=np.float64).ravel()
+    diff = o - r
+    rn, on = np.linalg.norm(r), np.linalg.norm(o)
+    return {
+        "max_abs": float(np.max(np.abs(diff))) if diff.size else 0.0,
+        "mean_abs": float(np.mean(np.abs(diff))) if diff.size else 0.0,
+        "rel_l2": float(np.linalg.norm(diff) / max(rn, 1e-30)),
+        "cosine": float(np.dot(r, o) / max(rn * on, 1e-30)) if diff.size else 1.0,
+        "ref_max_abs": float(np.max(np.abs(r))) if r.size else 0.0,
+        "finite": bool(np.all(np.isfinite(o))),
+    }
+
+
+def passes(m: dict[str, float], tol: Tolerance) -> bool:
+    return (m["finite"] and m["max_abs"] <= tol.atol + tol.rtol * m["ref_max_abs"]
+            and m["rel_l2"] <= tol.max_rel_l2 and m["cosine"] >= tol.min_cosine)
+
+
+@dataclass
+class Check:
+    graph: str
+    case: str
+    output: str
+    passed: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    problem: str = ""  # set for name/shape failures, where there are no values to compare
+
+
+@dataclass
+class TokenCheck:
+    graph: str
+    case: str
+    expected: list[int]
+    got: list[int]
+    required: bool  # fp32 must match token for token; fp16 only reports its agreement
+
+    @property
+    def matched(self) -> int:
+        n = 0
+        for a, b in zip(self.expected, self.got):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    @property
+    def passed(self) -> bool:
+        return not self.required or (self.expected == self.got)
+
+
+@dataclass
+class ParityReport:
+    part: str
+    dtype: str
+    tolerance: Tolerance
+    checks: list[Check] = field(default_factory=list)
+    tokens: list[TokenCheck] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, graph: str, case: str, output: str, ref: np.ndarray, out: np.ndarray) -> Check:
+        """names → shapes → values: a shape mismatch is recorded as such, without value metrics."""
+        ref, out = np.asarray(ref), np.asarray(out)
+        if ref.shape != out.shape:
+            c = Check(graph, case, output, False, problem=f"shape {list(out.shape)} != expected {list(ref.shape)}")
+        else:
+            m = compare(ref, out)
+            c = Check(graph, case, output, passes(m, self.tolerance), m)
+        self.checks.append(c)
+        return c
+
+    def fail(self, graph: str, case: str, output: str, problem: str) -> None:
+        self.checks.append(Check(graph, case, output, False, problem=problem))
+
+    @property
+    def failures(self) -> list[str]:
+        out = [f"{c.graph}/{c.case}/{c.output}: {c.problem or _metric_line(c.metrics)}"
+               for c in self.checks if not c.passed]
+        out += [f"{t.graph}/{t.case}: greedy tokens diverge at step {t.matched} of {len(t.expected)} "
+                f"(expected {t.expected}, got {t.got})" for t in self.tokens if not t.passed]
+        return out
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> dict:
+        worst: dict[str, dict[str, float]] = {}
+        for c in self.checks:
+            if not c.metrics:
+                continue
+            w = worst.setdefault(c.graph, {"max_abs": 0.0, "rel_l2": 0.0, "min_cosine": 1.0})
+            w["max_abs"] = max(w["max_abs"], c.metrics["max_abs"])
+            w["rel_l2"] = max(w["rel_l2"], c.metrics["rel_l2"])
+            w["min_cosine"] = min(w["min_cosine"], c.metrics["cosine"])
+        return {
+            "passed": self.passed,
+            "checks": len(self.checks),
+            "failed": len(self.failures),
+            "worst_per_graph": worst,
+            "tokens": [{"graph": t.graph, "case": t.case, "matched": t.matched, "of": len(t.expected)}
+                       for t in self.tokens],
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "part": self.part,
+            "dtype": self.dtype,
+            "oracle": "transformers model, fp32, eager attention",
+            "tolerance": asdict(self.tolerance),
+            "summary": self.summary(),
+            "failures": self.failures,
+            "checks": [asdict(c) for c in self.checks],
+            "tokens": [{**asdict(t), "matched": t.matched, "passed": t.passed} for t in self.tokens],
+            "notes": self.notes,
+        }
+
+    def write(self, folder: Path) -> None:
+        (folder / "parity.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        (folder / "parity.md").write_text(self.to_markdown())
+
+    def to_markdown(self) -> str:
+        t = self.tolerance
+        lines = [
+            f"# Parity report: {self.part} ({self.dtype})",
+            "",
+            f"Oracle: the unmodified transformers model in fp32. Result: **{'PASS' if self.passed else 'FAIL'}** "
+            f"({len(self.checks)} checks, {len(self.failures)} failed).",
+            "",
+            f"Tolerance ({self.dtype}): max_abs <= {t.atol:g} + {t.rtol:g}·max|ref|, rel_l2 <= {t.max_rel_l2:g}, "
+            f"cosine >= {t.min_cosine:g}.",
+            "",
+            "| graph | case | output | max abs | mean abs | rel L2 | cosine | result |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in self.checks:
+            if c.metrics:
+                m = c.metrics
+                lines.append(f"| {c.graph} | {c.case} | {c.output} | {m['max_abs']:.3e} | {m['mean_abs']:.3e} | "
+                             f"{m['rel_l2']:.3e} | {m['cosine']:.7f} | {'pass' if c.passed else 'FAIL'} |")
+            else:
+                lines.append(f"| {c.graph} | {c.case} | {c.output} | | | | | FAIL: {c.problem} |")
+        if self.tokens:
+            lines += ["", "## Greedy generation", "", "| graph | case | matched | result |", "|---|---|---|---|"]
+            for tk in self.tokens:
+                res = "pass" if tk.expected == tk.got else ("FAIL" if tk.required else "reported")
+                lines.append(f"| {tk.graph} | {tk.case} | {tk.matched}/{len(tk.expected)} | {res} |")
+        if self.failures:
+            lines += ["", "## Failures", ""] + [f"- {f}" for f in self.failures]
+        if self.notes:
+            lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def _metric_line(m: dict[str, float]) -> str:
+    return (f"max_abs {m['max_abs']:.3e} (ref max {m['ref_max_abs']:.3g}), rel_l2 {m['rel_l2']:.3e}, "
+            f"cosine {m['cosine']:.7f}" + ("" if m["finite"] else ", NON-FINITE values"))
