@@ -8,7 +8,6 @@ k + 1 on every rank. The final segment of each rank yields its vocab slice of th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import onnx
 import onnx.utils
 import onnxruntime as ort
 
+from qvlc.artifacts import read_manifest
 from qvlc.export.allreduce import DOMAIN, OP_TYPE, register_onnx_schema
 from qvlc.host.embeddings import NP_DTYPES, EmbedTable
 from qvlc.host.rope import decode_cos_sin, mrope_cos_sin
@@ -142,11 +142,6 @@ class LlmSpec:
         return cls(s["prefill_len"], s["max_context"], s["tp"], s["dtype"], s["hidden"], s["layers"], s["head_dim"],
                    s["kv_heads_per_rank"], s["vocab"], s["rope_theta"], tuple(s["mrope_section"]), s["eos"],
                    s["image_token"])
-
-
-def read_manifest(folder: Path) -> dict:
-    path = Path(folder) / "manifest.json"
-    return json.loads(path.read_text())
 
 
 def rank_dirs(folder: Path, tp: int) -> list[Path]:

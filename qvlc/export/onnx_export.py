@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,6 +31,16 @@ class ExportedGraph:
 
     name: str  # file name in the artifact, e.g. "llm_prefill.onnx"
     model: ir.Model
+
+
+@dataclass
+class ExportResult:
+    """What an export stage wrote: graph rows for the manifest, bytes, and the part's own manifest section."""
+
+    graphs: list[dict] = field(default_factory=list)  # one row per graph file: file, rank, inputs, outputs, nodes
+    bytes_written: int = 0
+    weights_unshared_bytes: int = 0  # what per-graph weight files would have taken
+    manifest: dict = field(default_factory=dict)
 
 
 def export_module(module: torch.nn.Module, args: tuple, input_names: Sequence[str], output_names: Sequence[str],

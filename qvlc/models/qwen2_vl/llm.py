@@ -45,17 +45,20 @@ class RankLayout:
         for i in range(layers):
             p = f"layers.{i}"
             pts += [
-                {"weight": f"{p}.self_attn.{n}", "split": "output", "rows": [a, a + b]}
+                {"weight": f"{p}.self_attn.{n}", "split": "output", "heads": [a, a + b]}
                 for n, a, b in (
                     ("q_proj", self.head_start, self.heads),
                     ("k_proj", self.kv_head_start, self.kv_heads),
                     ("v_proj", self.kv_head_start, self.kv_heads),
                 )
             ]
-            pts.append({"weight": f"{p}.self_attn.o_proj", "split": "input", "reduce": "AllReduce(sum)"})
-            pts += [{"weight": f"{p}.mlp.{n}", "split": "output"} for n in ("gate_proj", "up_proj")]
-            pts.append({"weight": f"{p}.mlp.down_proj", "split": "input", "reduce": "AllReduce(sum)"})
-        pts.append({"weight": "lm_head", "split": "vocab", "rows": [self.vocab_start, self.vocab_start + self.vocab]})
+            pts.append({"weight": f"{p}.self_attn.o_proj", "split": "input", "heads": [self.head_start,
+                        self.head_start + self.heads], "reduce": "AllReduce(sum)"})
+            inter = [self.intermediate_start, self.intermediate_start + self.intermediate]
+            pts += [{"weight": f"{p}.mlp.{n}", "split": "output", "features": inter} for n in ("gate_proj", "up_proj")]
+            pts.append({"weight": f"{p}.mlp.down_proj", "split": "input", "features": inter,
+                        "reduce": "AllReduce(sum)"})
+        pts.append({"weight": "lm_head", "split": "vocab", "tokens": [self.vocab_start, self.vocab_start + self.vocab]})
         return pts
 
 
