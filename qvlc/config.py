@@ -77,8 +77,19 @@ class Config:
         return self.model.checkpoint == TINY
 
     def to_dict(self) -> dict[str, Any]:
+        """The native-schema dict of this config: ``config_from_dict(cfg.to_dict())`` gives ``cfg`` back
+        (less ``ignored``, which only describes the file it came from)."""
         d = asdict(self)
-        d["ignored"] = list(self.ignored)
+        del d["ignored"], d["llm_holds_patches"]
+        if self.part == "llm":
+            del d["export"]["chunk_width"]
+            if not self.llm_holds_patches:
+                del d["export"]["max_patches"]
+        else:
+            for key in ("prefill_len", "max_context", "tp", "workers"):
+                del d["export"][key]
+            for key in ("decode_steps", "generate_tokens"):
+                del d["validate"][key]
         return d
 
 

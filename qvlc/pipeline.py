@@ -97,6 +97,7 @@ def manifest(plan: Plan, exported: ExportResult, report: ParityReport | None) ->
         "qvlc_version": __version__,
         "part": cfg.part,
         "config": cfg.to_dict(),
+        "ignored_config_keys": list(cfg.ignored),
         "source": source,
         "libraries": library_versions(),
         **exported.manifest,  # the part's own section: "llm" (+ "tp") or "visual"
@@ -156,3 +157,22 @@ def compile_artifact(cfg: Config, force: bool = False, progress: Progress | None
         if stage.exists():
             discard(stage)
     return CompileResult(final, report, timings, exported)
+
+
+def validate_artifact(folder: Path, progress: Progress | None = None) -> ParityReport:
+    """`qvlc validate`: re-run the parity check of an existing artifact against its source checkpoint.
+
+    Reads the resolved config from the manifest; writes nothing into the artifact.
+    """
+    from qvlc.artifacts import read_manifest
+    from qvlc.config import config_from_dict
+
+    progress = progress or NullProgress()
+    m = read_manifest(folder)
+    cfg = config_from_dict(m["config"])
+    with progress.stage("check"):
+        plan = check(cfg)
+    with progress.stage("load"):
+        ck = load(plan)
+    with progress.stage("validate"):
+        return validate(plan, ck, Path(folder))

@@ -46,6 +46,7 @@ class ExportResult:
 def export_module(module: torch.nn.Module, args: tuple, input_names: Sequence[str], output_names: Sequence[str],
                   opset: int) -> ir.Model:
     """Dynamo-export ``module`` with static shapes; qvlc::all_reduce becomes a qvlc.AllReduce node."""
+    module.eval()
     with torch.no_grad():
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=opset, input_names=list(input_names),

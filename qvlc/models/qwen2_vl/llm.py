@@ -40,25 +40,25 @@ class RankLayout:
     vocab_start: int
 
     def split_points(self, layers: int) -> list[dict]:
-        """Every split weight and reduction point, in the form the manifest lists them."""
+        """Every split weight (by its initializer name in the rank graphs) and every reduction point."""
+        heads = [self.head_start, self.head_start + self.heads]
+        kv = [self.kv_head_start, self.kv_head_start + self.kv_heads]
+        inter = [self.intermediate_start, self.intermediate_start + self.intermediate]
         pts: list[dict] = []
         for i in range(layers):
-            p = f"layers.{i}"
+            a, m = f"stack.layers.{i}.self_attn", f"stack.layers.{i}.mlp"
             pts += [
-                {"weight": f"{p}.self_attn.{n}", "split": "output", "heads": [a, a + b]}
-                for n, a, b in (
-                    ("q_proj", self.head_start, self.heads),
-                    ("k_proj", self.kv_head_start, self.kv_heads),
-                    ("v_proj", self.kv_head_start, self.kv_heads),
-                )
+                {"initializer": f"{a}.q_proj.weight_t", "bias": f"{a}.q_proj.bias", "split": "output", "heads": heads},
+                {"initializer": f"{a}.k_proj.weight_t", "bias": f"{a}.k_proj.bias", "split": "output", "kv_heads": kv},
+                {"initializer": f"{a}.v_proj.weight_t", "bias": f"{a}.v_proj.bias", "split": "output", "kv_heads": kv},
+                {"initializer": f"{a}.o_proj.weight_t", "split": "input", "heads": heads, "then": "AllReduce(sum)"},
+                {"initializer": f"{m}.gate_proj.weight_t", "split": "output", "features": inter},
+                {"initializer": f"{m}.up_proj.weight_t", "split": "output", "features": inter},
+                {"initializer": f"{m}.down_proj.weight_t", "split": "input", "features": inter,
+                 "then": "AllReduce(sum)"},
             ]
-            pts.append({"weight": f"{p}.self_attn.o_proj", "split": "input", "heads": [self.head_start,
-                        self.head_start + self.heads], "reduce": "AllReduce(sum)"})
-            inter = [self.intermediate_start, self.intermediate_start + self.intermediate]
-            pts += [{"weight": f"{p}.mlp.{n}", "split": "output", "features": inter} for n in ("gate_proj", "up_proj")]
-            pts.append({"weight": f"{p}.mlp.down_proj", "split": "input", "features": inter,
-                        "reduce": "AllReduce(sum)"})
-        pts.append({"weight": "lm_head", "split": "vocab", "tokens": [self.vocab_start, self.vocab_start + self.vocab]})
+        pts.append({"initializer": "stack.lm_head.weight_t", "split": "vocab",
+                    "tokens": [self.vocab_start, self.vocab_start + self.vocab]})
         return pts
 
 
@@ -82,13 +82,20 @@ def _take(t: torch.Tensor, dim: int, start: int, length: int, dtype: torch.dtype
 
 
 class Linear(nn.Module):
+    """y = x @ weight_t + bias, with ``weight_t`` the transposed view [in, out] of the HF weight [out, in].
+
+    Holding the transpose as the parameter gives the graph a plain MatMul on a named initializer
+    (``…q_proj.weight_t``); with F.linear the exporter folds the transpose into an anonymous ``val_N`` copy.
+    """
+
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None) -> None:
         super().__init__()
-        self.weight = weight
+        self.weight_t = nn.Parameter(weight.detach().t(), requires_grad=False)
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = torch.matmul(x, self.weight_t)
+        return y if self.bias is None else y + self.bias
 
 
 def _split_linear(hf: nn.Linear, dim: int, start: int, length: int, dtype: torch.dtype) -> Linear:

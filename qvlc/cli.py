@@ -1,0 +1,170 @@
+"""The `qvlc` command line: parses, prints, decides exit codes. No compiler work happens here.
+
+Exit codes: 0 success · 1 parity failure or verify mismatch · 2 bad input (config, checkpoint, artifact).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qvlc import __version__
+from qvlc.errors import ParityError, QvlcError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compile Qwen2-VL checkpoints into statically shaped ONNX artifacts, proven against PyTorch.")
+# Not on a terminal (CI logs), rich would assume 80 columns and truncate the parity table.
+_WIDTH = max(shutil.get_terminal_size((120, 24)).columns, 110)
+console = Console(highlight=False, width=_WIDTH)
+err = Console(stderr=True, highlight=False, width=_WIDTH)
+
+EXIT_PARITY = 1
+EXIT_INPUT = 2
+
+
+class RichProgress:
+    """One line per stage: a spinner while it runs, then its wall time."""
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[dict]:
+        t0 = time.perf_counter()
+        info: dict = {}
+        with console.status(f"[bold]{name}[/] …", spinner="dots"):
+            yield info
+        detail = f"  {info['detail']}" if info.get("detail") else ""
+        console.print(f"[green]✓[/] {name:<20} {time.perf_counter() - t0:7.1f} s{detail}")
+
+
+def _quiet_libraries() -> None:
+    """The exporter and transformers log a lot that is noise for a user of qvlc (kept with QVLC_VERBOSE=1)."""
+    if os.environ.get("QVLC_VERBOSE"):
+        return
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch.onnx  # noqa: F401  (its loggers exist only once imported)
+
+    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch._export",
+                 "torch.export", "onnxscript", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _fail_input(e: QvlcError) -> None:
+    err.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(EXIT_INPUT)
+
+
+def parity_table(report) -> Table:
+    """Worst value per graph and output over all cases, and greedy-token agreement."""
+    t = Table(title=f"parity vs transformers fp32 ({report.part}, {report.dtype})")
+    for col in ("graph", "output", "cases", "max abs", "rel L2", "min cosine", "result"):
+        t.add_column(col, justify="right" if col in ("cases", "max abs", "rel L2", "min cosine") else "left")
+    rows: dict[tuple[str, str], list] = {}
+    for c in report.checks:
+        rows.setdefault((c.graph, c.output), []).append(c)
+    for (graph, output), checks in rows.items():
+        ms = [c.metrics for c in checks if c.metrics]
+        ok = all(c.passed for c in checks)
+        if ms:
+            t.add_row(graph, output, str(len(checks)), f"{max(m['max_abs'] for m in ms):.2e}",
+                      f"{max(m['rel_l2'] for m in ms):.2e}", f"{min(m['cosine'] for m in ms):.7f}",
+                      "[green]pass[/]" if ok else "[red]FAIL[/]")
+        else:
+            t.add_row(graph, output, str(len(checks)), "", "", "", "[red]FAIL[/]")
+    for tk in report.tokens:
+        res = "[green]pass[/]" if tk.expected == tk.got else ("[red]FAIL[/]" if tk.required else "[yellow]reported[/]")
+        t.add_row(tk.graph, f"greedy {tk.case}", "1", "", "", f"{tk.matched}/{len(tk.expected)} tokens", res)
+    return t
+
+
+@app.command()
+def compile(
+    config: Path = typer.Argument(..., help="YAML config (native or vamc-style)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing artifact folder."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Override output.dir."),
+) -> None:
+    """Compile one part (llm or visual) of a checkpoint into an artifact folder, then prove it."""
+    _quiet_libraries()
+    from dataclasses import replace
+
+    from qvlc.config import OutputConfig, load_config
+    from qvlc.pipeline import compile_artifact
+
+    try:
+        cfg = load_config(config)
+        if output_dir is not None:
+            cfg = replace(cfg, output=OutputConfig(dir=str(output_dir)))
+        for key in cfg.ignored:
+            err.print(f"[yellow]note:[/] {key} has no meaning for qvlc and is ignored")
+        console.print(f"qvlc {__version__} · compiling [bold]{cfg.name}[/] (part {cfg.part}, {cfg.export.dtype}"
+                      f"{f', tp {cfg.export.tp}' if cfg.part == 'llm' else ''}) from {cfg.model.checkpoint}")
+        result = compile_artifact(cfg, force=force, progress=RichProgress())
+    except ParityError as e:
+        err.print(f"[bold red]parity failed:[/] {e}")
+        raise typer.Exit(EXIT_PARITY)
+    except QvlcError as e:
+        _fail_input(e)
+        return
+    if result.report is not None:
+        console.print(parity_table(result.report))
+    mb = result.export.bytes_written / 1e6
+    console.print(f"[bold green]done[/] → {result.folder}  ({mb:.1f} MB written)")
+
+
+@app.command()
+def validate(artifact: Path = typer.Argument(..., help="An artifact folder written by `qvlc compile`.")) -> None:
+    """Re-run the parity check of an existing artifact against its source checkpoint."""
+    _quiet_libraries()
+    from qvlc.pipeline import validate_artifact
+
+    try:
+        report = validate_artifact(artifact, progress=RichProgress())
+    except QvlcError as e:
+        _fail_input(e)
+        return
+    console.print(parity_table(report))
+    if not report.passed:
+        for f in report.failures:
+            err.print(f"[red]✗[/] {f}")
+        raise typer.Exit(EXIT_PARITY)
+    console.print("[bold green]parity holds[/]")
+
+
+@app.command()
+def verify(artifact: Path = typer.Argument(..., help="An artifact folder written by `qvlc compile`.")) -> None:
+    """Check that every file still matches the size and sha256 recorded in manifest.json."""
+    from qvlc.artifacts import verify as verify_folder
+
+    try:
+        result = verify_folder(artifact)
+    except QvlcError as e:
+        _fail_input(e)
+        return
+    if result.problems:
+        for p in result.problems:
+            err.print(f"[red]✗[/] {p}")
+        raise typer.Exit(EXIT_PARITY)
+    console.print(f"[green]✓[/] {result.checked} files match manifest.json")
+
+
+@app.command()
+def version() -> None:
+    """Print qvlc's version and the libraries it was tested with."""
+    from qvlc.artifacts import library_versions
+
+    console.print(f"qvlc {__version__}")
+    for name, v in library_versions().items():
+        console.print(f"  {name} {v}")
+
+
+def main() -> None:
+    app()

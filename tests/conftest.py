@@ -1,0 +1,42 @@
+"""Shared fixtures: artifacts compiled once per session from the tiny default (real save/load path)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    """compiled(name, part="llm", **export) → CompileResult, compiled once per distinct request."""
+    from qvlc.config import config_from_dict
+    from qvlc.pipeline import compile_artifact
+
+    cache: dict = {}
+    out = tmp_path_factory.mktemp("artifacts")
+
+    def build(name: str, part: str = "llm", validate: dict | None = None, **export):
+        key = (name, part, tuple(sorted(export.items())))
+        if key not in cache:
+            raw = {"name": name, "part": part, "export": export, "output": {"dir": str(out)}}
+            if validate:
+                raw["validate"] = validate
+            cache[key] = compile_artifact(config_from_dict(raw))
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture
+def copy_artifact(tmp_path):
+    def copy(folder: Path) -> Path:
+        dst = tmp_path / folder.name
+        shutil.copytree(folder, dst)
+        return dst
+
+    return copy

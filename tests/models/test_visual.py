@@ -1,0 +1,124 @@
+"""VisualGraph (eager) against transformers' vision tower on the tiny random checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qvlc.host.vision import vision_attention_mask, vision_cos_sin
+from qvlc.models.qwen2_vl.checkpoint import LoadedCheckpoint, load_checkpoint
+from qvlc.models.qwen2_vl.tiny import tiny_checkpoint
+from qvlc.models.qwen2_vl.visual import VisualGraph, chunk_widths, example_inputs, output_names
+from qvlc.validate.metrics import TOLERANCES, compare, passes
+
+GRIDS = {
+    "one_image": [[1, 4, 6]],
+    "two_images": [[1, 2, 4], [1, 6, 2]],
+    "video_t2": [[2, 4, 4]],
+    "image_and_video": [[1, 4, 2], [2, 2, 6]],
+}
+
+
+@pytest.fixture(scope="module")
+def ck() -> LoadedCheckpoint:
+    return load_checkpoint(tiny_checkpoint())
+
+
+def patches(grids, dim: int, seed: int = 0) -> torch.Tensor:
+    n = int(np.prod(grids, axis=1).sum())
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)) * 1.2
+
+
+@torch.no_grad()
+def run_graph(module: VisualGraph, ck, pixels: torch.Tensor, grids, n: int, mask=None) -> torch.Tensor:
+    """Pad to n, host cos/sin and mask, run, concatenate the chunks; all n / merge_unit rows, fp32."""
+    v = ck.dims.vision
+    dtype = module.dtype
+    cos, sin = vision_cos_sin(grids, v.head_dim, v.merge_size, n)
+    mask = vision_attention_mask(grids, n) if mask is None else mask
+    padded = torch.zeros(n, v.patch_dim)
+    padded[: len(pixels)] = pixels
+    outs = module(padded.to(dtype), torch.from_numpy(mask), torch.from_numpy(cos).to(dtype),
+                  torch.from_numpy(sin).to(dtype))
+    return torch.cat(outs, dim=-1).float()
+
+
+@torch.no_grad()
+def reference(ck, pixels, grids) -> torch.Tensor:
+    return ck.visual(pixels, grid_thw=torch.tensor(grids))
+
+
+def test_chunk_widths():
+    assert chunk_widths(1536, 640) == [640, 640, 256]
+    assert chunk_widths(3584, 640) == [640] * 5 + [384]
+    assert chunk_widths(1280, 640) == [640, 640]
+    assert chunk_widths(64, 640) == [64]
+    assert output_names(64, 24) == ("image_embeds_0", "image_embeds_1", "image_embeds_2")
+
+
+@pytest.mark.parametrize("case", sorted(GRIDS))
+def test_matches_transformers_fp32(ck, case):
+    grids = GRIDS[case]
+    pixels = patches(grids, ck.dims.vision.patch_dim)
+    module = VisualGraph(ck.visual, ck.dims.vision, 24, torch.float32)
+    ref = reference(ck, pixels, grids)
+    out = run_graph(module, ck, pixels, grids, n=64)[: len(ref)]
+    assert ref.abs().max() > 0.1  # random biases/norms: a wiring bug would move these numbers
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_fp16_close_to_transformers(ck):
+    grids = GRIDS["image_and_video"]
+    pixels = patches(grids, ck.dims.vision.patch_dim)
+    module = VisualGraph(ck.visual, ck.dims.vision, 640, torch.float16)
+    ref = reference(ck, pixels, grids)
+    out = run_graph(module, ck, pixels, grids, n=64)[: len(ref)]
+    assert torch.nn.functional.cosine_similarity(out.ravel(), ref.ravel(), dim=0) > 0.9999
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=1e-2)
+
+
+def test_padding_does_not_change_real_rows(ck):
+    """Same patches in N=32 and N=96, and garbage in the padding rows: the real rows are identical."""
+    grids = GRIDS["two_images"]
+    pixels = patches(grids, ck.dims.vision.patch_dim)
+    module = VisualGraph(ck.visual, ck.dims.vision, 640, torch.float32)
+    rows = len(pixels) // ck.dims.vision.merge_unit
+    small = run_graph(module, ck, pixels, grids, n=32)
+    big = run_graph(module, ck, torch.cat([pixels, 5 * torch.randn(96 - len(pixels), pixels.shape[1])]), grids,
+                    n=96)
+    torch.testing.assert_close(big[:rows], small[:rows], atol=1e-6, rtol=1e-6)
+    assert torch.isfinite(big).all()
+
+
+@pytest.mark.parametrize("wrong", ["one_segment", "identity"])
+def test_wrong_mask_fails_fp32_parity(ck, wrong):
+    """A mask that joins the two images (one segment) or cuts every patch off (identity) must fail the fp32
+    tolerance the validation applies; the right mask passes it."""
+    grids = GRIDS["two_images"]
+    pixels = patches(grids, ck.dims.vision.patch_dim)
+    module = VisualGraph(ck.visual, ck.dims.vision, 640, torch.float32)
+    ref = reference(ck, pixels, grids).numpy()
+    n = 32
+    mask = {"one_segment": vision_attention_mask([[1, 1, len(pixels)]], n),
+            "identity": np.eye(n, dtype=bool)[None]}[wrong]
+    good = run_graph(module, ck, pixels, grids, n)[: len(ref)].numpy()
+    bad = run_graph(module, ck, pixels, grids, n, mask=mask)[: len(ref)].numpy()
+    assert passes(compare(ref, good), TOLERANCES["fp32"])
+    assert not passes(compare(ref, bad), TOLERANCES["fp32"])
+
+
+def test_parameters_are_views_in_fp32(ck):
+    """No copy of the Hugging Face weights when the export dtype is the checkpoint's dtype."""
+    module = VisualGraph(ck.visual, ck.dims.vision, 640, torch.float32)
+    hf_ptrs = {p.data_ptr() for p in ck.visual.parameters()}
+    assert all(p.data_ptr() in hf_ptrs for p in module.parameters())
+    assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in ck.visual.parameters())
+
+
+def test_example_inputs_shapes(ck):
+    v = ck.dims.vision
+    px, mask, cos, sin = example_inputs(v, 48, torch.float16)
+    assert px.shape == (48, v.patch_dim) and px.dtype == torch.float16
+    assert mask.shape == (1, 48, 48) and mask.dtype == torch.bool
+    assert cos.shape == sin.shape == (48, v.head_dim)

@@ -1,0 +1,146 @@
+"""Config: native and vamc-style loading, and every check that runs before a weight is read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qvlc.config import check_against_model, config_from_dict, load_config, valid_tp_values
+from qvlc.errors import CheckpointError, ConfigError
+from qvlc.models.qwen2_vl.checkpoint import check_checkpoint
+from qvlc.models.qwen2_vl.dims import Qwen2VLDims
+from qvlc.models.qwen2_vl.tiny import shipped_config, tiny_checkpoint
+from qvlc.pipeline import check
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def llm(**export):
+    return {"name": "x", "part": "llm", "export": export}
+
+
+def error_of(raw) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    return info.value
+
+
+def test_defaults_resolve_to_tiny():
+    cfg = config_from_dict({"name": "x", "part": "llm"})
+    assert cfg.is_tiny and cfg.export.dtype == "fp32" and cfg.export.tp == 1
+    assert cfg.artifact_dir == Path("build") / "x"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "examples").glob("*.yaml")))
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.part in ("llm", "visual")
+
+
+def test_unknown_key_suggests_closest():
+    e = error_of(llm(prefil_len=128))
+    assert e.key == "export.prefil_len" and "did you mean 'prefill_len'" in e.fix
+    e = error_of({"name": "x", "part": "llm", "exprot": {}})
+    assert e.key == "exprot" and "'export'" in e.fix
+
+
+@pytest.mark.parametrize("raw,key,fragment", [
+    (llm(tp="2"), "export.tp", "integer"),
+    (llm(simplify="yes"), "export.simplify", "true or false"),
+    (llm(dtype="bf16"), "export.dtype", "fp32"),
+    ({"name": "x", "part": "audio"}, "part", "llm"),
+    (llm(prefill_len=100), "export.prefill_len", "112"),
+    (llm(max_context=300), "export.max_context", "304"),
+    (llm(prefill_len=512, max_context=256), "export.prefill_len", "max_context"),
+    (llm(prefill_len=256, max_context=256), "export.prefill_len", "max_context"),
+    (llm(opset=13), "export.opset", "18"),
+    (llm(tp=0), "export.tp", "positive"),
+    ({"name": "x", "part": "visual", "export": {"max_patches": 1000}}, "export.max_patches", "1008"),
+    ({"name": "x", "part": "visual", "export": {"tp": 2}}, "export.tp", "never split"),
+    ({"name": "a/b", "part": "llm"}, "name", "letters"),
+    ({"part": "llm"}, "name", "add name"),
+])
+def test_bad_values_name_key_and_fix(raw, key, fragment):
+    e = error_of(raw)
+    assert e.key == key
+    assert fragment in str(e)
+
+
+def test_vamc_layout_maps_and_reports_ignored_keys():
+    cfg = load_config(REPO / "examples" / "vamc_tiny_llm.yaml")
+    assert (cfg.part, cfg.export.prefill_len, cfg.export.max_context, cfg.export.tp, cfg.export.dtype) == \
+        ("llm", 128, 256, 2, "fp32")
+    assert cfg.output.dir == "build"
+    assert cfg.ignored == ("backend.target",)
+    vis = config_from_dict({"name": "v", "frontend": {"shape": {"pixel_values": [512, 1176]},
+                                                      "model_kwargs": {"build_visual": True}}})
+    assert vis.part == "visual" and vis.export.max_patches == 512
+
+
+def test_vamc_bad_shape_is_explained():
+    e = error_of({"name": "v", "frontend": {"shape": {"input_ids": [128, 256]}}})
+    assert e.key == "frontend.shape.input_ids" and "[[2048], [4096]]" in e.fix
+
+
+def test_missing_checkpoint_folder(tmp_path):
+    cfg = config_from_dict({"name": "x", "part": "llm", "model": {"checkpoint": str(tmp_path / "nope")}})
+    with pytest.raises(CheckpointError) as info:
+        check(cfg)
+    assert "does not exist" in str(info.value) and info.value.key == "model.checkpoint"
+
+
+def test_not_qwen2_vl_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint(tmp_path)
+    assert "'llama'" in str(info.value) and "Qwen2-VL" in info.value.fix
+
+
+def test_incomplete_sharded_checkpoint(tmp_path):
+    shutil.copy(tiny_checkpoint() / "config.json", tmp_path / "config.json")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint(tmp_path)
+    assert "1 of 2 weight shards are missing" in str(info.value)
+
+
+def test_checkpoint_without_weights(tmp_path):
+    shutil.copy(tiny_checkpoint() / "config.json", tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        check_checkpoint(tmp_path)
+
+
+def test_tp_refusals_name_the_numbers_and_valid_values():
+    dims = Qwen2VLDims.from_config_dict(shipped_config("qwen2_vl_7b"))  # 28 heads, 4 kv heads
+    for tp, fragment in ((3, "28 attention heads are not divisible by 3"), (8, "28 attention heads")):
+        with pytest.raises(ConfigError) as info:
+            check_against_model(config_from_dict(llm(tp=tp)), dims)
+        assert fragment in str(info.value) and "tp = 1, 2, 4" in info.value.fix
+    check_against_model(config_from_dict(llm(tp=4)), dims)
+    assert valid_tp_values(28, 4, 18944, 152064) == [1, 2, 4]
+    # 2B: 12 heads and 2 kv heads; tp = 4 replicates each kv head on two ranks, tp = 6 cannot replicate evenly
+    assert valid_tp_values(12, 2, 8960, 151936) == [1, 2, 4]
+
+
+def test_prefill_must_hold_the_visual_tokens():
+    dims = Qwen2VLDims.from_config_dict(shipped_config("qwen2_vl_2b"))
+    cfg = config_from_dict(llm(prefill_len=1024, max_context=4096, max_patches=5120))
+    with pytest.raises(ConfigError) as info:
+        check_against_model(cfg, dims)
+    assert "1280 visual tokens" in str(info.value) and "1296" in info.value.fix
+    check_against_model(config_from_dict(llm(prefill_len=2048, max_context=4096, max_patches=5120)), dims)
+
+
+@pytest.mark.parametrize("raw", [
+    {"name": "a", "part": "llm"},
+    {"name": "a", "part": "llm", "export": {"max_patches": 1024, "prefill_len": 512, "max_context": 1024, "tp": 2}},
+    {"name": "a", "part": "visual", "export": {"max_patches": 64, "chunk_width": 24, "dtype": "fp16"}},
+])
+def test_to_dict_round_trips(raw):
+    cfg = config_from_dict(raw)
+    assert config_from_dict(cfg.to_dict()) == cfg
