@@ -151,13 +151,16 @@ def rank_dirs(folder: Path, tp: int) -> list[Path]:
 class LlmRuntime:
     """Prefill + decode loop with a host-managed KV cache, over one or several ranks."""
 
-    def __init__(self, folder: Path, spec: LlmSpec | None = None) -> None:
+    def __init__(self, folder: Path, spec: LlmSpec | None = None, graphs: tuple | None = None) -> None:
+        """``graphs`` replaces the ONNX graphs by other runners with the same ``run(feeds per rank)``
+        (validation drives the unsplit torch deployment module this way)."""
         self.folder = Path(folder)
         self.spec = spec or LlmSpec.from_manifest(read_manifest(self.folder))
         s = self.spec
-        dirs = rank_dirs(self.folder, s.tp)
-        self.prefill_graph = RankedGraph([d / PREFILL for d in dirs])
-        self.decode_graph = RankedGraph([d / DECODE for d in dirs])
+        if graphs is None:
+            dirs = rank_dirs(self.folder, s.tp)
+            graphs = (RankedGraph([d / PREFILL for d in dirs]), RankedGraph([d / DECODE for d in dirs]))
+        self.prefill_graph, self.decode_graph = graphs
         self.embed = EmbedTable(self.folder / EMBED, s.vocab, s.hidden, s.dtype)
         self.np_dtype = NP_DTYPES[s.dtype]
         self.kv: list[np.ndarray] = []

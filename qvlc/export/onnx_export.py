@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,7 +40,9 @@ class ExportResult:
 
     graphs: list[dict] = field(default_factory=list)  # one row per graph file: file, rank, inputs, outputs, nodes
     bytes_written: int = 0
+    write_seconds: float = 0.0  # wall time spent writing (and fsyncing) those bytes
     weights_unshared_bytes: int = 0  # what per-graph weight files would have taken
+    worker_peak_rss_mb: float = 0.0  # largest peak RSS of a worker process (0 when exported in-process)
     manifest: dict = field(default_factory=dict)
 
 
@@ -78,15 +81,17 @@ def _tensor_bytes(t: ir.TensorProtocol) -> bytes:
 
 
 def write_shared(graphs: Sequence[ExportedGraph], folder: Path, weights_name: str,
-                 on_tensor: Callable[[int], None] | None = None) -> dict[str, int]:
+                 on_tensor: Callable[[int], None] | None = None) -> dict[str, float]:
     """Save ``graphs`` into ``folder`` with all their large initializers in one file ``weights_name``.
 
-    Returns stats: bytes of unique weights written, and bytes a per-graph layout would have written.
+    Returns stats: bytes of unique weights written, bytes a per-graph layout would have written, and the wall
+    time spent writing.
     """
     folder.mkdir(parents=True, exist_ok=True)
     weights_path = folder / weights_name
     placed: dict[tuple, tuple[int, int]] = {}
-    stats = {"weights_bytes": 0, "unshared_bytes": 0, "tensors": 0, "shared_tensors": 0}
+    stats: dict[str, float] = {"weights_bytes": 0, "unshared_bytes": 0, "tensors": 0, "shared_tensors": 0,
+                               "write_seconds": 0.0}
     with open(weights_path, "wb") as f:
         for graph in graphs:
             for name, value in graph.model.graph.initializers.items():
@@ -103,19 +108,23 @@ def write_shared(graphs: Sequence[ExportedGraph], folder: Path, weights_name: st
                     pos = f.tell()
                     align = ALIGN_LARGE if len(data) >= LARGE else 64
                     pad = (-pos) % align
+                    t0 = time.perf_counter()
                     f.write(b"\0" * pad)
-                    placed[key] = (pos + pad, len(data))
                     f.write(data)
+                    stats["write_seconds"] += time.perf_counter() - t0
+                    placed[key] = (pos + pad, len(data))
                     stats["weights_bytes"] += len(data)
                     if on_tensor:
                         on_tensor(len(data))
                 offset, length = placed[key]
                 value.const_value = ir.ExternalTensor(
                     weights_name, offset, length, t.dtype, shape=t.shape, name=name, base_dir=folder)
+        t0 = time.perf_counter()
         f.flush()
         os.fsync(f.fileno())
-    for graph in graphs:
-        ir.save(graph.model, folder / graph.name)
+        for graph in graphs:
+            ir.save(graph.model, folder / graph.name)
+        stats["write_seconds"] += time.perf_counter() - t0
     return stats
 
 

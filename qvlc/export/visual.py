@@ -39,11 +39,12 @@ def preprocess_config(checkpoint: Path, vision: VisionDims) -> PreprocessConfig:
              "merge_size": vision.merge_size}
     if not (Path(checkpoint) / PREPROCESSOR_CONFIG_NAME).is_file():
         pre = dataclasses.replace(pre, **sizes)
-    wrong = {k: getattr(pre, k) for k, want in sizes.items() if getattr(pre, k) != want}
-    if wrong or pre.in_chans != vision.in_chans:
+    wrong = [f"{k} {getattr(pre, k)} (vision_config: {want})" for k, want in sizes.items() if getattr(pre, k) != want]
+    if pre.in_chans != vision.in_chans:
+        wrong.append(f"{pre.in_chans} channels of image_mean/image_std (vision_config: {vision.in_chans})")
+    if wrong:
         raise CheckpointError(
-            f"{PREPROCESSOR_CONFIG_NAME} disagrees with config.json's vision_config: {wrong or {}} vs {sizes}, "
-            f"{pre.in_chans} vs {vision.in_chans} channels",
+            f"{PREPROCESSOR_CONFIG_NAME} disagrees with config.json: {'; '.join(wrong)}",
             fix=f"restore the {PREPROCESSOR_CONFIG_NAME} that ships with the checkpoint", key="model.checkpoint")
     return pre
 

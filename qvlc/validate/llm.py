@@ -13,7 +13,7 @@ and the recombined result with the oracle and with the unsplit (tp = 1) deployme
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 from qvlc.host.rope import get_rope_index
 from qvlc.models.qwen2_vl.checkpoint import LoadedCheckpoint
 from qvlc.models.qwen2_vl.dims import Qwen2VLDims
-from qvlc.models.qwen2_vl.llm import RankLayout, rank_layout
+from qvlc.models.qwen2_vl.llm import DTYPES, DecodeGraph, PrefillGraph, RankLayout, TextStack, rank_layout
 from qvlc.runtime import LlmRuntime, LlmSpec
 from qvlc.validate.metrics import ParityReport, TokenCheck
 
@@ -208,11 +208,35 @@ def _compare_step(report: ParityReport, graph: str, case: str, runtime: LlmRunti
     return logits
 
 
+class TorchGraph:
+    """A deployment module run in eager torch behind RankedGraph's interface (one rank)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    @torch.no_grad()
+    def run(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        names = self.module.input_names
+        outs = self.module(*(torch.from_numpy(np.ascontiguousarray(feeds[0][n])) for n in names))
+        return [{n: o.numpy() for n, o in zip(self.module.output_names, outs)}]
+
+
+def unsplit_runtime(ck: LoadedCheckpoint, folder: Path, spec: LlmSpec) -> LlmRuntime:
+    """The tp = 1 deployment module (eager torch, the export dtype) behind the same host loop as the ranks."""
+    text = ck.dims.text
+    stack = TextStack(ck.text_model, ck.lm_head, text, rank_layout(text, 1, 0), DTYPES[spec.dtype])
+    spec1 = replace(spec, tp=1, kv_heads_per_rank=text.kv_heads)
+    return LlmRuntime(folder, spec1, graphs=(TorchGraph(PrefillGraph(stack)), TorchGraph(DecodeGraph(stack))))
+
+
 def validate_llm(ck: LoadedCheckpoint, folder: Path, spec: LlmSpec, decode_steps: int, generate_tokens: int,
                  report: ParityReport, seed: int = 0) -> None:
     dims = ck.dims
     runtime = LlmRuntime(folder, spec)
     oracle = Oracle(ck)
+    # With tp > 1 the recombined ranks are also compared with the unsplit module: same dtype, same host path,
+    # so any difference beyond summation order comes from the split itself.
+    unsplit = unsplit_runtime(ck, folder, spec) if spec.tp > 1 else None
     layouts = [rank_layout(dims.text, spec.tp, r) for r in range(spec.tp)]
     embed_std = float(ck.text_model.embed_tokens.weight.std())
     S, L = spec.prefill_len, dims.text.layers
@@ -224,8 +248,11 @@ def validate_llm(ck: LoadedCheckpoint, folder: Path, spec: LlmSpec, decode_steps
             report.fail("host", case.name, "rope_delta", f"host rope_delta {delta} != transformers {ref_delta}")
         outs = runtime.prefill(embeds, positions, mask)
         real = np.flatnonzero(mask)
-        _compare_step(report, "prefill", case.name, runtime, outs, ref_logits, oracle_kv(cache, L)[..., real, :],
-                      real, layouts)
+        got = _compare_step(report, "prefill", case.name, runtime, outs, ref_logits,
+                            oracle_kv(cache, L)[..., real, :], real, layouts)
+        if unsplit is not None:
+            report.add("prefill vs tp=1", case.name, "logits", unsplit.logits_of(
+                unsplit.prefill(embeds, positions, mask)), got)
         token = int(np.argmax(ref_logits))
         full_mask = mask.copy()
         for step in range(decode_steps):
@@ -235,8 +262,11 @@ def validate_llm(ck: LoadedCheckpoint, folder: Path, spec: LlmSpec, decode_steps
             outs = runtime.decode(runtime.embed.lookup(np.array([token]))[0], S + step + delta)
             last = np.array([0])
             new_kv = oracle_kv(cache, L)[..., -1:, :]
-            _compare_step(report, "decode", f"{case.name}/step{step}", runtime, outs, ref_logits, new_kv, last,
-                          layouts)
+            got = _compare_step(report, "decode", f"{case.name}/step{step}", runtime, outs, ref_logits, new_kv,
+                                last, layouts)
+            if unsplit is not None:
+                ref = unsplit.logits_of(unsplit.decode(unsplit.embed.lookup(np.array([token]))[0], S + step + delta))
+                report.add("decode vs tp=1", f"{case.name}/step{step}", "logits", ref, got)
             token = int(np.argmax(ref_logits))
 
     for case in build_generation_cases(dims, S, seed):

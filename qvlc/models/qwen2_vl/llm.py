@@ -77,7 +77,8 @@ def rank_layout(text: TextDims, tp: int, rank: int) -> RankLayout:
 
 
 def _take(t: torch.Tensor, dim: int, start: int, length: int, dtype: torch.dtype) -> nn.Parameter:
-    """A slice of a Hugging Face parameter: a view when no dtype conversion is needed, never a full copy."""
+    """A slice of a Hugging Face parameter: a view when no dtype conversion is needed, never a full copy.
+    ``t`` may also be a ``lazy.LazyTensor``, which reads only the slice from the checkpoint file."""
     return nn.Parameter(t.detach().narrow(dim, start, length).to(dtype), requires_grad=False)
 
 
@@ -101,8 +102,9 @@ class Linear(nn.Module):
 def _split_linear(hf: nn.Linear, dim: int, start: int, length: int, dtype: torch.dtype) -> Linear:
     """dim 0 splits the output features (and the bias), dim 1 the input features."""
     bias = None
-    if hf.bias is not None:
-        bias = _take(hf.bias, 0, start, length, dtype) if dim == 0 else _take(hf.bias, 0, 0, hf.bias.shape[0], dtype)
+    hf_bias = getattr(hf, "bias", None)
+    if hf_bias is not None:
+        bias = _take(hf_bias, 0, start, length, dtype) if dim == 0 else _take(hf_bias, 0, 0, hf_bias.shape[0], dtype)
     return Linear(_take(hf.weight, dim, start, length, dtype), bias)
 
 

@@ -1,0 +1,80 @@
+"""Benchmark: compile the LLM part of a random-weight Qwen2-VL-2B (real shapes) in fp16, with validation.
+
+    .venv/bin/python benchmarks/bench_llm_2b.py [--workdir bench_out] [--prefill-len 512] [--max-context 1024]
+                                                [--tp 1] [--no-validate] [--simplify]
+
+Shares the random checkpoint <workdir>/qwen2_vl_2b_random with bench_visual_2b.py (built once, bf16 like the
+released weights). Prints wall time per stage, peak RSS, bytes written and the write rate they imply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import time
+from pathlib import Path
+
+from bench_visual_2b import PrintProgress, _rss_gb, ensure_checkpoint
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("bench_out"))
+    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--max-context", type=int, default=1024)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
+    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--generate-tokens", type=int, default=16)
+    ap.add_argument("--simplify", action="store_true")
+    ap.add_argument("--no-validate", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from qvlc.config import config_from_dict
+    from qvlc.pipeline import compile_artifact
+
+    checkpoint = ensure_checkpoint(args.workdir, args.seed)
+    name = f"bench_llm_2b_{args.prefill_len}_{args.max_context}_tp{args.tp}_{args.dtype}"
+    out = args.workdir / "artifacts"
+    shutil.rmtree(out / name, ignore_errors=True)
+    cfg = config_from_dict({
+        "name": name, "part": "llm", "model": {"checkpoint": str(checkpoint)},
+        "export": {"dtype": args.dtype, "prefill_len": args.prefill_len, "max_context": args.max_context,
+                   "tp": args.tp, "simplify": args.simplify},
+        "validate": {"enabled": not args.no_validate, "decode_steps": args.decode_steps,
+                     "generate_tokens": args.generate_tokens},
+        "output": {"dir": str(out)},
+    })
+    progress = PrintProgress()
+    print(f"compiling {name} from {checkpoint}")
+    t0 = time.perf_counter()
+    result = compile_artifact(cfg, force=True, progress=progress)
+    wall = time.perf_counter() - t0
+    written = result.export.bytes_written
+    export_s = sum(v for k, v in result.timings.items() if k.startswith("export"))
+    print("\n== qwen2-vl-2b LLM part (random weights, real shapes) ==")
+    print(f"config: S={args.prefill_len} C={args.max_context} tp={args.tp} {args.dtype} "
+          f"simplify={args.simplify} validate={not args.no_validate}")
+    for stage, seconds in result.timings.items():
+        print(f"  {stage:<20} {seconds:8.1f} s")
+    print(f"  {'total':<20} {wall:8.1f} s")
+    print(f"peak RSS: {_rss_gb(resource.RUSAGE_SELF):.2f} GB")
+    print(f"bytes written: {written / 1e9:.3f} GB (weights file {result.export.weights_unshared_bytes / 1e9:.3f} GB "
+          f"if prefill and decode each kept their own copy)")
+    ws = result.export.write_seconds
+    print(f"disk writes: {ws:.1f} s of the {export_s:.1f} s export stage ({written / 1e6 / max(ws, 1e-9):.0f} MB/s "
+          f"while writing, fsync included; {written / 1e6 / export_s:.0f} MB/s over the whole export stage)")
+    if result.report is not None:
+        s = result.report.summary()
+        print(f"parity: {'PASS' if s['passed'] else 'FAIL'} ({s['checks']} checks); worst per graph:")
+        for graph, w in s["worst_per_graph"].items():
+            print(f"  {graph:<8} max_abs {w['max_abs']:.3e}  rel_l2 {w['rel_l2']:.3e}  min cosine {w['min_cosine']:.6f}")
+        for t in s["tokens"]:
+            print(f"  greedy {t['case']}: {t['matched']}/{t['of']} tokens agree with transformers generate")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Read slices of checkpoint weights straight from safetensors, without loading the model.
+
+A tensor-parallel rank needs 1/tp of most weights. ``lazy_text_model(folder)`` returns an object shaped like
+transformers' text model (``.layers[i].self_attn.q_proj.weight``, ``.norm.weight``) plus ``lm_head``, whose
+tensors are read only when the deployment module narrows them to its slice — so exporting a rank in a worker
+process never materialises the full model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from qvlc.models.qwen2_vl.checkpoint import INDEX_NAME, SINGLE_NAME
+
+# transformers >= 4.52 names the text model model.language_model.*; released checkpoints use model.*
+TEXT_PREFIXES = ("model.language_model.", "model.")
+
+
+class LazyTensor:
+    """One checkpoint tensor; ``narrow`` reads just that slice from disk."""
+
+    def __init__(self, folder: Path, file: str, name: str) -> None:
+        self.folder, self.file, self.name = folder, file, name
+        with safe_open(str(folder / file), framework="pt") as f:
+            self.shape = torch.Size(f.get_slice(name).get_shape())
+
+    def detach(self) -> "LazyTensor":
+        return self
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        with safe_open(str(self.folder / self.file), framework="pt") as f:
+            return f.get_slice(self.name)[tuple(index)]
+
+
+class Tree:
+    """Attribute/index access over dotted weight names: tree.layers[0].mlp.up_proj.weight."""
+
+    def __init__(self) -> None:
+        self._children: dict[str, object] = {}
+
+    def _insert(self, parts: list[str], leaf: LazyTensor) -> None:
+        head, rest = parts[0], parts[1:]
+        if not rest:
+            self._children[head] = leaf
+            return
+        child = self._children.setdefault(head, Tree())
+        child._insert(rest, leaf)  # type: ignore[union-attr]
+
+    def __getattr__(self, name: str):
+        try:
+            return self.__dict__["_children"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, i: int):
+        return self._children[str(i)]
+
+    def __iter__(self):
+        return iter(self._children[k] for k in sorted(self._children, key=int))
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+
+def _weight_map(folder: Path) -> dict[str, str]:
+    index = folder / INDEX_NAME
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    with safe_open(str(folder / SINGLE_NAME), framework="pt") as f:
+        return {k: SINGLE_NAME for k in f.keys()}
+
+
+def lazy_text_model(folder: Path) -> tuple[Tree, Tree]:
+    """(text_model, lm_head) trees over the checkpoint in ``folder``; lm_head falls back to the tied embedding."""
+    folder = Path(folder)
+    weights = _weight_map(folder)
+    prefix = next(p for p in TEXT_PREFIXES if f"{p}embed_tokens.weight" in weights)
+    text, head = Tree(), Tree()
+    for name, file in weights.items():
+        if name.startswith(prefix) and not name.startswith(("model.visual.", "model.language_model.visual")):
+            text._insert(name[len(prefix):].split("."), LazyTensor(folder, file, name))
+    head_name = "lm_head.weight" if "lm_head.weight" in weights else f"{prefix}embed_tokens.weight"
+    head._insert(["weight"], LazyTensor(folder, weights[head_name], head_name))
+    return text, head

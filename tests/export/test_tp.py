@@ -1,0 +1,157 @@
+"""Tensor-parallel LLM ranks: per-rank graphs, explicit AllReduce, proof by recombination, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from qvlc.config import config_from_dict
+from qvlc.errors import ConfigError, ParityError
+from qvlc.export.allreduce import DOMAIN, OP_TYPE
+from qvlc.export.onnx_export import check_graph
+from qvlc.pipeline import check, compile_artifact, validate_artifact
+from qvlc.runtime import LlmRuntime
+
+S, C = 64, 128
+L = 2  # tiny: 2 layers, 4 heads, 2 kv heads, intermediate 128, vocab 1024
+
+
+@pytest.fixture(scope="module")
+def tp1(compiled):
+    return compiled("llm_fp32", prefill_len=S, max_context=C)
+
+
+@pytest.fixture(scope="module")
+def tp2(compiled):
+    return compiled("llm_tp2", prefill_len=S, max_context=C, tp=2)
+
+
+@pytest.fixture(scope="module")
+def tp4(compiled):  # 2 kv heads over 4 ranks: each kv head replicated on two ranks
+    return compiled("llm_tp4", prefill_len=S, max_context=C, tp=4)
+
+
+@pytest.mark.parametrize("which", ["tp2", "tp4"])
+def test_ranks_pass_parity_per_rank_and_recombined(which, request):
+    r = request.getfixturevalue(which).report
+    assert r.passed, r.failures
+    tp = int(which[2:])
+    outputs = {c.output for c in r.checks if c.graph == "prefill"}
+    assert {f"rank{k}.logits" for k in range(tp)} | {f"rank{k}.present_key_values" for k in range(tp)} <= outputs
+    vs_tp1 = [c for c in r.checks if c.graph in ("prefill vs tp=1", "decode vs tp=1")]
+    assert len(vs_tp1) == 3 + 3 * 8 and max(c.metrics["max_abs"] for c in vs_tp1) < 1e-5
+    assert all(t.expected == t.got for t in r.tokens) and len(r.tokens) == 2
+
+
+def test_rank_graphs_hold_slices_and_explicit_allreduce(tp4):
+    folder = tp4.folder
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["tp"]["ranks"] == 4 and m["tp"]["kv_replicated"] is True
+    assert [r["kv_heads"] for r in m["tp"]["per_rank"]] == [[0, 1], [0, 1], [1, 2], [1, 2]]
+    assert [r["vocab"] for r in m["tp"]["per_rank"]] == [[0, 256], [256, 512], [512, 768], [768, 1024]]
+    for rank in range(4):
+        for name in ("llm_prefill.onnx", "llm_decode.onnx"):
+            path = folder / f"rank{rank}" / name
+            check_graph(path)  # passes onnx.checker with qvlc.AllReduce registered
+            model = onnx.load(str(path), load_external_data=False)
+            reduces = [n for n in model.graph.node if n.op_type == OP_TYPE]
+            assert len(reduces) == 2 * L and {n.domain for n in reduces} == {DOMAIN}
+            assert all(a.s == b"sum" for n in reduces for a in n.attribute if a.name == "reduction")
+            dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.output}
+            assert dims["logits"] == [1, 1, 256]
+            assert dims["present_key_values"][3] == 1  # this rank's kv head only
+        split = {p["initializer"]: p for p in m["tp"]["per_rank"][rank]["split_points"]}
+        names = {t.name for t in onnx.load(str(folder / f"rank{rank}" / "llm_prefill.onnx"),
+                                           load_external_data=False).graph.initializer}
+        assert set(split) <= names  # the manifest names the graph's own initializers
+        assert split["stack.layers.0.self_attn.q_proj.weight_t"]["heads"] == [rank, rank + 1]
+
+
+def test_rank_weights_are_slices_not_copies(tp1, tp4):
+    full = (tp1.folder / "llm_weights.data").stat().st_size
+    per_rank = [(tp4.folder / f"rank{r}" / "llm_weights.data").stat().st_size for r in range(4)]
+    # q/o/gate/up/down/lm_head are split four ways; only k/v (replicated) and norms are not.
+    assert max(per_rank) < 0.4 * full
+
+
+def test_recombined_ranks_equal_the_unsplit_graphs(tp1, tp2):
+    """Both artifacts through ONNX Runtime on the same host inputs: the split changes nothing but sum order."""
+    rng = np.random.default_rng(0)
+    a, b = LlmRuntime(tp1.folder), LlmRuntime(tp2.folder)
+    embeds = (rng.standard_normal((S, 64)) * 0.1).astype(np.float32)
+    mask = np.r_[np.zeros(10, np.int64), np.ones(S - 10, np.int64)]
+    pos = np.broadcast_to(np.maximum(np.cumsum(mask) - 1, 0), (3, S)).astype(np.int64)
+    la, lb = a.logits_of(a.prefill(embeds, pos, mask)), b.logits_of(b.prefill(embeds, pos, mask))
+    np.testing.assert_allclose(lb, la, atol=1e-5)
+    for step in range(3):
+        e = embeds[step]
+        la = a.logits_of(a.decode(e, S - 10 + step))
+        lb = b.logits_of(b.decode(e, S - 10 + step))
+        np.testing.assert_allclose(lb, la, atol=1e-5)
+
+
+def test_swapped_rank_weights_are_caught(tp2, copy_artifact):
+    folder = copy_artifact(tp2.folder)
+    w0, w1 = folder / "rank0" / "llm_weights.data", folder / "rank1" / "llm_weights.data"
+    tmp = folder / "swap"
+    shutil.move(w0, tmp)
+    shutil.move(w1, w0)
+    shutil.move(tmp, w1)
+    report = validate_artifact(folder)
+    failed = {c.output for c in report.checks if not c.passed}
+    # The AllReduce sum does not care which rank holds which heads; the vocab slices and KV heads do.
+    assert {"logits", "rank0.logits", "rank0.present_key_values"} <= failed
+
+
+def test_wrong_kv_replication_is_caught(tmp_path, monkeypatch):
+    import qvlc.models.qwen2_vl.llm as llm_mod
+
+    right = llm_mod.rank_layout
+
+    def wrong(text, tp, rank):  # round-robin kv heads: rank 1 would read kv head 1 for query head 1
+        lay = right(text, tp, rank)
+        return llm_mod.RankLayout(**{**lay.__dict__, "kv_head_start": rank % text.kv_heads}) if tp > 1 else lay
+
+    monkeypatch.setattr(llm_mod, "rank_layout", wrong)
+    import qvlc.export.llm as export_llm
+
+    monkeypatch.setattr(export_llm.llm_mod, "rank_layout", wrong)
+    import qvlc.validate.llm as validate_llm
+
+    monkeypatch.setattr(validate_llm, "rank_layout", right)  # the reference stays right
+    cfg = config_from_dict({"name": "bad_tp", "part": "llm", "export": {"prefill_len": S, "max_context": C, "tp": 4},
+                            "validate": {"decode_steps": 1, "generate_tokens": 2}, "output": {"dir": str(tmp_path)}})
+    with pytest.raises(ParityError) as info:
+        compile_artifact(cfg)
+    assert "prefill/text_short/logits" in str(info.value)
+    assert not (tmp_path / "bad_tp").exists()
+
+
+def test_parallel_workers_write_the_same_bytes(tp2, tmp_path):
+    cfg = config_from_dict({"name": tp2.folder.name, "part": "llm",
+                            "export": {"prefill_len": S, "max_context": C, "tp": 2, "workers": 2},
+                            "validate": {"enabled": False}, "output": {"dir": str(tmp_path)}})
+    result = compile_artifact(cfg)
+    assert result.export.worker_peak_rss_mb > 0
+    a = {f["path"]: f["sha256"] for f in json.loads((tp2.folder / "manifest.json").read_text())["files"]}
+    b = {f["path"]: f["sha256"] for f in json.loads((result.folder / "manifest.json").read_text())["files"]}
+    graphs = [p for p in a if p.startswith("rank")]
+    assert len(graphs) == 6 and all(a[p] == b[p] for p in graphs)
+
+
+@pytest.mark.parametrize("tp,fragment", [
+    (3, "4 attention heads are not divisible by 3"),
+    (8, "4 attention heads are not divisible by 8"),
+])
+def test_bad_tp_refused_before_loading(tp, fragment, monkeypatch):
+    import qvlc.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_checkpoint", lambda *a: pytest.fail("weights were loaded"))
+    cfg = config_from_dict({"name": "x", "part": "llm", "export": {"prefill_len": S, "max_context": C, "tp": tp}})
+    with pytest.raises(ConfigError) as info:
+        check(cfg)
+    assert fragment in str(info.value) and "tp = 1, 2, 4" in info.value.fix
