@@ -18,7 +18,7 @@ from qvlc.host.embeddings import write_embed_table
 from qvlc.models.qwen2_vl import llm as llm_mod
 from qvlc.models.qwen2_vl.checkpoint import LoadedCheckpoint
 from qvlc.models.qwen2_vl.dims import Qwen2VLDims
-from qvlc.models.qwen2_vl.lazy import lazy_text_model
+from qvlc.models.qwen2_vl.lazy import LazyRows, lazy_text_model
 from qvlc.runtime import DECODE, EMBED, PREFILL, WEIGHTS, LlmSpec, rank_dirs
 
 if TYPE_CHECKING:
@@ -90,16 +90,22 @@ def _export_rank_in_worker(job: RankJob) -> RankResult:
     return export_rank(job, text_model, lm_head)
 
 
-def export_llm(plan: "Plan", ck: LoadedCheckpoint, stage: Path, simplify_graphs: bool) -> ExportResult:
+def export_llm(plan: "Plan", ck: LoadedCheckpoint | None, stage: Path, simplify_graphs: bool) -> ExportResult:
     """embed_tokens.bin, then per rank the prefill and decode graphs sharing one weights file.
 
     With ``export.workers`` > 1 the ranks are exported by that many spawned processes, each reading only its
-    slices from the checkpoint; otherwise in this process from views of the already loaded model.
+    slices from the checkpoint. Otherwise in this process: from views of the loaded model, or — when no model
+    was loaded (``ck`` is None) — from slices read from the checkpoint files.
     """
     cfg, dims = plan.cfg, plan.dims
     e = cfg.export
     result = ExportResult()
-    table = ck.text_model.embed_tokens.weight.detach().numpy()
+    if ck is not None:
+        text_model, lm_head = ck.text_model, ck.lm_head
+        table = text_model.embed_tokens.weight.detach().numpy()
+    else:
+        text_model, lm_head = lazy_text_model(plan.checkpoint)
+        table = LazyRows(text_model.embed_tokens.weight)
     t0 = time.perf_counter()
     result.bytes_written += write_embed_table(table, stage / EMBED, e.dtype)
     result.write_seconds += time.perf_counter() - t0
@@ -111,7 +117,7 @@ def export_llm(plan: "Plan", ck: LoadedCheckpoint, stage: Path, simplify_graphs:
         with ctx.Pool(workers, maxtasksperchild=1) as pool:
             ranks = pool.map(_export_rank_in_worker, jobs, chunksize=1)
     else:
-        ranks = [export_rank(job, ck.text_model, ck.lm_head) for job in jobs]
+        ranks = [export_rank(job, text_model, lm_head) for job in jobs]
     per_rank = []
     for r in ranks:
         layout = llm_mod.rank_layout(dims.text, e.tp, r.rank)

@@ -38,6 +38,18 @@ class LazyTensor:
             return f.get_slice(self.name)[tuple(index)]
 
 
+class LazyRows:
+    """Row blocks of a 2-D LazyTensor as float32 NumPy (``rows[a:b]``), for streaming a table to disk."""
+
+    def __init__(self, t: LazyTensor) -> None:
+        self.t = t
+        self.shape = tuple(t.shape)
+
+    def __getitem__(self, rows: slice):
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.t.narrow(0, start, stop - start).float().numpy()
+
+
 class Tree:
     """Attribute/index access over dotted weight names: tree.layers[0].mlp.up_proj.weight."""
 

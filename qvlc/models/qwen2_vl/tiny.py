@@ -89,3 +89,79 @@ def tiny_checkpoint(overrides: dict | None = None, seed: int = TINY_SEED) -> Pat
     if not (folder / "config.json").is_file():
         build_random_checkpoint(config, folder, seed)
     return folder
+
+
+def _released_name(name: str) -> str:
+    """transformers 4.57 module names → the key names of the released checkpoints (what save_pretrained writes)."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    return name
+
+
+@torch.no_grad()
+def write_random_checkpoint_streaming(config: dict, folder: Path, seed: int, dtype: torch.dtype = torch.bfloat16,
+                                      shard_bytes: int = 2 << 30) -> Path:
+    """A random Qwen2-VL checkpoint written shard by shard, never holding the model in memory.
+
+    For full-size shapes that do not fit this machine as a model (7B in fp32 is ~33 GB): the module tree is
+    built on the meta device for names and shapes, each tensor is drawn from its own seeded generator and
+    written into safetensors shards with an index, in the layout of the released checkpoints. Matrices ~
+    N(0, 0.02), biases ~ N(0, 0.1), norm scales ~ 1 + N(0, 0.1).
+    """
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    folder = Path(folder)
+    cfg = Qwen2VLConfig(**config)
+    with torch.device("meta"):
+        meta = Qwen2VLForConditionalGeneration(cfg)
+    params = [(n, p) for n, p in meta.named_parameters()]
+    if cfg.tie_word_embeddings:
+        params = [(n, p) for n, p in params if n != "lm_head.weight"]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name, p in params:
+            nbytes = p.numel() * torch.finfo(dtype).bits // 8
+            if shards[-1] and size + nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        shapes = dict(params)
+        weight_map = {}
+        for i, names in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for name in names:
+                gen = torch.Generator().manual_seed(
+                    seed * 1_000_003 + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
+                shape = shapes[name].shape
+                x = torch.randn(shape, generator=gen)
+                if name.endswith("bias"):
+                    x = x * 0.1
+                elif "norm" in name or name.endswith("ln_q.weight"):
+                    x = 1.0 + x * 0.1
+                else:
+                    x = x * 0.02
+                tensors[_released_name(name)] = x.to(dtype)
+                weight_map[_released_name(name)] = file
+            save_file(tensors, str(staging / file), metadata={"format": "pt"})
+            del tensors
+        (staging / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(s.numel() * torch.finfo(dtype).bits // 8 for _, s in params)},
+             "weight_map": weight_map}, indent=2, sort_keys=True))
+        cfg.dtype = dtype
+        cfg.save_pretrained(staging)
+        GenerationConfig.from_model_config(cfg).save_pretrained(staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return folder

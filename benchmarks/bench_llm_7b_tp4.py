@@ -1,0 +1,87 @@
+"""Benchmark: tensor-parallel export of a random-weight Qwen2-VL-7B LLM part (real shapes) at tp = 4, fp16.
+
+    .venv/bin/python benchmarks/bench_llm_7b_tp4.py [--workdir bench_out] [--workers 1] [--prefill-len 2048]
+                                                    [--max-context 4096]
+
+The checkpoint (bf16, 16.6 GB, sharded like the released one) is written once by a streaming writer that never
+holds the model. Validation is off: the fp32 oracle of 7B needs ~33 GB, more than this 24 GiB machine has, so
+this run measures the export of the ranks, each built from only its own slices read from the checkpoint files
+(in this process, or in --workers spawned processes). Prints time per stage, peak RSS (this process and the
+largest worker) and bytes per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+from bench_visual_2b import PrintProgress, _rss_gb
+
+
+def ensure_7b(workdir: Path, seed: int) -> Path:
+    from qvlc.models.qwen2_vl.tiny import shipped_config, write_random_checkpoint_streaming
+
+    folder = workdir / "qwen2_vl_7b_random"
+    if (folder / "config.json").is_file():
+        print(f"checkpoint: reusing {folder}")
+        return folder
+    t0 = time.perf_counter()
+    write_random_checkpoint_streaming(shipped_config("qwen2_vl_7b"), folder, seed)
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    print(f"checkpoint: wrote {folder} ({size / 1e9:.1f} GB) in {time.perf_counter() - t0:.1f} s, "
+          f"peak RSS {_rss_gb(resource.RUSAGE_SELF):.2f} GB")
+    return folder
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("bench_out"))
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--prefill-len", type=int, default=2048)
+    ap.add_argument("--max-context", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from qvlc.config import config_from_dict
+    from qvlc.pipeline import compile_artifact
+
+    checkpoint = ensure_7b(args.workdir, args.seed)
+    name = f"bench_llm_7b_{args.prefill_len}_{args.max_context}_tp4_fp16_w{args.workers}"
+    out = args.workdir / "artifacts"
+    shutil.rmtree(out / name, ignore_errors=True)
+    cfg = config_from_dict({
+        "name": name, "part": "llm", "model": {"checkpoint": str(checkpoint)},
+        "export": {"dtype": "fp16", "prefill_len": args.prefill_len, "max_context": args.max_context, "tp": 4,
+                   "workers": args.workers},
+        "validate": {"enabled": False}, "output": {"dir": str(out)},
+    })
+    rss_before = _rss_gb(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    result = compile_artifact(cfg, force=True, progress=PrintProgress())
+    wall = time.perf_counter() - t0
+    m = json.loads((result.folder / "manifest.json").read_text())
+    print("\n== qwen2-vl-7b LLM part, tp = 4 (random weights, real shapes; 28 heads, 4 kv heads) ==")
+    print(f"config: S={args.prefill_len} C={args.max_context} fp16 workers={args.workers} validate=off")
+    for stage, seconds in result.timings.items():
+        print(f"  {stage:<20} {seconds:8.1f} s")
+    print(f"  {'total':<20} {wall:8.1f} s")
+    print(f"peak RSS: this process {_rss_gb(resource.RUSAGE_SELF):.2f} GB (before compile {rss_before:.2f} GB); "
+          f"largest worker {result.export.worker_peak_rss_mb / 1024:.2f} GB")
+    files = {f["path"]: f["bytes"] for f in m["files"]}
+    for r in range(4):
+        rank = {p: b for p, b in files.items() if p.startswith(f"rank{r}/")}
+        print(f"  rank{r}: {sum(rank.values()) / 1e9:.3f} GB "
+              f"({', '.join(f'{Path(p).name} {b / 1e6:.1f} MB' for p, b in sorted(rank.items()))})")
+    print(f"  embed_tokens.bin: {files['embed_tokens.bin'] / 1e9:.3f} GB")
+    ws = result.export.write_seconds
+    print(f"bytes written: {result.export.bytes_written / 1e9:.2f} GB; {ws:.1f} s spent writing "
+          f"({result.export.bytes_written / 1e6 / max(ws, 1e-9):.0f} MB/s while writing)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""Random checkpoints (tiny default, streamed full-size writer) and lazy slice reading."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from qvlc.models.qwen2_vl.checkpoint import load_checkpoint, weight_files
+from qvlc.models.qwen2_vl.lazy import lazy_text_model
+from qvlc.models.qwen2_vl.tiny import shipped_config, tiny_checkpoint, write_random_checkpoint_streaming
+
+
+def test_tiny_default_is_randomised_gqa_with_two_layers():
+    ck = load_checkpoint(tiny_checkpoint())
+    t, v = ck.dims.text, ck.dims.vision
+    assert t.kv_heads < t.heads and t.layers >= 2 and v.depth >= 2
+    assert sum(t.mrope_section) * 2 == t.head_dim
+    layer = ck.text_model.layers[0]
+    assert layer.self_attn.q_proj.bias.abs().min() > 0  # biases are not left at 0
+    assert not torch.allclose(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+    assert not torch.allclose(ck.visual.blocks[0].norm1.bias, torch.zeros_like(ck.visual.blocks[0].norm1.bias))
+
+
+def test_streamed_checkpoint_loads_completely_and_lazily(tmp_path):
+    folder = write_random_checkpoint_streaming(shipped_config("tiny"), tmp_path / "ck", seed=1, shard_bytes=200_000)
+    assert len(weight_files(folder)) > 1
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen2_vl"
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model, info = Qwen2VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
+                                                                  output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    text, head = lazy_text_model(folder)
+    q = model.model.language_model.layers[1].self_attn.q_proj.weight
+    assert torch.equal(text.layers[1].self_attn.q_proj.weight.narrow(0, 16, 32).float(), q[16:48])
+    assert torch.equal(head.weight.narrow(0, 0, 1024).float(), model.lm_head.weight)
