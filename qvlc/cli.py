@@ -157,6 +157,41 @@ def verify(artifact: Path = typer.Argument(..., help="An artifact folder written
 
 
 @app.command()
+def run(
+    llm_dir: Path = typer.Argument(..., help="LLM artifact folder (`part: llm`)."),
+    visual_dir: Path = typer.Argument(..., help="Visual artifact folder (`part: visual`) of the same checkpoint."),
+    image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="Image file; repeat for several."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user's question or instruction."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Stop after this many new tokens."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="Folder with the tokenizer and chat template (default: the LLM manifest's)."),
+) -> None:
+    """Answer a prompt about images with the compiled graphs in ONNX Runtime, streaming the text."""
+    _quiet_libraries()
+    from rich.control import strip_control_codes
+
+    from qvlc.runtime import VlmPipeline, load_image
+
+    def stream(_token: int, text: str) -> None:
+        if text:
+            console.print(strip_control_codes(text), end="", markup=False, highlight=False, soft_wrap=True)
+
+    try:
+        images = [load_image(p) for p in image or []]  # bad image paths fail before anything is loaded
+        pipe = VlmPipeline(llm_dir, visual_dir, checkpoint)
+        result = pipe.generate(images, prompt, max_new_tokens=max_new_tokens, on_token=stream)
+    except QvlcError as e:
+        _fail_input(e)
+        return
+    stop = "end of turn" if result.stopped_at_eos else "max new tokens"
+    console.print()
+    console.print(f"[dim]{len(result.tokens)} tokens ({stop}) · prompt {result.prompt_tokens} tokens "
+                  f"({result.image_tokens} image, {len(images)} image{'s' * (len(images) != 1)}) · "
+                  f"first token {result.time_to_first_token:.2f} s · "
+                  f"{result.decode_tokens_per_second:.1f} tokens/s[/]")
+
+
+@app.command()
 def version() -> None:
     """Print qvlc's version and the libraries it was tested with."""
     from qvlc.artifacts import library_versions

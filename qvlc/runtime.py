@@ -230,3 +230,325 @@ class LlmRuntime:
                 break
             outs = self.decode(self.embed.lookup(np.array([tok]))[0], s.prefill_len + step + rope_delta)
         return tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image(s) + prompt → text: the LLM and visual artifacts together (`qvlc run`).
+# ---------------------------------------------------------------------------------------------------------------
+
+import time  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from qvlc.artifacts import MANIFEST  # noqa: E402
+from qvlc.errors import QvlcError  # noqa: E402
+from qvlc.host.preprocess import ImageLike, PreprocessConfig, image_to_patches  # noqa: E402
+from qvlc.host.rope import get_rope_index  # noqa: E402
+
+TINY_CHECKPOINT = "tiny"
+# Stop tokens of a Qwen2-VL chat turn besides the config's eos (Instruct's generation_config lists both).
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+TokenCallback = Callable[[int, str], None]
+
+
+def token_agreement(expected: Sequence[int], got: Sequence[int]) -> int:
+    """Length of the common prefix of two token sequences: how many greedy tokens agree before the first split."""
+    n = 0
+    for a, b in zip(expected, got):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def load_image(path: Path | str) -> Image.Image:
+    """Open an image file fully as RGB; QvlcError (key ``image``) when it is missing or not a readable image."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise QvlcError(f"{str(p)!r} " + ("is a folder, not an image file" if p.is_dir() else "does not exist"),
+                        fix="pass the path of an image file (PNG, JPEG, …)", key="image")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise QvlcError(f"{str(p)!r} is not a readable image ({type(exc).__name__}: {exc})",
+                        fix="pass a valid image file in a format Pillow reads (PNG, JPEG, WebP, BMP, …)",
+                        key="image") from exc
+
+
+def _read_part_manifest(folder: Path, part: str, option: str) -> dict:
+    """The manifest of an artifact folder that must be of ``part`` ("llm" or "visual")."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise QvlcError(f"artifact folder {str(folder)!r} does not exist",
+                        fix=f"give {option} the folder of a finished `qvlc compile` (part: {part})", key=option)
+    if not (folder / MANIFEST).is_file():
+        raise QvlcError(f"{folder} has no {MANIFEST}, so it is not a finished artifact",
+                        fix=f"give {option} the folder of a finished `qvlc compile` (part: {part})", key=option)
+    m = read_manifest(folder)
+    if m.get("part") != part or part not in m:
+        raise QvlcError(f"{folder} is a {m.get('part')!r} artifact, not a {part!r} one",
+                        fix=f"give {option} the folder compiled with `part: {part}` (LLM folder first, then visual)",
+                        key=option)
+    return m
+
+
+def resolve_checkpoint(manifest: dict, override: Path | str | None = None) -> Path:
+    """The checkpoint folder holding the tokenizer, chat template and config.json of an artifact.
+
+    ``override`` wins; else the manifest's ``config.model.checkpoint`` ("tiny" → the embedded default with the
+    manifest's seed). QvlcError when the folder is gone (e.g. an artifact compiled on another machine).
+    """
+    if override is not None:
+        name, where = str(override), "--checkpoint"
+    else:
+        name = manifest.get("config", {}).get("model", {}).get("checkpoint") or TINY_CHECKPOINT
+        where = "model.checkpoint"
+    if name == TINY_CHECKPOINT:
+        from qvlc.models.qwen2_vl.tiny import TINY_SEED, tiny_checkpoint
+
+        return tiny_checkpoint(seed=manifest.get("source", {}).get("tiny_seed", TINY_SEED))
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise QvlcError(f"checkpoint folder {str(folder)!r} does not exist",
+                        fix="pass --checkpoint FOLDER: a folder with the checkpoint's config.json, tokenizer files "
+                            "and chat template", key=where)
+    return folder
+
+
+@dataclass(frozen=True)
+class VlmPrompt:
+    """A chat prompt ready for the graphs: token ids with the image pads expanded, and the images' patches."""
+
+    text: str  # the chat-templated text, one <|image_pad|> per image (before expansion)
+    input_ids: np.ndarray  # int64 [n], unpadded
+    pixel_values: np.ndarray  # float32 [patches, patch_dim], all images in prompt order
+    image_grid_thw: np.ndarray  # int64 [k, 3]
+    image_tokens: int  # image-pad tokens in input_ids: sum(t*h*w) / merge²
+
+
+@dataclass
+class VlmResult:
+    """What one generation produced, with its timings (seconds, from the call to ``generate``)."""
+
+    tokens: list[int]  # generated ids, the stop token included when it was generated
+    text: str  # detokenized, special tokens skipped
+    prompt_tokens: int
+    image_tokens: int
+    stopped_at_eos: bool
+    time_to_first_token: float  # preprocessing + visual graph + prefill
+    seconds: float
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first one per second of decoding (0 when only one token was generated)."""
+        t = self.seconds - self.time_to_first_token
+        return (len(self.tokens) - 1) / t if len(self.tokens) > 1 and t > 0 else 0.0
+
+
+class _StreamDecoder:
+    """Incremental detokenization: the new text of each token, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prefix = 0  # window start: enough context for byte-level merges
+        self.read = 0  # tokens whose text was already emitted
+        self.emitted = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        before = self._decode(self.tokens[self.prefix:self.read])
+        after = self._decode(self.tokens[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            piece = after[len(before):]
+            self.prefix, self.read = self.read, len(self.tokens)
+            self.emitted += piece
+            return piece
+        return ""
+
+    def finish(self) -> tuple[str, str]:
+        """(the full text, what of it was not emitted yet)."""
+        text = self._decode(self.tokens)
+        rest = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        return text, rest
+
+
+class VlmPipeline:
+    """Images + prompt → text through ONNX Runtime: chat template, host preprocessing, visual graph, embedding
+    lookup and scatter, M-RoPE, left-padded prefill, greedy decode with the KV cache, streaming detokenization.
+
+    The tokenizer and chat template come from the checkpoint named in the LLM manifest (or ``checkpoint``).
+    Raises QvlcError when the folders are not an LLM and a visual artifact of the same checkpoint.
+    """
+
+    def __init__(self, llm_dir: Path | str, visual_dir: Path | str, checkpoint: Path | str | None = None) -> None:
+        from qvlc.models.qwen2_vl.dims import Qwen2VLDims
+        from qvlc.models.qwen2_vl.tokenizer import load_processor
+        from qvlc.runtime_visual import PREPROCESS, VisualRuntime, VisualSpec
+
+        self.llm_dir, self.visual_dir = Path(llm_dir), Path(visual_dir)
+        llm_m = _read_part_manifest(self.llm_dir, "llm", "LLM_DIR")
+        vis_m = _read_part_manifest(self.visual_dir, "visual", "VISUAL_DIR")
+        self.spec = LlmSpec.from_manifest(llm_m)
+        self.visual_spec = VisualSpec.from_manifest(vis_m)
+        pre = self.visual_dir / PREPROCESS
+        if not pre.is_file():
+            raise QvlcError(f"{self.visual_dir} has no {PREPROCESS}", fix="recompile the visual part with this qvlc",
+                            key="VISUAL_DIR")
+        self.preprocess = PreprocessConfig.from_json(pre.read_text())
+        self._check_pair(llm_m, vis_m)
+        self.checkpoint = resolve_checkpoint(llm_m, checkpoint)
+        self.dims = Qwen2VLDims.from_checkpoint(self.checkpoint)
+        self._check_checkpoint()
+        self.processor = load_processor(self.checkpoint)
+        self.tokenizer = self.processor.tokenizer
+        self.image_pad = self.tokenizer.convert_ids_to_tokens(self.spec.image_token)
+        if not self.image_pad or self.tokenizer.convert_tokens_to_ids(self.image_pad) != self.spec.image_token:
+            raise QvlcError(f"the tokenizer of {self.checkpoint} has no token for image id {self.spec.image_token}",
+                            fix="pass --checkpoint the folder the artifacts were compiled from", key="--checkpoint")
+        self.stop_ids = {self.spec.eos} if self.spec.eos is not None else set()
+        for name in STOP_TOKENS:
+            tid = self.tokenizer.convert_tokens_to_ids(name)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                self.stop_ids.add(tid)
+        self.llm = LlmRuntime(self.llm_dir, self.spec)
+        self.visual = VisualRuntime(self.visual_dir, self.visual_spec)
+
+    # -- checks ---------------------------------------------------------------------------------------------
+    def _check_pair(self, llm_m: dict, vis_m: dict) -> None:
+        """Same source weights (sha256), matching widths and patch layout; dtypes may differ (the image rows
+        are cast to the LLM's dtype, as the embedding table's rows are)."""
+        a, b = llm_m.get("source", {}).get("weights"), vis_m.get("source", {}).get("weights")
+        if a != b:
+            raise QvlcError(
+                f"{self.llm_dir} and {self.visual_dir} were compiled from different checkpoints "
+                f"({llm_m['source'].get('checkpoint')!r} vs {vis_m['source'].get('checkpoint')!r}: weight hashes "
+                "differ)", fix="compile both parts from the same model.checkpoint", key="VISUAL_DIR")
+        if self.visual_spec.out_hidden != self.spec.hidden:
+            raise QvlcError(f"the visual artifact outputs {self.visual_spec.out_hidden}-wide image rows, the LLM "
+                            f"embeds {self.spec.hidden}-wide tokens",
+                            fix="compile both parts from the same model.checkpoint", key="VISUAL_DIR")
+        pre, v = self.preprocess, self.visual_spec
+        if (pre.merge_size, pre.patch_dim) != (v.merge_size, v.patch_dim):
+            raise QvlcError(f"preprocess.json (merge {pre.merge_size}, patch_dim {pre.patch_dim}) disagrees with the "
+                            f"visual graph (merge {v.merge_size}, patch_dim {v.patch_dim})",
+                            fix="recompile the visual part", key="VISUAL_DIR")
+
+    def _check_checkpoint(self) -> None:
+        d = self.dims
+        if (d.text.hidden, d.text.vocab, d.tokens.image) != (self.spec.hidden, self.spec.vocab,
+                                                             self.spec.image_token):
+            raise QvlcError(
+                f"checkpoint {self.checkpoint} (hidden {d.text.hidden}, vocab {d.text.vocab}, image token "
+                f"{d.tokens.image}) does not match the LLM artifact (hidden {self.spec.hidden}, vocab "
+                f"{self.spec.vocab}, image token {self.spec.image_token})",
+                fix="pass --checkpoint the folder the artifacts were compiled from", key="--checkpoint")
+
+    # -- prompt -----------------------------------------------------------------------------------------------
+    def messages(self, n_images: int, prompt: str) -> list[dict]:
+        """One user turn: the images first, then the prompt (Qwen2-VL's usual order)."""
+        return [{"role": "user", "content": [*({"type": "image"} for _ in range(n_images)),
+                                             {"type": "text", "text": prompt}]}]
+
+    def prepare(self, images: Sequence[ImageLike | Path | str], prompt: str) -> VlmPrompt:
+        """Chat template → host preprocessing of each image (preprocess.json) → ids with each ``<|image_pad|>``
+        expanded to its image's t*h*w / merge² tokens (what Qwen2VLProcessor does with the same grids)."""
+        pil = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
+        text = self.processor.apply_chat_template(self.messages(len(pil), prompt), tokenize=False,
+                                                  add_generation_prompt=True)
+        parts = [image_to_patches(im, self.preprocess) for im in pil]
+        pixels = (np.concatenate([p for p, _ in parts]) if parts
+                  else np.zeros((0, self.preprocess.patch_dim), dtype=np.float32))
+        grids = np.stack([g for _, g in parts]) if parts else np.zeros((0, 3), dtype=np.int64)
+        pieces = text.split(self.image_pad)
+        if len(pieces) - 1 != len(parts):
+            raise QvlcError(f"the templated prompt holds {len(pieces) - 1} {self.image_pad} for {len(parts)} "
+                            "images", fix=f"do not write {self.image_pad} in the prompt text, and use the "
+                            "checkpoint's own chat_template", key="prompt")
+        unit = self.visual_spec.merge_unit
+        expanded = pieces[0] + "".join(self.image_pad * int(g.prod() // unit) + p for g, p in zip(grids, pieces[1:]))
+        ids = np.asarray(self.tokenizer(expanded)["input_ids"], dtype=np.int64)  # as Qwen2VLProcessor calls it
+        return VlmPrompt(text, ids, pixels, grids, int(grids.prod(axis=1).sum()) // unit)
+
+    # -- graphs -----------------------------------------------------------------------------------------------
+    def image_embeds(self, pixel_values: np.ndarray, grids: np.ndarray) -> np.ndarray | None:
+        """Image rows [tokens, H] in prompt order; images are packed into as few visual calls as fit N patches."""
+        if len(grids) == 0:
+            return None
+        sizes = grids.prod(axis=1)
+        out, start, group = [], 0, []
+        for i, n in enumerate(sizes):
+            if group and sizes[group].sum() + n > self.visual_spec.max_patches:
+                end = start + int(sizes[group].sum())
+                out.append(self.visual.run(pixel_values[start:end], grids[group]))
+                start, group = end, []
+            group.append(i)
+        out.append(self.visual.run(pixel_values[start:], grids[group]))
+        return np.concatenate(out)
+
+    def check_fits(self, prompt: VlmPrompt) -> None:
+        """QvlcError (key ``export.prefill_len``) when the prompt is longer than the prefill window S."""
+        S, n = self.spec.prefill_len, len(prompt.input_ids)
+        if n > S:
+            raise QvlcError(f"the prompt is {n} tokens ({prompt.image_tokens} of them image tokens), the LLM "
+                            f"artifact's prefill window holds {S}",
+                            fix=f"shorten the prompt or use smaller images, or recompile the LLM part with "
+                                f"export.prefill_len >= {-(-n // 16) * 16}", key="export.prefill_len")
+
+    def host_inputs(self, prompt: VlmPrompt,
+                    image_embeds: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(embeds [S,H], positions [3,S], mask [S], rope_delta) for the prompt left-padded to S."""
+        self.check_fits(prompt)
+        S, n = self.spec.prefill_len, len(prompt.input_ids)
+        ids = np.concatenate([np.zeros(S - n, dtype=np.int64), prompt.input_ids])
+        mask = np.concatenate([np.zeros(S - n, dtype=np.int64), np.ones(n, dtype=np.int64)])
+        grids = prompt.image_grid_thw if len(prompt.image_grid_thw) else None
+        positions, delta = get_rope_index(ids, self.dims.tokens, self.visual_spec.merge_size, image_grid_thw=grids,
+                                          attention_mask=mask)
+        return self.llm.embed.embed(ids, self.spec.image_token, image_embeds), positions, mask, delta
+
+    # -- generation -------------------------------------------------------------------------------------------
+    def generate(self, images: Sequence[ImageLike | Path | str], prompt: str, max_new_tokens: int = 32,
+                 stop_at_eos: bool = True, on_token: TokenCallback | None = None) -> VlmResult:
+        """Greedy generation; ``on_token(id, text)`` receives each token and its new text (may be "", e.g. for a
+        special token or an incomplete UTF-8 sequence; the held-back text comes with a later token)."""
+        s = self.spec
+        room = s.max_context - s.prefill_len
+        if not 1 <= max_new_tokens <= room:
+            raise QvlcError(f"max_new_tokens is {max_new_tokens}; the LLM artifact's KV cache leaves room for "
+                            f"{room} new tokens (max_context {s.max_context} - prefill_len {s.prefill_len})",
+                            fix=f"use 1 <= max_new_tokens <= {room}, or recompile with a larger export.max_context",
+                            key="export.max_context" if max_new_tokens > room else "max_new_tokens")
+        t0 = time.perf_counter()
+        prepared = self.prepare(images, prompt)
+        self.check_fits(prepared)  # before the visual graph runs
+        rows = self.image_embeds(prepared.pixel_values, prepared.image_grid_thw)
+        embeds, positions, mask, delta = self.host_inputs(prepared, rows)
+        stream = _StreamDecoder(self.tokenizer)
+        tokens: list[int] = []
+        text, ttft, stopped = "", 0.0, False
+        outs = self.llm.prefill(embeds, positions, mask)
+        for step in range(max_new_tokens):
+            tok = int(np.argmax(self.llm.logits_of(outs)))
+            if step == 0:
+                ttft = time.perf_counter() - t0
+            tokens.append(tok)
+            piece = stream.push(tok)
+            stopped = stop_at_eos and tok in self.stop_ids
+            if stopped or step == max_new_tokens - 1:
+                text, rest = stream.finish()
+                if on_token is not None:
+                    on_token(tok, piece + rest)
+                break
+            if on_token is not None:
+                on_token(tok, piece)
+            outs = self.llm.decode(self.llm.embed.lookup(np.array([tok]))[0], s.prefill_len + step + delta)
+        return VlmResult(tokens, text, len(prepared.input_ids), prepared.image_tokens, stopped, ttft,
+                         time.perf_counter() - t0)
