@@ -8,6 +8,7 @@ k + 1 on every rank. The final segment of each rank yields its vocab slice of th
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,15 @@ class LlmSpec:
                    s["image_token"])
 
 
+@dataclass
+class KvState:
+    """The host side of a sequence: per-rank KV caches, the past mask and the next free slot."""
+
+    kv: list[np.ndarray]
+    past_mask: np.ndarray
+    slot: int
+
+
 def rank_dirs(folder: Path, tp: int) -> list[Path]:
     return [folder] if tp == 1 else [folder / f"rank{r}" for r in range(tp)]
 
@@ -157,15 +167,40 @@ class LlmRuntime:
         self.folder = Path(folder)
         self.spec = spec or LlmSpec.from_manifest(read_manifest(self.folder))
         s = self.spec
-        if graphs is None:
-            dirs = rank_dirs(self.folder, s.tp)
-            graphs = (RankedGraph([d / PREFILL for d in dirs]), RankedGraph([d / DECODE for d in dirs]))
-        self.prefill_graph, self.decode_graph = graphs
+        self._graphs: dict[str, object] = {} if graphs is None else {PREFILL: graphs[0], DECODE: graphs[1]}
         self.embed = EmbedTable(self.folder / EMBED, s.vocab, s.hidden, s.dtype)
         self.np_dtype = NP_DTYPES[s.dtype]
         self.kv: list[np.ndarray] = []
         self.past_mask = np.zeros((1, s.max_context - 1), dtype=np.int64)
         self.slot = 0
+
+    # -- graphs: opened on first use; the prefill graph can be released once every prompt is prefilled --------
+    def _graph(self, name: str):
+        if name not in self._graphs:
+            self._graphs[name] = RankedGraph([d / name for d in rank_dirs(self.folder, self.spec.tp)])
+        return self._graphs[name]
+
+    @property
+    def prefill_graph(self):
+        return self._graph(PREFILL)
+
+    @property
+    def decode_graph(self):
+        return self._graph(DECODE)
+
+    def release_prefill(self) -> None:
+        """Free the prefill sessions (on CPU an fp16 2B session holds ~7.6 GB: ORT keeps fp32 casts of the weights)."""
+        self._graphs.pop(PREFILL, None)
+        gc.collect()
+
+    # -- KV state -----------------------------------------------------------------------------------------
+    def snapshot(self) -> KvState:
+        return KvState([kv.copy() for kv in self.kv], self.past_mask.copy(), self.slot)
+
+    def restore(self, state: KvState) -> None:
+        self.kv = [kv.copy() for kv in state.kv]
+        self.past_mask = state.past_mask.copy()
+        self.slot = state.slot
 
     # -- prefill ------------------------------------------------------------------------------------------
     def prefill(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -218,17 +253,23 @@ class LlmRuntime:
     def generate(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray, rope_delta: int,
                  max_new_tokens: int, stop_at_eos: bool = True, on_token=None) -> list[int]:
         """Greedy decoding from a left-padded prefill window; ``on_token(id)`` streams each new token."""
-        s = self.spec
         outs = self.prefill(embeds, positions, mask)
+        return self.greedy(self.logits_of(outs), rope_delta, max_new_tokens, stop_at_eos, on_token)
+
+    def greedy(self, logits: np.ndarray, rope_delta: int, max_new_tokens: int, stop_at_eos: bool = True,
+               on_token=None) -> list[int]:
+        """Greedy decoding from the current KV state, whose last step produced ``logits``. The token written
+        into slot ``slot`` sits at M-RoPE position ``slot + rope_delta`` (transformers' cache_position + delta)."""
+        s = self.spec
         tokens: list[int] = []
         for step in range(max_new_tokens):
-            tok = int(np.argmax(self.logits_of(outs)))
+            tok = int(np.argmax(logits))
             tokens.append(tok)
             if on_token is not None:
                 on_token(tok)
             if (stop_at_eos and s.eos is not None and tok == s.eos) or step == max_new_tokens - 1:
                 break
-            outs = self.decode(self.embed.lookup(np.array([tok]))[0], s.prefill_len + step + rope_delta)
+            logits = self.logits_of(self.decode(self.embed.lookup(np.array([tok]))[0], self.slot + rope_delta))
         return tokens
 
 

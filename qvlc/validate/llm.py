@@ -23,7 +23,7 @@ from qvlc.host.rope import get_rope_index
 from qvlc.models.qwen2_vl.checkpoint import LoadedCheckpoint
 from qvlc.models.qwen2_vl.dims import Qwen2VLDims
 from qvlc.models.qwen2_vl.llm import DTYPES, DecodeGraph, PrefillGraph, RankLayout, TextStack, rank_layout
-from qvlc.runtime import LlmRuntime, LlmSpec
+from qvlc.runtime import KvState, LlmRuntime, LlmSpec
 from qvlc.validate.metrics import ParityReport, TokenCheck
 
 
@@ -229,8 +229,26 @@ def unsplit_runtime(ck: LoadedCheckpoint, folder: Path, spec: LlmSpec) -> LlmRun
     return LlmRuntime(folder, spec1, graphs=(TorchGraph(PrefillGraph(stack)), TorchGraph(DecodeGraph(stack))))
 
 
+@dataclass
+class _Prefilled:
+    """A prompt after phase 1: what the decode phase continues from, on both sides."""
+
+    case: LlmCase
+    state: KvState  # ONNX side (all ranks)
+    unsplit_state: KvState | None  # the tp = 1 module, when tp > 1
+    cache: object | None  # the oracle's transformers cache (teacher-forced cases)
+    logits: np.ndarray  # what the next token is chosen from: the oracle's (teacher-forced) or ours (generation)
+    mask: np.ndarray
+    delta: int  # the host's rope_delta (ONNX side)
+    ref_delta: int = 0  # transformers' rope_delta (oracle side)
+    expected: list[int] | None = None  # transformers generate (generation cases)
+
+
 def validate_llm(ck: LoadedCheckpoint, folder: Path, spec: LlmSpec, decode_steps: int, generate_tokens: int,
                  report: ParityReport, seed: int = 0) -> None:
+    """Phase 1 prefills every prompt and keeps each one's KV state; the prefill sessions are then released and
+    phase 2 runs every decode step. Only one graph's sessions are alive at a time, which bounds peak memory
+    (on CPU, ONNX Runtime holds fp32 casts of fp16 weights: ~7.6 GB per 2B session)."""
     dims = ck.dims
     runtime = LlmRuntime(folder, spec)
     oracle = Oracle(ck)
@@ -241,6 +259,7 @@ def validate_llm(ck: LoadedCheckpoint, folder: Path, spec: LlmSpec, decode_steps
     embed_std = float(ck.text_model.embed_tokens.weight.std())
     S, L = spec.prefill_len, dims.text.layers
 
+    prefilled: list[_Prefilled] = []
     for case in build_cases(dims, S, seed, embed_std):
         ids, mask, positions, delta, embeds = host_inputs(runtime, dims, case, case.image_embeds)
         ref_logits, cache, ref_delta = oracle.prefill(ids, mask, case)
@@ -250,28 +269,40 @@ def validate_llm(ck: LoadedCheckpoint, folder: Path, spec: LlmSpec, decode_steps
         real = np.flatnonzero(mask)
         got = _compare_step(report, "prefill", case.name, runtime, outs, ref_logits,
                             oracle_kv(cache, L)[..., real, :], real, layouts)
+        unsplit_state = None
         if unsplit is not None:
             report.add("prefill vs tp=1", case.name, "logits", unsplit.logits_of(
                 unsplit.prefill(embeds, positions, mask)), got)
-        token = int(np.argmax(ref_logits))
-        full_mask = mask.copy()
-        for step in range(decode_steps):
-            full_mask = np.concatenate([full_mask, [1]])
-            position = S + step + ref_delta
-            ref_logits, cache = oracle.decode(token, full_mask, position, cache, S + step)
-            outs = runtime.decode(runtime.embed.lookup(np.array([token]))[0], S + step + delta)
-            last = np.array([0])
-            new_kv = oracle_kv(cache, L)[..., -1:, :]
-            got = _compare_step(report, "decode", f"{case.name}/step{step}", runtime, outs, ref_logits, new_kv,
-                                last, layouts)
-            if unsplit is not None:
-                ref = unsplit.logits_of(unsplit.decode(unsplit.embed.lookup(np.array([token]))[0], S + step + delta))
-                report.add("decode vs tp=1", f"{case.name}/step{step}", "logits", ref, got)
-            token = int(np.argmax(ref_logits))
-
+            unsplit_state = unsplit.snapshot()
+        prefilled.append(_Prefilled(case, runtime.snapshot(), unsplit_state, cache, ref_logits, mask, delta,
+                                    ref_delta))
     for case in build_generation_cases(dims, S, seed):
-        expected = oracle.generate(case, generate_tokens)
         img = oracle.image_embeds(case) if case.pixel_values is not None else None
         _, mask, positions, delta, embeds = host_inputs(runtime, dims, case, img)
-        got = runtime.generate(embeds, positions, mask, delta, generate_tokens, stop_at_eos=False)
-        report.tokens.append(TokenCheck("prefill+decode", case.name, expected, got, required=spec.dtype == "fp32"))
+        logits = runtime.logits_of(runtime.prefill(embeds, positions, mask))
+        prefilled.append(_Prefilled(case, runtime.snapshot(), None, None, logits, mask, delta,
+                                    expected=oracle.generate(case, generate_tokens)))
+    runtime.release_prefill()
+
+    for p in prefilled:
+        runtime.restore(p.state)
+        if p.expected is not None:
+            got_tokens = runtime.greedy(p.logits, p.delta, generate_tokens, stop_at_eos=False)
+            report.tokens.append(TokenCheck("prefill+decode", p.case.name, p.expected, got_tokens,
+                                            required=spec.dtype == "fp32"))
+            continue
+        if unsplit is not None:
+            unsplit.restore(p.unsplit_state)
+        token, ref_logits, cache, full_mask = int(np.argmax(p.logits)), p.logits, p.cache, p.mask.copy()
+        for step in range(decode_steps):
+            full_mask = np.concatenate([full_mask, [1]])
+            ref_logits, cache = oracle.decode(token, full_mask, S + step + p.ref_delta, cache, S + step)
+            embed = runtime.embed.lookup(np.array([token]))[0]
+            outs = runtime.decode(embed, S + step + p.delta)
+            new_kv = oracle_kv(cache, L)[..., -1:, :]
+            got = _compare_step(report, "decode", f"{p.case.name}/step{step}", runtime, outs, ref_logits, new_kv,
+                                np.array([0]), layouts)
+            if unsplit is not None:
+                ref = unsplit.logits_of(unsplit.decode(embed, S + step + p.delta))
+                report.add("decode vs tp=1", f"{p.case.name}/step{step}", "logits", ref, got)
+            token = int(np.argmax(ref_logits))
