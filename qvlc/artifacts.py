@@ -34,10 +34,34 @@ def refuse_existing(final: Path, force: bool) -> None:
                         fix="pass --force to replace it, or change `name` in the config", key="name")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(final: Path) -> list[Path]:
+    """Staging folders of ``final`` left by a compile that was killed outright (SIGKILL, OOM killer), which no
+    ``finally`` could clean up: their owner's pid is in the name and that process is gone."""
+    removed = []
+    for p in final.parent.glob(f".{final.name}.staging-*"):
+        pid = p.name[len(f".{final.name}.staging-"):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def make_staging(final: Path) -> Path:
-    """A hidden sibling of the final folder: same filesystem, so publishing is one rename."""
+    """A hidden sibling of the final folder (same filesystem, so publishing is one rename), named after this
+    process so a later compile can tell it from a live one."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+    remove_stale_staging(final)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-{os.getpid()}-", dir=final.parent))
 
 
 def publish(staging: Path, final: Path, force: bool) -> None:

@@ -19,8 +19,8 @@ from qvlc.errors import ParityError
 from qvlc.export.llm import export_llm, llm_spec
 from qvlc.export.onnx_export import ExportResult
 from qvlc.export.visual import export_visual
-from qvlc.models.qwen2_vl.checkpoint import LoadedCheckpoint, check_checkpoint, load_checkpoint, sha256_file, \
-    weight_files
+from qvlc.models.qwen2_vl.checkpoint import LoadedCheckpoint, check_checkpoint, load_checkpoint, load_vision_tower, \
+    sha256_file, weight_files
 from qvlc.models.qwen2_vl.dims import Qwen2VLDims
 from qvlc.models.qwen2_vl.tiny import TINY_SEED, tiny_checkpoint
 from qvlc.validate.llm import validate_llm
@@ -74,6 +74,14 @@ def load(plan: Plan) -> LoadedCheckpoint | None:
     """
     if plan.cfg.part == "llm" and not plan.cfg.validate.enabled:
         return None
+    return load_oracle(plan)
+
+
+def load_oracle(plan: Plan) -> LoadedCheckpoint:
+    """What the part's parity check compares with: the whole model for the LLM, the vision tower alone for the
+    visual part (2B: 2.7 GB instead of 8.8 GB in fp32)."""
+    if plan.cfg.part == "visual":
+        return load_vision_tower(plan.checkpoint)
     return load_checkpoint(plan.checkpoint)
 
 
@@ -180,6 +188,6 @@ def validate_artifact(folder: Path, progress: Progress | None = None) -> ParityR
     with progress.stage("check"):
         plan = check(cfg)
     with progress.stage("load"):
-        ck = load_checkpoint(plan.checkpoint)
+        ck = load_oracle(plan)
     with progress.stage("validate"):
         return validate(plan, ck, Path(folder))

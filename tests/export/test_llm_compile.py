@@ -183,3 +183,18 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
     res = CliRunner().invoke(app, ["compile", str(cfg)])
     assert res.exit_code == 2
     assert "did you mean 'prefill_len'" in res.output and "Traceback" not in res.output
+
+
+def test_staging_of_a_killed_compile_is_removed_next_time(tmp_path):
+    import subprocess
+    import sys
+
+    from qvlc.artifacts import make_staging
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".art.staging-{int(dead.stdout)}-abc"
+    stale.mkdir()
+    live = tmp_path / f".art.staging-{1}-xyz"  # pid 1 is alive: never touched
+    live.mkdir()
+    mine = make_staging(tmp_path / "art")
+    assert not stale.exists() and live.exists() and mine.exists()

@@ -35,3 +35,15 @@ def test_streamed_checkpoint_loads_completely_and_lazily(tmp_path):
     q = model.model.language_model.layers[1].self_attn.q_proj.weight
     assert torch.equal(text.layers[1].self_attn.q_proj.weight.narrow(0, 16, 32).float(), q[16:48])
     assert torch.equal(head.weight.narrow(0, 0, 1024).float(), model.lm_head.weight)
+
+
+def test_vision_tower_alone_equals_the_full_models_tower():
+    from qvlc.models.qwen2_vl.checkpoint import load_vision_tower
+
+    folder = tiny_checkpoint()
+    full, alone = load_checkpoint(folder), load_vision_tower(folder)
+    assert alone.model is None
+    grid = torch.tensor([[1, 4, 6]])
+    x = torch.randn(24, 1176, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(full.visual(x, grid_thw=grid), alone.visual(x, grid_thw=grid))
