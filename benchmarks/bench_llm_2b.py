@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench_visual_2b import PrintProgress, _rss_gb, ensure_checkpoint
+from _common import ARTIFACTS, PrintProgress, ensure_checkpoint, rss_gb
 
 
 def main() -> int:
@@ -37,7 +37,7 @@ def main() -> int:
 
     checkpoint = ensure_checkpoint(args.workdir, args.seed)
     name = f"bench_llm_2b_{args.prefill_len}_{args.max_context}_tp{args.tp}_{args.dtype}"
-    out = args.workdir / "artifacts"
+    out = args.workdir / ARTIFACTS
     shutil.rmtree(out / name, ignore_errors=True)
     cfg = config_from_dict({
         "name": name, "part": "llm", "model": {"checkpoint": str(checkpoint)},
@@ -60,7 +60,7 @@ def main() -> int:
     for stage, seconds in result.timings.items():
         print(f"  {stage:<20} {seconds:8.1f} s")
     print(f"  {'total':<20} {wall:8.1f} s")
-    print(f"peak RSS: {_rss_gb(resource.RUSAGE_SELF):.2f} GB")
+    print(f"peak RSS: {rss_gb(resource.RUSAGE_SELF):.2f} GB")
     print(f"bytes written: {written / 1e9:.3f} GB (weights file {result.export.weights_unshared_bytes / 1e9:.3f} GB "
           f"if prefill and decode each kept their own copy)")
     ws = result.export.write_seconds

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench_visual_2b import PrintProgress, _rss_gb
+from _common import ARTIFACTS, PrintProgress, rss_gb
 
 
 def ensure_7b(workdir: Path, seed: int) -> Path:
@@ -33,7 +33,7 @@ def ensure_7b(workdir: Path, seed: int) -> Path:
     write_random_checkpoint_streaming(shipped_config("qwen2_vl_7b"), folder, seed)
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     print(f"checkpoint: wrote {folder} ({size / 1e9:.1f} GB) in {time.perf_counter() - t0:.1f} s, "
-          f"peak RSS {_rss_gb(resource.RUSAGE_SELF):.2f} GB")
+          f"peak RSS {rss_gb(resource.RUSAGE_SELF):.2f} GB")
     return folder
 
 
@@ -51,7 +51,7 @@ def main() -> int:
 
     checkpoint = ensure_7b(args.workdir, args.seed)
     name = f"bench_llm_7b_{args.prefill_len}_{args.max_context}_tp4_fp16_w{args.workers}"
-    out = args.workdir / "artifacts"
+    out = args.workdir / ARTIFACTS
     shutil.rmtree(out / name, ignore_errors=True)
     cfg = config_from_dict({
         "name": name, "part": "llm", "model": {"checkpoint": str(checkpoint)},
@@ -59,7 +59,7 @@ def main() -> int:
                    "workers": args.workers},
         "validate": {"enabled": False}, "output": {"dir": str(out)},
     })
-    rss_before = _rss_gb(resource.RUSAGE_SELF)
+    rss_before = rss_gb(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     result = compile_artifact(cfg, force=True, progress=PrintProgress())
     wall = time.perf_counter() - t0
@@ -69,7 +69,7 @@ def main() -> int:
     for stage, seconds in result.timings.items():
         print(f"  {stage:<20} {seconds:8.1f} s")
     print(f"  {'total':<20} {wall:8.1f} s")
-    print(f"peak RSS: this process {_rss_gb(resource.RUSAGE_SELF):.2f} GB (before compile {rss_before:.2f} GB); "
+    print(f"peak RSS: this process {rss_gb(resource.RUSAGE_SELF):.2f} GB (before compile {rss_before:.2f} GB); "
           f"largest worker {result.export.worker_peak_rss_mb / 1024:.2f} GB")
     files = {f["path"]: f["bytes"] for f in m["files"]}
     for r in range(4):

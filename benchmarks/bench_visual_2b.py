@@ -10,65 +10,12 @@ bytes written and the write rate.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import multiprocessing
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
-CHECKPOINT_DIR = "qwen2_vl_2b_random"
-
-
-def _build(folder: str, seed: int) -> None:
-    import torch
-
-    from qvlc.models.qwen2_vl.tiny import build_random_checkpoint, shipped_config
-
-    build_random_checkpoint(shipped_config("qwen2_vl_2b"), Path(folder), seed, dtype=torch.bfloat16)
-
-
-def ensure_checkpoint(workdir: Path, seed: int) -> Path:
-    """The shared random 2B checkpoint, built under a lock (so a concurrent benchmark waits, then reuses it)."""
-    folder = workdir / CHECKPOINT_DIR
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / f".{CHECKPOINT_DIR}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (folder / "config.json").is_file():
-            print(f"checkpoint: reusing {folder}")
-            return folder
-        t0 = time.perf_counter()
-        # A child process, so the build's memory is not counted in the compile's peak RSS.
-        proc = multiprocessing.get_context("spawn").Process(target=_build, args=(str(folder), seed))
-        proc.start()
-        proc.join()
-        if proc.exitcode != 0:
-            sys.exit(f"building the random checkpoint failed (exit code {proc.exitcode})")
-        print(f"checkpoint: built {folder} in {time.perf_counter() - t0:.1f} s "
-              f"(peak RSS of the build {_rss_gb(resource.RUSAGE_CHILDREN):.2f} GB)")
-        return folder
-
-
-def _rss_gb(who: int) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
-
-
-class PrintProgress:
-    """Prints each stage as it ends and keeps its wall time, also when a later stage fails."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[dict]:
-        print(f"  {name} ...", flush=True)
-        t0 = time.perf_counter()
-        yield {}
-        self.timings[name] = time.perf_counter() - t0
-        print(f"  {name}: {self.timings[name]:.1f} s (peak RSS so far {_rss_gb(resource.RUSAGE_SELF):.2f} GB)",
-              flush=True)
+from _common import ARTIFACTS, PrintProgress, ensure_checkpoint, rss_gb
 
 
 def main() -> int:
@@ -94,7 +41,7 @@ def main() -> int:
         "export": {"dtype": args.dtype, "max_patches": args.max_patches, "chunk_width": args.chunk_width,
                    "simplify": args.simplify},
         "validate": {"enabled": not args.no_validate},
-        "output": {"dir": str(args.workdir.resolve() / "build")},
+        "output": {"dir": str(args.workdir.resolve() / ARTIFACTS)},
     })
     print(f"compile {cfg.name} (N={args.max_patches}, {args.dtype}, validate={not args.no_validate})")
     progress = PrintProgress()
@@ -113,8 +60,8 @@ def main() -> int:
     for name, secs in progress.timings.items():
         print(f"| {name} | {secs:.1f} |")
     print(f"| total | {total:.1f} |")
-    print(f"peak RSS: compile (self) {_rss_gb(resource.RUSAGE_SELF):.2f} GB, "
-          f"children {_rss_gb(resource.RUSAGE_CHILDREN):.2f} GB")
+    print(f"peak RSS: compile (self) {rss_gb(resource.RUSAGE_SELF):.2f} GB, "
+          f"children {rss_gb(resource.RUSAGE_CHILDREN):.2f} GB")
     if written is not None:
         export_s = next(v for k, v in progress.timings.items() if k.startswith("export"))
         print(f"bytes written: {written / 1e6:.1f} MB in the export stage ({export_s:.1f} s): "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -53,19 +55,26 @@ def build_random_checkpoint(config: dict, folder: Path, seed: int, dtype: torch.
     cfg = Qwen2VLConfig(**config)
     model = Qwen2VLForConditionalGeneration(cfg).to(dtype)
     randomize_(model, seed, std)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with _written_atomically(folder) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         from qvlc.models.qwen2_vl.tokenizer import save_tiny_tokenizer_if_matching
         save_tiny_tokenizer_if_matching(config, staging)
+    return folder
+
+
+@contextlib.contextmanager
+def _written_atomically(folder: Path) -> Iterator[Path]:
+    """Yield a staging folder beside ``folder``; replace ``folder`` with it only if the block completes."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield staging
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    return folder
 
 
 def tiny_checkpoint(overrides: dict | None = None, seed: int = TINY_SEED) -> Path:
@@ -120,9 +129,7 @@ def write_random_checkpoint_streaming(config: dict, folder: Path, seed: int, dty
     params = [(n, p) for n, p in meta.named_parameters()]
     if cfg.tie_word_embeddings:
         params = [(n, p) for n, p in params if n != "lm_head.weight"]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with _written_atomically(folder) as staging:
         shards: list[list[str]] = [[]]
         size = 0
         for name, p in params:
@@ -158,10 +165,4 @@ def write_random_checkpoint_streaming(config: dict, folder: Path, seed: int, dty
         cfg.dtype = dtype
         cfg.save_pretrained(staging)
         GenerationConfig.from_model_config(cfg).save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return folder

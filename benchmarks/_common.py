@@ -1,0 +1,66 @@
+"""Shared by the benchmarks: the random full-size checkpoints they compile, stage timing and peak memory."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import multiprocessing
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+ARTIFACTS = "artifacts"  # <workdir>/artifacts/<name>: where every benchmark writes its compiled artifact
+
+
+CHECKPOINT_DIR = "qwen2_vl_2b_random"
+
+
+def _build(folder: str, seed: int) -> None:
+    import torch
+
+    from qvlc.models.qwen2_vl.tiny import build_random_checkpoint, shipped_config
+
+    build_random_checkpoint(shipped_config("qwen2_vl_2b"), Path(folder), seed, dtype=torch.bfloat16)
+
+
+def ensure_checkpoint(workdir: Path, seed: int) -> Path:
+    """The shared random 2B checkpoint, built under a lock (so a concurrent benchmark waits, then reuses it)."""
+    folder = workdir / CHECKPOINT_DIR
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / f".{CHECKPOINT_DIR}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "config.json").is_file():
+            print(f"checkpoint: reusing {folder}")
+            return folder
+        t0 = time.perf_counter()
+        # A child process, so the build's memory is not counted in the compile's peak RSS.
+        proc = multiprocessing.get_context("spawn").Process(target=_build, args=(str(folder), seed))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            sys.exit(f"building the random checkpoint failed (exit code {proc.exitcode})")
+        print(f"checkpoint: built {folder} in {time.perf_counter() - t0:.1f} s "
+              f"(peak RSS of the build {rss_gb(resource.RUSAGE_CHILDREN):.2f} GB)")
+        return folder
+
+
+def rss_gb(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
+
+
+class PrintProgress:
+    """Prints each stage as it ends and keeps its wall time, also when a later stage fails."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[dict]:
+        print(f"  {name} ...", flush=True)
+        t0 = time.perf_counter()
+        yield {}
+        self.timings[name] = time.perf_counter() - t0
+        print(f"  {name}: {self.timings[name]:.1f} s (peak RSS so far {rss_gb(resource.RUSAGE_SELF):.2f} GB)",
+              flush=True)
