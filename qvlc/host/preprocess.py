@@ -30,12 +30,15 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     """The (height, width) Qwen2-VL resizes an image to: both multiples of ``factor``, pixel count within
     [min_pixels, max_pixels], aspect ratio kept as closely as possible (transformers' rules, exactly).
 
-    Sides smaller than ``factor`` are allowed (they are scaled up, as in transformers 4.57); raises QvlcError
-    for a non-positive side, an aspect ratio over 200, or bounds that leave no valid size.
+    Raises QvlcError, as the original Qwen2-VL rules do, for a side shorter than ``factor`` (transformers 4.57
+    dropped that check and scales such slivers up instead) and for an aspect ratio over 200; also for bounds
+    that leave no valid size.
     """
-    if height <= 0 or width <= 0:
-        raise QvlcError(f"image size {height}x{width} (height x width) has an empty side",
-                        fix="pass an image with at least one pixel in each direction", key="image")
+    if height < factor or width < factor:
+        raise QvlcError(
+            f"image size {height}x{width} (height x width) has a side shorter than {factor} pixels, one patch "
+            f"after merging",
+            fix=f"pad or resize the image so both sides are at least {factor} pixels", key="image")
     ratio = max(height, width) / min(height, width)
     if ratio > MAX_ASPECT_RATIO:
         raise QvlcError(

@@ -59,7 +59,7 @@ def test_smart_resize_matches_transformers(factor: int, min_pixels: int, max_pix
     sizes = list(itertools.product(SIDES, SIDES)) + [tuple(int(v) for v in rng.integers(1, 5000, 2)) for _ in range(300)]
     checked = 0
     for h, w in sizes:
-        if max(h, w) / min(h, w) > 200:
+        if max(h, w) / min(h, w) > 200 or min(h, w) < factor:  # both refused (see the tests below)
             continue
         expected = hf_smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
         assert smart_resize(h, w, factor, min_pixels, max_pixels) == expected, (h, w)
@@ -75,15 +75,18 @@ def test_smart_resize_half_rounding_and_max_branch() -> None:
     assert smart_resize(1000, 1000) == hf_smart_resize(1000, 1000) == (980, 980)
 
 
-def test_smart_resize_side_below_factor_is_scaled_up_like_transformers() -> None:
-    # transformers 4.57 no longer rejects a side below the factor: it scales the image up to min_pixels.
-    for h, w in [(1, 150), (10, 100), (27, 27), (5, 900)]:
-        got = smart_resize(h, w)
-        assert got == hf_smart_resize(h, w)
-        assert got[0] >= 28 and got[1] >= 28 and got[0] * got[1] >= 56 * 56
+def test_smart_resize_refuses_a_side_below_the_factor() -> None:
+    # The original Qwen2-VL rule; transformers 4.57 dropped it and scales such slivers up to min_pixels.
+    for h, w in [(1, 150), (10, 100), (27, 27), (5, 900), (28, 27)]:
+        with pytest.raises(QvlcError, match="shorter than 28") as err:
+            smart_resize(h, w)
+        assert "at least 28 pixels" in err.value.fix
+    assert smart_resize(28, 28) == hf_smart_resize(28, 28)
+    with pytest.raises(QvlcError, match="shorter than 28"):
+        image_to_patches(random_image(10, 100, 1), PreprocessConfig())
 
 
-@pytest.mark.parametrize("h,w", [(1, 201), (10, 2001), (3000, 14)])
+@pytest.mark.parametrize("h,w", [(28, 5601), (30, 6001), (6000, 29)])
 def test_smart_resize_rejects_aspect_ratio_over_200(h: int, w: int) -> None:
     with pytest.raises(ValueError, match="aspect ratio"):
         hf_smart_resize(h, w)
@@ -93,13 +96,13 @@ def test_smart_resize_rejects_aspect_ratio_over_200(h: int, w: int) -> None:
 
 
 def test_smart_resize_aspect_ratio_200_is_allowed() -> None:
-    assert smart_resize(1, 200) == hf_smart_resize(1, 200)
+    assert smart_resize(30, 6000) == hf_smart_resize(30, 6000)
     assert smart_resize(28, 5600, max_pixels=28 * 5600) == hf_smart_resize(28, 5600, max_pixels=28 * 5600)
 
 
 @pytest.mark.parametrize("h,w", [(0, 10), (10, 0), (-5, 10)])
 def test_smart_resize_rejects_empty_side(h: int, w: int) -> None:
-    with pytest.raises(QvlcError, match="empty side"):
+    with pytest.raises(QvlcError, match="shorter than"):
         smart_resize(h, w)
 
 
@@ -147,8 +150,8 @@ def test_config_from_checkpoint(tmp_path) -> None:
 
 SMALL_MAX = PreprocessConfig(max_pixels=28 * 28 * 64)
 IMAGE_CASES = {
-    "small_upscaled": (random_image(10, 100, 1), PreprocessConfig()),
-    "tiny_square": (random_image(20, 20, 2), PreprocessConfig()),
+    "small_upscaled": (random_image(28, 40, 1), PreprocessConfig()),
+    "tiny_square": (random_image(30, 30, 2), PreprocessConfig()),
     "non_multiple": (random_image(57, 85, 3), PreprocessConfig()),
     "exact_multiple": (random_image(112, 168, 4), PreprocessConfig()),
     "extreme_aspect_30x1500": (random_image(30, 1500, 5), PreprocessConfig()),
@@ -212,7 +215,7 @@ def test_bad_images_raise() -> None:
     with pytest.raises(QvlcError, match="shape"):
         image_to_patches(np.zeros((3, 28, 28, 2), dtype=np.uint8))
     with pytest.raises(QvlcError, match="aspect ratio"):
-        image_to_patches(random_image(2, 500))
+        image_to_patches(random_image(28, 5700))
 
 
 # --- videos ---------------------------------------------------------------------------------------------------
