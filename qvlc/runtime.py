@@ -9,6 +9,8 @@ k + 1 on every rank. The final segment of each rank yields its vocab slice of th
 from __future__ import annotations
 
 import gc
+import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +18,14 @@ import numpy as np
 import onnx
 import onnx.utils
 import onnxruntime as ort
+from PIL import Image
 
-from qvlc.artifacts import read_manifest
+from qvlc.artifacts import MANIFEST, read_manifest
+from qvlc.errors import QvlcError
 from qvlc.export.allreduce import DOMAIN, OP_TYPE, register_onnx_schema
 from qvlc.host.embeddings import NP_DTYPES, EmbedTable
-from qvlc.host.rope import decode_cos_sin, mrope_cos_sin
+from qvlc.host.preprocess import ImageLike, PreprocessConfig, image_to_patches
+from qvlc.host.rope import decode_cos_sin, get_rope_index, mrope_cos_sin
 
 PREFILL = "llm_prefill.onnx"
 DECODE = "llm_decode.onnx"
@@ -251,23 +256,30 @@ class LlmRuntime:
 
     # -- greedy generation --------------------------------------------------------------------------------
     def generate(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray, rope_delta: int,
-                 max_new_tokens: int, stop_at_eos: bool = True, on_token=None) -> list[int]:
-        """Greedy decoding from a left-padded prefill window; ``on_token(id)`` streams each new token."""
+                 max_new_tokens: int, stop_ids: Collection[int] | None = None,
+                 on_token: Callable[[int, bool], None] | None = None) -> list[int]:
+        """Greedy decoding from a left-padded prefill window (see ``greedy``)."""
         outs = self.prefill(embeds, positions, mask)
-        return self.greedy(self.logits_of(outs), rope_delta, max_new_tokens, stop_at_eos, on_token)
+        return self.greedy(self.logits_of(outs), rope_delta, max_new_tokens, stop_ids, on_token)
 
-    def greedy(self, logits: np.ndarray, rope_delta: int, max_new_tokens: int, stop_at_eos: bool = True,
-               on_token=None) -> list[int]:
-        """Greedy decoding from the current KV state, whose last step produced ``logits``. The token written
-        into slot ``slot`` sits at M-RoPE position ``slot + rope_delta`` (transformers' cache_position + delta)."""
-        s = self.spec
+    def greedy(self, logits: np.ndarray, rope_delta: int, max_new_tokens: int,
+               stop_ids: Collection[int] | None = None,
+               on_token: Callable[[int, bool], None] | None = None) -> list[int]:
+        """Greedy decoding from the current KV state, whose last step produced ``logits``.
+
+        Stops after ``max_new_tokens`` or at a token in ``stop_ids`` (kept, as transformers does; ``None`` means
+        never stop early). ``on_token(id, last)`` streams each token. The token written into slot ``slot`` sits
+        at M-RoPE position ``slot + rope_delta`` (transformers' cache_position + rope delta).
+        """
+        stops = frozenset(stop_ids or ())
         tokens: list[int] = []
         for step in range(max_new_tokens):
             tok = int(np.argmax(logits))
             tokens.append(tok)
+            last = tok in stops or step == max_new_tokens - 1
             if on_token is not None:
-                on_token(tok)
-            if (stop_at_eos and s.eos is not None and tok == s.eos) or step == max_new_tokens - 1:
+                on_token(tok, last)
+            if last:
                 break
             logits = self.logits_of(self.decode(self.embed.lookup(np.array([tok]))[0], self.slot + rope_delta))
         return tokens
@@ -277,15 +289,6 @@ class LlmRuntime:
 # Image(s) + prompt → text: the LLM and visual artifacts together (`qvlc run`).
 # ---------------------------------------------------------------------------------------------------------------
 
-import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-
-from PIL import Image  # noqa: E402
-
-from qvlc.artifacts import MANIFEST  # noqa: E402
-from qvlc.errors import QvlcError  # noqa: E402
-from qvlc.host.preprocess import ImageLike, PreprocessConfig, image_to_patches  # noqa: E402
-from qvlc.host.rope import get_rope_index  # noqa: E402
 
 TINY_CHECKPOINT = "tiny"
 # Stop tokens of a Qwen2-VL chat turn besides the config's eos (Instruct's generation_config lists both).
@@ -573,23 +576,21 @@ class VlmPipeline:
         rows = self.image_embeds(prepared.pixel_values, prepared.image_grid_thw)
         embeds, positions, mask, delta = self.host_inputs(prepared, rows)
         stream = _StreamDecoder(self.tokenizer)
-        tokens: list[int] = []
-        text, ttft, stopped = "", 0.0, False
-        outs = self.llm.prefill(embeds, positions, mask)
-        for step in range(max_new_tokens):
-            tok = int(np.argmax(self.llm.logits_of(outs)))
-            if step == 0:
+        text, ttft = "", 0.0
+
+        def emit(tok: int, last: bool) -> None:
+            nonlocal text, ttft
+            if not ttft:
                 ttft = time.perf_counter() - t0
-            tokens.append(tok)
             piece = stream.push(tok)
-            stopped = stop_at_eos and tok in self.stop_ids
-            if stopped or step == max_new_tokens - 1:
+            if last:  # flush what the stream decoder held back, with the last token
                 text, rest = stream.finish()
-                if on_token is not None:
-                    on_token(tok, piece + rest)
-                break
+                piece += rest
             if on_token is not None:
                 on_token(tok, piece)
-            outs = self.llm.decode(self.llm.embed.lookup(np.array([tok]))[0], s.prefill_len + step + delta)
+
+        logits = self.llm.logits_of(self.llm.prefill(embeds, positions, mask))
+        tokens = self.llm.greedy(logits, delta, max_new_tokens, self.stop_ids if stop_at_eos else None, emit)
+        stopped = stop_at_eos and tokens[-1] in self.stop_ids
         return VlmResult(tokens, text, len(prepared.input_ids), prepared.image_tokens, stopped, ttft,
                          time.perf_counter() - t0)

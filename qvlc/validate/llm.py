@@ -287,7 +287,7 @@ def validate_llm(ck: LoadedCheckpoint, folder: Path, spec: LlmSpec, decode_steps
     for p in prefilled:
         runtime.restore(p.state)
         if p.expected is not None:
-            got_tokens = runtime.greedy(p.logits, p.delta, generate_tokens, stop_at_eos=False)
+            got_tokens = runtime.greedy(p.logits, p.delta, generate_tokens)
             report.tokens.append(TokenCheck("prefill+decode", p.case.name, p.expected, got_tokens,
                                             required=spec.dtype == "fp32"))
             continue
