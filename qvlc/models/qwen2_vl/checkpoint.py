@@ -40,8 +40,7 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
-def check_checkpoint(folder: Path) -> Qwen2VLDims:
-    """Everything that can be checked about a checkpoint without reading a weight."""
+def require_folder(folder: Path) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(
@@ -49,6 +48,12 @@ def check_checkpoint(folder: Path) -> Qwen2VLDims:
             fix="give a local Hugging Face folder (config.json + *.safetensors), or 'tiny' for the embedded default",
             key="model.checkpoint",
         )
+    return folder
+
+
+def check_checkpoint(folder: Path) -> Qwen2VLDims:
+    """Everything that can be checked about a checkpoint without reading a weight."""
+    folder = require_folder(folder)
     dims = Qwen2VLDims.from_checkpoint(folder)
     weight_files(folder)
     return dims

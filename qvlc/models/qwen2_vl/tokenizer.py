@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from qvlc.errors import CheckpointError, QvlcError
+from qvlc.models.qwen2_vl.checkpoint import require_folder
 
 TINY_TOKENIZER_PACKAGE_DIR = "tiny_tokenizer"
 TINY_VOCAB_SIZE = 1024
@@ -56,13 +57,7 @@ def load_processor(folder: Path) -> Any:
     from transformers import AutoProcessor, Qwen2VLImageProcessor
     from transformers.utils import is_torchvision_available
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(
-            f"checkpoint folder {str(folder)!r} does not exist",
-            fix="give a local Hugging Face folder, or 'tiny' for the embedded default",
-            key="model.checkpoint",
-        )
+    folder = require_folder(folder)
     if not has_tokenizer(folder):
         raise CheckpointError(
             f"{folder} has no tokenizer (neither tokenizer.json nor vocab.json + merges.txt)",
