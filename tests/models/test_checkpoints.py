@@ -47,3 +47,17 @@ def test_vision_tower_alone_equals_the_full_models_tower():
     x = torch.randn(24, 1176, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(full.visual(x, grid_thw=grid), alone.visual(x, grid_thw=grid))
+
+
+def test_tiny_vision_attention_is_sharp_enough_to_expose_a_rotary_bug(monkeypatch):
+    """Dropping the vision rotary must move the tower's output well past the fp16 tolerance (rel L2 3e-2)."""
+    import transformers.models.qwen2_vl.modeling_qwen2_vl as hf
+
+    vis = load_checkpoint(tiny_checkpoint()).visual
+    grid = torch.tensor([[1, 8, 12]])
+    x = torch.randn(96, 1176, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = vis(x, grid_thw=grid)
+        monkeypatch.setattr(hf, "apply_rotary_pos_emb_vision", lambda q, k, cos, sin: (q, k))
+        bad = vis(x, grid_thw=grid)
+    assert float((ref - bad).norm() / ref.norm()) > 3e-2

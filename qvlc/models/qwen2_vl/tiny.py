@@ -16,7 +16,11 @@ import torch
 
 TINY_SEED = 20241125
 # Bump when the recipe below changes, so cached folders built by an older recipe are not reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
+# The tiny vision tower's attention is near-uniform at transformers' init (std 0.02): dropping its rotary moved
+# the output by 1.3e-5, below the fp32 tolerance. At std 0.3 for its qkv weights the same bug moves it by 4.5e-2,
+# so a rotary or mask bug in the visual graph fails the compile's own parity check, in fp32 and in fp16.
+TINY_VISION_QKV_STD = 0.3
 
 
 def shipped_config(name: str) -> dict:
@@ -29,15 +33,19 @@ def cache_root() -> Path:
 
 
 @torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int, std: float | None = None) -> None:
+def randomize_(model: torch.nn.Module, seed: int, std: float | None = None,
+               vision_qkv_std: float | None = None) -> None:
     """Give every weight, bias and norm scale a random value.
 
     transformers' init leaves biases at 0 and norm scales at 1: a sliced bias or a swapped norm would then
-    go unnoticed. Random values make every wiring and slicing mistake change the numbers.
+    go unnoticed. Random values make every wiring and slicing mistake change the numbers. ``vision_qkv_std``
+    sharpens the vision tower's attention so that rotary and mask mistakes change them too.
     """
     gen = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):
-        if name.endswith("bias"):
+        if vision_qkv_std is not None and "visual" in name and name.endswith("attn.qkv.weight"):
+            p.copy_(torch.randn(p.shape, generator=gen) * vision_qkv_std)
+        elif name.endswith("bias"):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
         elif "norm" in name or name.endswith(("ln_q.weight",)):
             p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
@@ -46,7 +54,7 @@ def randomize_(model: torch.nn.Module, seed: int, std: float | None = None) -> N
 
 
 def build_random_checkpoint(config: dict, folder: Path, seed: int, dtype: torch.dtype = torch.float32,
-                            std: float | None = None) -> Path:
+                            std: float | None = None, vision_qkv_std: float | None = None) -> Path:
     """Build a random Qwen2-VL from ``config`` and save_pretrained it into ``folder`` (atomically)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -54,7 +62,7 @@ def build_random_checkpoint(config: dict, folder: Path, seed: int, dtype: torch.
     torch.manual_seed(seed)
     cfg = Qwen2VLConfig(**config)
     model = Qwen2VLForConditionalGeneration(cfg).to(dtype)
-    randomize_(model, seed, std)
+    randomize_(model, seed, std, vision_qkv_std)
     with _written_atomically(folder) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         from qvlc.models.qwen2_vl.tokenizer import save_tiny_tokenizer_if_matching
@@ -96,7 +104,7 @@ def tiny_checkpoint(overrides: dict | None = None, seed: int = TINY_SEED) -> Pat
     ).hexdigest()[:16]
     folder = cache_root() / f"tiny-{key}"
     if not (folder / "config.json").is_file():
-        build_random_checkpoint(config, folder, seed)
+        build_random_checkpoint(config, folder, seed, vision_qkv_std=TINY_VISION_QKV_STD)
     return folder
 
 
