@@ -15,7 +15,7 @@ from typing import Iterator, Protocol
 from qvlc import __version__
 from qvlc.artifacts import discard, library_versions, make_staging, publish, refuse_existing, write_manifest
 from qvlc.config import Config, check_against_model
-from qvlc.errors import ParityError
+from qvlc.errors import ParityError, QvlcError
 from qvlc.export.llm import export_llm, llm_spec
 from qvlc.export.onnx_export import ExportResult
 from qvlc.export.visual import export_visual
@@ -101,11 +101,13 @@ def validate(plan: Plan, ck: LoadedCheckpoint, stage: Path) -> ParityReport:
     return report
 
 
+def source_weights(plan: Plan) -> list[dict]:
+    return [{"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in weight_files(plan.checkpoint)]
+
+
 def manifest(plan: Plan, exported: ExportResult, report: ParityReport | None) -> dict:
     cfg = plan.cfg
-    source = {"checkpoint": cfg.model.checkpoint,
-              "weights": [{"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                          for p in weight_files(plan.checkpoint)]}
+    source = {"checkpoint": cfg.model.checkpoint, "weights": source_weights(plan)}
     if cfg.is_tiny:
         source["tiny_seed"] = TINY_SEED
     return {
@@ -187,6 +189,11 @@ def validate_artifact(folder: Path, progress: Progress | None = None) -> ParityR
     cfg = config_from_dict(m["config"])
     with progress.stage("check"):
         plan = check(cfg)
+        if source_weights(plan) != m["source"]["weights"]:
+            raise QvlcError(f"the checkpoint {cfg.model.checkpoint!r} is not the one {folder} was compiled from "
+                            f"(its weight files' sha256 differ from the manifest's source.weights)",
+                            fix="point model.checkpoint at the original checkpoint, or recompile the artifact",
+                            key="model.checkpoint")
     with progress.stage("load"):
         ck = load_oracle(plan)
     with progress.stage("validate"):

@@ -198,3 +198,12 @@ def test_staging_of_a_killed_compile_is_removed_next_time(tmp_path):
     live.mkdir()
     mine = make_staging(tmp_path / "art")
     assert not stale.exists() and live.exists() and mine.exists()
+
+
+def test_validate_refuses_a_different_checkpoint(fp32, copy_artifact):
+    folder = copy_artifact(fp32.folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["source"]["weights"][0]["sha256"] = "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(QvlcError, match="not the one"):
+        validate_artifact(folder)
