@@ -207,6 +207,24 @@ class LlmRuntime:
         self.past_mask = state.past_mask.copy()
         self.slot = state.slot
 
+    # -- the host's prompt window -------------------------------------------------------------------------
+    def prompt_window(self, ids: np.ndarray, tokens, merge_size: int, image_grid_thw: np.ndarray | None = None,
+                      image_embeds: np.ndarray | None = None):
+        """What a deployment host computes for a prompt of real tokens ``ids``: left-padded to S, its mask,
+        M-RoPE positions and rope delta (``tokens``: the model's TokenIds), and the embedding rows from
+        embed_tokens.bin with ``image_embeds`` scattered into the image-pad positions.
+        Returns (padded ids [S], mask [S], positions [3,S], rope_delta, embeds [S,H])."""
+        S, n = self.spec.prefill_len, len(ids)
+        if n > S:
+            raise QvlcError(f"the prompt has {n} tokens but the LLM graphs hold {S}",
+                            fix=f"shorten the prompt (or use smaller images), or recompile with export.prefill_len "
+                                f">= {-(-n // 16) * 16}", key="export.prefill_len")
+        padded = np.concatenate([np.zeros(S - n, dtype=np.int64), np.asarray(ids, dtype=np.int64)])
+        mask = np.concatenate([np.zeros(S - n, dtype=np.int64), np.ones(n, dtype=np.int64)])
+        grids = image_grid_thw if image_grid_thw is not None and len(image_grid_thw) else None
+        positions, delta = get_rope_index(padded, tokens, merge_size, image_grid_thw=grids, attention_mask=mask)
+        return padded, mask, positions, delta, self.embed.embed(padded, self.spec.image_token, image_embeds)
+
     # -- prefill ------------------------------------------------------------------------------------------
     def prefill(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[dict[str, np.ndarray]]:
         """Run prefill on a full, already left-padded window: embeds [S,H], positions [3,S], mask [S] (0 = pad).
@@ -550,13 +568,9 @@ class VlmPipeline:
                     image_embeds: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """(embeds [S,H], positions [3,S], mask [S], rope_delta) for the prompt left-padded to S."""
         self.check_fits(prompt)
-        S, n = self.spec.prefill_len, len(prompt.input_ids)
-        ids = np.concatenate([np.zeros(S - n, dtype=np.int64), prompt.input_ids])
-        mask = np.concatenate([np.zeros(S - n, dtype=np.int64), np.ones(n, dtype=np.int64)])
-        grids = prompt.image_grid_thw if len(prompt.image_grid_thw) else None
-        positions, delta = get_rope_index(ids, self.dims.tokens, self.visual_spec.merge_size, image_grid_thw=grids,
-                                          attention_mask=mask)
-        return self.llm.embed.embed(ids, self.spec.image_token, image_embeds), positions, mask, delta
+        _, mask, positions, delta, embeds = self.llm.prompt_window(
+            prompt.input_ids, self.dims.tokens, self.visual_spec.merge_size, prompt.image_grid_thw, image_embeds)
+        return embeds, positions, mask, delta
 
     # -- generation -------------------------------------------------------------------------------------------
     def generate(self, images: Sequence[ImageLike | Path | str], prompt: str, max_new_tokens: int = 32,

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qvlc.host.rope import get_rope_index
 from qvlc.models.qwen2_vl.checkpoint import LoadedCheckpoint
 from qvlc.models.qwen2_vl.dims import Qwen2VLDims
 from qvlc.models.qwen2_vl.llm import DTYPES, DecodeGraph, PrefillGraph, RankLayout, TextStack, rank_layout
@@ -164,23 +163,9 @@ def oracle_kv(cache, layers: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def _pad_left(case_ids: np.ndarray, S: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    n = len(case_ids)
-    if n > S:
-        raise ValueError(f"prompt of {n} tokens exceeds prefill_len {S}")
-    ids = np.concatenate([np.full(S - n, pad_id, dtype=np.int64), case_ids.astype(np.int64)])
-    mask = np.concatenate([np.zeros(S - n, dtype=np.int64), np.ones(n, dtype=np.int64)])
-    return ids, mask
-
-
 def host_inputs(runtime: LlmRuntime, dims: Qwen2VLDims, case: LlmCase, image_embeds: np.ndarray | None):
-    """What a deployment host computes for a prompt: padded embeddings, M-RoPE positions, mask, rope delta."""
-    S = runtime.spec.prefill_len
-    ids, mask = _pad_left(case.ids, S, pad_id=0)
-    positions, delta = get_rope_index(ids, dims.tokens, dims.vision.merge_size, image_grid_thw=case.grids,
-                                      attention_mask=mask)
-    embeds = runtime.embed.embed(ids, dims.tokens.image, image_embeds)
-    return ids, mask, positions, delta, embeds
+    """What a deployment host computes for a prompt: (padded ids, mask, positions, rope delta, embeddings)."""
+    return runtime.prompt_window(case.ids, dims.tokens, dims.vision.merge_size, case.grids, image_embeds)
 
 
 def _kv_slices(layouts: list[RankLayout]) -> list[slice]:
