@@ -118,7 +118,7 @@ class Oracle:
         grids = None if case.grids is None else torch.from_numpy(case.grids)
         pos, delta = self.model.model.get_rope_index(ids_t, grids, None, mask_t)
         out = self.model(inputs_embeds=self.embeds(ids, case), attention_mask=mask_t, position_ids=pos,
-                         use_cache=True)
+                         use_cache=True, logits_to_keep=1)  # [S, vocab] fp32 logits would be 1.2 GB at 2B, S=2048
         return out.logits[0, -1].numpy(), out.past_key_values, int(delta.reshape(-1)[0])
 
     @torch.no_grad()
