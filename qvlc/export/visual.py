@@ -70,8 +70,9 @@ def export_visual(plan: "Plan", ck: LoadedCheckpoint, stage: Path, simplify_grap
     gc.collect()
     discard(stage / "_work")
     check_graph(stage / VISUAL)
-    result.bytes_written += stats["weights_bytes"] + (stage / VISUAL).stat().st_size
-    result.weights_unshared_bytes += stats["unshared_bytes"]
+    result.bytes_written += int(stats["weights_bytes"]) + (stage / VISUAL).stat().st_size
+    result.weights_unshared_bytes += int(stats["unshared_bytes"])
+    result.write_seconds += stats["write_seconds"]
     result.graphs.append({"file": VISUAL, "rank": 0, **graph_io(stage / VISUAL)})
     result.manifest = {"visual": visual_spec(plan).to_dict()}
     return result
