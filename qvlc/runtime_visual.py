@@ -28,20 +28,6 @@ VISUAL_WEIGHTS = "visual_weights.data"
 PREPROCESS = "preprocess.json"
 
 
-def visual_session_options() -> ort.SessionOptions:
-    """ONNX Runtime CPU options for the visual graph, chosen by measurement (2B, fp16, N=5120, 2 cores):
-
-    - weight prepacking off: the CPU provider runs an fp16 graph's MatMuls in fp32, and prepacking would keep yet
-      another fp32 copy of every weight (session 6.5 GB → 3.0 GB);
-    - memory pattern off: with it, the second call allocates a fresh block for the whole plan beside the arena's
-      chunks from the first call (peak ~13 GB → 8.9 GB); without it calls also ran faster (45 s vs 57 s).
-    """
-    so = session_options()
-    so.add_session_config_entry("session.disable_prepacking", "1")
-    so.enable_mem_pattern = False
-    return so
-
-
 @dataclass(frozen=True)
 class VisualSpec:
     """What a runtime needs to know about a visual artifact; the manifest's ``visual`` section."""
@@ -87,7 +73,7 @@ class VisualRuntime:
         self.folder = Path(folder)
         self.spec = spec or VisualSpec.from_manifest(read_manifest(self.folder))
         self.preprocess = PreprocessConfig.from_json((self.folder / PREPROCESS).read_text())
-        self.session = ort.InferenceSession(str(self.folder / VISUAL), visual_session_options(),
+        self.session = ort.InferenceSession(str(self.folder / VISUAL), session_options(),
                                             providers=["CPUExecutionProvider"])
         self.np_dtype = NP_DTYPES[self.spec.dtype]
 

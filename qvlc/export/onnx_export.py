@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import onnx
 import onnx_ir as ir
@@ -76,12 +76,7 @@ def simplify(graph: ExportedGraph, work_dir: Path) -> ExportedGraph:
     return ExportedGraph(graph.name, ir.load(dst))
 
 
-def _tensor_bytes(t: ir.TensorProtocol) -> bytes:
-    return t.tobytes()
-
-
-def write_shared(graphs: Sequence[ExportedGraph], folder: Path, weights_name: str,
-                 on_tensor: Callable[[int], None] | None = None) -> dict[str, float]:
+def write_shared(graphs: Sequence[ExportedGraph], folder: Path, weights_name: str) -> dict[str, float]:
     """Save ``graphs`` into ``folder`` with all their large initializers in one file ``weights_name``.
 
     Returns stats: bytes of unique weights written, bytes a per-graph layout would have written, and the wall
@@ -98,7 +93,7 @@ def write_shared(graphs: Sequence[ExportedGraph], folder: Path, weights_name: st
                 t = value.const_value
                 if t is None or t.nbytes < INLINE_BELOW:
                     continue
-                data = _tensor_bytes(t)
+                data = t.tobytes()
                 key = (t.dtype, tuple(t.shape), hashlib.sha256(data).digest())
                 stats["unshared_bytes"] += len(data)
                 stats["tensors"] += 1
@@ -114,8 +109,6 @@ def write_shared(graphs: Sequence[ExportedGraph], folder: Path, weights_name: st
                     stats["write_seconds"] += time.perf_counter() - t0
                     placed[key] = (pos + pad, len(data))
                     stats["weights_bytes"] += len(data)
-                    if on_tensor:
-                        on_tensor(len(data))
                 offset, length = placed[key]
                 value.const_value = ir.ExternalTensor(
                     weights_name, offset, length, t.dtype, shape=t.shape, name=name, base_dir=folder)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qvlc.host.rope import decode_position
 from qvlc.models.qwen2_vl.checkpoint import LoadedCheckpoint
 from qvlc.models.qwen2_vl.dims import Qwen2VLDims
 from qvlc.models.qwen2_vl.llm import DTYPES, DecodeGraph, PrefillGraph, RankLayout, TextStack, rank_layout
@@ -283,11 +284,11 @@ def validate_llm(ck: LoadedCheckpoint, folder: Path, spec: LlmSpec, decode_steps
             full_mask = np.concatenate([full_mask, [1]])
             ref_logits, cache = oracle.decode(token, full_mask, S + step + p.ref_delta, cache, S + step)
             embed = runtime.embed.lookup(np.array([token]))[0]
-            outs = runtime.decode(embed, S + step + p.delta)
+            outs = runtime.decode(embed, decode_position(S, step, p.delta))  # the host's rule
             new_kv = oracle_kv(cache, L)[..., -1:, :]
             got = _compare_step(report, "decode", f"{p.case.name}/step{step}", runtime, outs, ref_logits, new_kv,
                                 np.array([0]), layouts)
             if unsplit is not None:
-                ref = unsplit.logits_of(unsplit.decode(embed, S + step + p.delta))
+                ref = unsplit.logits_of(unsplit.decode(embed, decode_position(S, step, p.delta)))
                 report.add("decode vs tp=1", f"{p.case.name}/step{step}", "logits", ref, got)
             token = int(np.argmax(ref_logits))
