@@ -1,3 +1,3 @@
-"""qvlc: compile Qwen2-VL checkpoints into statically shaped, numerically proven ONNX artifacts."""
+"""qvlc: compile Qwen2-VL-family checkpoints into statically shaped, numerically proven ONNX artifacts."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

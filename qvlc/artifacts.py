@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from qvlc.contract import MANIFEST, FileRecord, Manifest, read_manifest
 from qvlc.errors import QvlcError
-from qvlc.models.qwen2_vl.checkpoint import sha256_file
+from qvlc.models.common.checkpoint import sha256_file
 
-MANIFEST = "manifest.json"
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnxsim", "numpy")
 
 
@@ -80,24 +80,15 @@ def discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def file_table(folder: Path) -> list[dict]:
+def file_table(folder: Path) -> tuple[FileRecord, ...]:
     """Every file under ``folder`` except the manifest, sorted, with bytes and sha256."""
-    rows = []
-    for p in sorted(q for q in folder.rglob("*") if q.is_file() and q.name != MANIFEST):
-        rows.append({"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
-    return rows
+    return tuple(FileRecord(p.relative_to(folder).as_posix(), p.stat().st_size, sha256_file(p))
+                 for p in sorted(q for q in folder.rglob("*") if q.is_file() and q.name != MANIFEST))
 
 
-def write_manifest(folder: Path, manifest: dict) -> None:
-    manifest = {**manifest, "files": file_table(folder)}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-
-
-def read_manifest(folder: Path) -> dict:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise QvlcError(f"{folder} has no {MANIFEST}", fix="give the folder of a finished `qvlc compile`")
-    return json.loads(path.read_text())
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """The one place manifest.json is written: ``manifest`` with the table of every file beside it."""
+    (folder / MANIFEST).write_text(dataclasses.replace(manifest, files=file_table(folder)).to_json())
 
 
 @dataclass
@@ -111,14 +102,14 @@ def verify(folder: Path) -> VerifyResult:
     folder = Path(folder)
     manifest = read_manifest(folder)
     problems = []
-    listed = {row["path"]: row for row in manifest["files"]}
+    listed = {row.path: row for row in manifest.files}
     for rel, row in listed.items():
         p = folder / rel
         if not p.is_file():
             problems.append(f"{rel}: missing")
-        elif p.stat().st_size != row["bytes"]:
-            problems.append(f"{rel}: {p.stat().st_size} bytes, manifest says {row['bytes']}")
-        elif sha256_file(p) != row["sha256"]:
+        elif p.stat().st_size != row.bytes:
+            problems.append(f"{rel}: {p.stat().st_size} bytes, manifest says {row.bytes}")
+        elif sha256_file(p) != row.sha256:
             problems.append(f"{rel}: sha256 differs from the manifest")
     extra = [q.relative_to(folder).as_posix() for q in folder.rglob("*")
              if q.is_file() and q.name != MANIFEST and q.relative_to(folder).as_posix() not in listed]

@@ -22,7 +22,8 @@ from qvlc import __version__
 from qvlc.errors import ParityError, QvlcError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Compile Qwen2-VL checkpoints into statically shaped ONNX artifacts, proven against PyTorch.")
+                  help="Compile Qwen2-VL-family checkpoints (Qwen2-VL, Qwen2.5-VL) into statically shaped ONNX "
+                       "artifacts, proven against PyTorch.")
 # Not on a terminal (CI logs), rich would assume 80 columns and truncate the parity table.
 _WIDTH = max(shutil.get_terminal_size((120, 24)).columns, 110)
 console = Console(highlight=False, width=_WIDTH)
@@ -105,8 +106,9 @@ def compile(
             cfg = replace(cfg, output=OutputConfig(dir=str(output_dir)))
         for key in cfg.ignored:
             err.print(f"[yellow]note:[/] {key} has no meaning for qvlc and is ignored")
-        console.print(f"qvlc {__version__} · compiling [bold]{cfg.name}[/] (part {cfg.part}, {cfg.export.dtype}"
-                      f"{f', tp {cfg.export.tp}' if cfg.part == 'llm' else ''}) from {cfg.model.checkpoint}")
+        console.print(f"qvlc {__version__} · compiling {cfg.name} (part {cfg.part}, {cfg.export.dtype}"
+                      f"{f', tp {cfg.export.tp}' if cfg.part == 'llm' else ''}) from {cfg.model.checkpoint}",
+                      markup=False)
         result = compile_artifact(cfg, force=force, progress=RichProgress())
     except ParityError as e:
         err.print(f"[bold red]parity failed:[/] {e}")
@@ -161,32 +163,43 @@ def run(
     llm_dir: Path = typer.Argument(..., help="LLM artifact folder (`part: llm`)."),
     visual_dir: Path = typer.Argument(..., help="Visual artifact folder (`part: visual`) of the same checkpoint."),
     image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="Image file; repeat for several."),
+    video: Optional[list[Path]] = typer.Option(
+        None, "--video", "-v", help="Video file or folder of frames; repeat for several (after the images)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user's question or instruction."),
+    fps: float = typer.Option(2.0, "--fps", help="Video frames sampled per second (the Qwen processors' default)."),
+    frames_fps: float = typer.Option(2.0, "--frames-fps", help="Frame rate of a folder of frames."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Stop after this many new tokens."),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="Folder with the tokenizer and chat template (default: the LLM manifest's)."),
 ) -> None:
-    """Answer a prompt about images with the compiled graphs in ONNX Runtime, streaming the text."""
+    """Answer a prompt about images and videos with the compiled graphs in ONNX Runtime, streaming the text."""
     _quiet_libraries()
     from rich.control import strip_control_codes
 
-    from qvlc.runtime import VlmPipeline, load_image
+    from qvlc.runtime.media import load_image, load_video
+    from qvlc.runtime.vlm import VlmPipeline
 
     def stream(_token: int, text: str) -> None:
         if text:
             console.print(strip_control_codes(text), end="", markup=False, highlight=False, soft_wrap=True)
 
     try:
+        if not (fps > 0 and frames_fps > 0):
+            raise QvlcError(f"--fps {fps} and --frames-fps {frames_fps} must be positive", fix="use e.g. --fps 2",
+                            key="--fps")
         images = [load_image(p) for p in image or []]  # bad image paths fail before anything is loaded
         pipe = VlmPipeline(llm_dir, visual_dir, checkpoint)
-        result = pipe.generate(images, prompt, max_new_tokens=max_new_tokens, on_token=stream)
+        tps = pipe.preprocess.temporal_patch_size
+        videos = [load_video(p, frames_fps, tps, fps) for p in video or []]
+        result = pipe.generate(images, prompt, max_new_tokens=max_new_tokens, on_token=stream, videos=videos)
     except QvlcError as e:
         _fail_input(e)
         return
     stop = "end of turn" if result.stopped_at_eos else "max new tokens"
     console.print()
     console.print(f"[dim]{len(result.tokens)} tokens ({stop}) · prompt {result.prompt_tokens} tokens "
-                  f"({result.image_tokens} image, {len(images)} image{'s' * (len(images) != 1)}) · "
+                  f"({result.image_tokens} vision, {len(images)} image{'s' * (len(images) != 1)}, "
+                  f"{len(videos)} video{'s' * (len(videos) != 1)}) · "
                   f"first token {result.time_to_first_token:.2f} s · "
                   f"{result.decode_tokens_per_second:.1f} tokens/s[/]")
 

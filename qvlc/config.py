@@ -11,28 +11,42 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 import yaml
 
 from qvlc.errors import ConfigError
+from qvlc.models import TINY
+from qvlc.models.common.tp import tp_problems, valid_tp_values
+from qvlc.precision import Precision
 
-Part = Literal["llm", "visual"]
-DType = Literal["fp32", "fp16"]
+if TYPE_CHECKING:
+    from qvlc.models.common.dims import ModelDims
+    from qvlc.models.common.family import Family
 
-TINY = "tiny"
+
+class Part(str, Enum):
+    LLM = "llm"
+    VISUAL = "visual"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 MIN_OPSET = 18  # the dynamo exporter emits opset 18 and newer
+HIDDEN_FIELDS = ("ignored", "llm_holds_patches", "declared_patch_dim", "declared_fullatt_blocks")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    checkpoint: str = TINY  # local Hugging Face folder, or "tiny" for the embedded default
+    checkpoint: str = TINY  # local Hugging Face folder, or "tiny" / "tiny:<model_type>" for an embedded default
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    dtype: DType = "fp32"
+    dtype: Precision = Precision.FP32
     opset: int = 18
     prefill_len: int = 128  # llm: S, static prefill length (multiple of 16)
     max_context: int = 256  # llm: C, KV capacity including the new token (multiple of 16)
@@ -67,6 +81,9 @@ class Config:
     ignored: tuple[str, ...] = ()
     # llm part only: patches of the visual graph whose tokens the prompt must hold (0 = not stated)
     llm_holds_patches: int = 0
+    # vamc-style files state these; they are checked against the checkpoint's config.json (0 / None: not stated)
+    declared_patch_dim: int = 0
+    declared_fullatt_blocks: tuple[int, ...] | None = None
 
     @property
     def artifact_dir(self) -> Path:
@@ -74,13 +91,14 @@ class Config:
 
     @property
     def is_tiny(self) -> bool:
-        return self.model.checkpoint == TINY
+        return self.model.checkpoint == TINY or self.model.checkpoint.startswith(TINY + ":")
 
     def to_dict(self) -> dict[str, Any]:
         """The native-schema dict of this config: ``config_from_dict(cfg.to_dict())`` gives ``cfg`` back
-        (less ``ignored``, which only describes the file it came from)."""
-        d = asdict(self)
-        del d["ignored"], d["llm_holds_patches"]
+        (less what only describes the file it came from: ignored and declared keys)."""
+        d = _plain(asdict(self))
+        for key in HIDDEN_FIELDS:
+            del d[key]
         if self.part == "llm":
             del d["export"]["chunk_width"]
             if not self.llm_holds_patches:
@@ -93,6 +111,15 @@ class Config:
         return d
 
 
+def _plain(value: Any) -> Any:
+    """Enums → their values, recursively (YAML/JSON-ready)."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 # ---------------------------------------------------------------------------------------------- parsing
 
 
@@ -103,16 +130,15 @@ def _did_you_mean(key: str, valid: list[str]) -> str:
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``typ``; YAML gives us ints, floats, bools and strings."""
-    origin = get_origin(typ)
-    if origin is Literal:
-        choices = get_args(typ)
+    if isinstance(typ, type) and issubclass(typ, Enum):
+        choices = [m.value for m in typ]
         if value not in choices:
             raise ConfigError(
                 f"{value!r} is not one of {', '.join(map(repr, choices))}",
                 fix=f"set {key} to one of {', '.join(map(str, choices))}",
                 key=key,
             )
-        return value
+        return typ(value)
     if typ is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"expected true or false, got {value!r}", fix=f"write {key}: true|false", key=key)
@@ -133,7 +159,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"expected a mapping, got {data!r}", fix=f"write {prefix} as a block of key: value lines",
                           key=prefix)
     hints = get_type_hints(cls)
-    names = [f.name for f in fields(cls) if f.name not in ("ignored", "llm_holds_patches")]
+    names = [f.name for f in fields(cls) if f.name not in HIDDEN_FIELDS]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
@@ -201,10 +227,19 @@ def _from_vamc(raw: dict[str, Any]) -> dict[str, Any]:
         native["export"].update(prefill_len=prefill, max_context=ctx)
     pv = take("frontend.shape.pixel_values")
     if pv is not None:
-        if not (isinstance(pv, list) and len(pv) == 2):
-            raise ConfigError(f"expected [N, 1176], got {pv!r}", fix="write frontend.shape.pixel_values: [5120, 1176]",
-                              key="frontend.shape.pixel_values")
+        if not (isinstance(pv, list) and len(pv) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                               for x in pv)):
+            raise ConfigError(f"expected [N, patch_dim] (two integers), got {pv!r}",
+                              fix="write frontend.shape.pixel_values: [5120, 1176]", key="frontend.shape.pixel_values")
         native["export"]["max_patches"] = pv[0]
+        native["declared_patch_dim"] = pv[1]
+    full = take("backend.compile.fullatt_block_indexes")
+    if full is not None:
+        if not (isinstance(full, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in full)):
+            raise ConfigError(f"expected a list of block indexes, got {full!r}",
+                              fix="write backend.compile.fullatt_block_indexes: [7, 15, 23, 31]",
+                              key="backend.compile.fullatt_block_indexes")
+        native["declared_fullatt_blocks"] = tuple(full)
     if (tp := take("frontend.model_kwargs.tp")) is not None:
         native["export"]["tp"] = tp
     if (dt := take("backend.dtype")) is not None:
@@ -224,13 +259,16 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError("the config file must be a YAML mapping", fix="start with `name:` and `part:` lines")
     ignored: tuple[str, ...] = ()
+    declared: dict[str, Any] = {}
     if "frontend" in raw:
         raw = _from_vamc(raw)
         ignored = raw.pop("ignored")
+        declared = {k: raw.pop(k) for k in ("declared_patch_dim", "declared_fullatt_blocks") if k in raw}
     cfg: Config = _build(Config, raw, "")
     # For the LLM part, an explicit export.max_patches says how many patches the visual graph feeding it holds.
     explicit_patches = cfg.part == "llm" and "max_patches" in (raw.get("export") or {})
-    cfg = replace(cfg, ignored=ignored, llm_holds_patches=cfg.export.max_patches if explicit_patches else 0)
+    cfg = replace(cfg, ignored=ignored, llm_holds_patches=cfg.export.max_patches if explicit_patches else 0,
+                  **declared)
     check_values(cfg)
     return cfg
 
@@ -297,28 +335,8 @@ def _multiple_of_16(value: int, key: str) -> None:
                           fix=f"use {up} (static shapes are tiled in 16s)", key=key)
 
 
-def valid_tp_values(heads: int, kv_heads: int, intermediate: int, vocab: int, limit: int = 64) -> list[int]:
-    return [t for t in range(1, limit + 1) if not tp_problems(t, heads, kv_heads, intermediate, vocab)]
-
-
-def tp_problems(tp: int, heads: int, kv_heads: int, intermediate: int, vocab: int) -> list[str]:
-    """Why ``tp`` cannot split this model evenly (empty when it can)."""
-    problems = []
-    if heads % tp:
-        problems.append(f"{heads} attention heads are not divisible by {tp}")
-    if intermediate % tp:
-        problems.append(f"intermediate_size {intermediate} is not divisible by {tp}")
-    if vocab % tp:
-        problems.append(f"vocab_size {vocab} is not divisible by {tp}")
-    if kv_heads >= tp and kv_heads % tp:
-        problems.append(f"{kv_heads} kv heads are not divisible by {tp}")
-    if kv_heads < tp and tp % kv_heads:
-        problems.append(f"{kv_heads} kv heads cannot be replicated evenly over {tp} ranks")
-    return problems
-
-
-def check_against_model(cfg: Config, dims: Any) -> None:
-    """Checks that need the checkpoint's config.json (``dims`` is a ``Qwen2VLDims``), still before any weight."""
+def check_against_model(cfg: Config, dims: "ModelDims", family: "Family") -> None:
+    """Checks that need the checkpoint's config.json, still before any weight."""
     t = dims.text
     if cfg.part == "llm" and cfg.export.tp > 1:
         problems = tp_problems(cfg.export.tp, t.heads, t.kv_heads, t.intermediate, t.vocab)
@@ -327,11 +345,12 @@ def check_against_model(cfg: Config, dims: Any) -> None:
             raise ConfigError(f"tp {cfg.export.tp} cannot split this model: {'; '.join(problems)}",
                               fix=f"use one of tp = {', '.join(map(str, valid))}", key="export.tp")
     if cfg.part == "llm" and cfg.llm_holds_patches:
-        need = cfg.llm_holds_patches // dims.vision.merge_unit + 2  # merged image tokens + vision start/end
+        wrap = family.vision_wrap_tokens  # vision start/end around the merged image tokens
+        need = cfg.llm_holds_patches // dims.vision.merge_unit + wrap
         if cfg.export.prefill_len < need:
             raise ConfigError(
-                f"prefill_len {cfg.export.prefill_len} cannot hold the {need - 2} visual tokens of "
-                f"max_patches {cfg.llm_holds_patches} (plus vision start/end)",
+                f"prefill_len {cfg.export.prefill_len} cannot hold the {need - wrap} visual tokens of "
+                f"max_patches {cfg.llm_holds_patches} (plus {wrap} around them)",
                 fix=f"raise export.prefill_len to at least {-(-need // 16) * 16}, or lower export.max_patches",
                 key="export.prefill_len")
     if cfg.part == "visual":
@@ -339,3 +358,15 @@ def check_against_model(cfg: Config, dims: Any) -> None:
         if cfg.export.max_patches % v.merge_unit:
             raise ConfigError(f"max_patches {cfg.export.max_patches} is not a multiple of the merge unit {v.merge_unit}",
                               fix=f"use a multiple of {16 * v.merge_unit // 4}", key="export.max_patches")
+    if cfg.declared_patch_dim and cfg.declared_patch_dim != dims.vision.patch_dim:
+        raise ConfigError(f"frontend.shape.pixel_values declares patches of {cfg.declared_patch_dim} values, the "
+                          f"checkpoint's are {dims.vision.patch_dim}",
+                          fix=f"write frontend.shape.pixel_values: [{cfg.export.max_patches}, {dims.vision.patch_dim}]",
+                          key="frontend.shape.pixel_values")
+    declared = cfg.declared_fullatt_blocks
+    if declared is not None and tuple(declared) != tuple(dims.vision.fullatt_blocks):
+        raise ConfigError(f"backend.compile.fullatt_block_indexes is {list(declared)}, but the checkpoint's "
+                          f"config.json makes blocks {list(dims.vision.fullatt_blocks)} attend over whole frames",
+                          fix=f"write backend.compile.fullatt_block_indexes: {list(dims.vision.fullatt_blocks)} "
+                              "(or remove it: qvlc reads it from config.json)",
+                          key="backend.compile.fullatt_block_indexes")

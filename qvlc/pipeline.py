@@ -14,18 +14,15 @@ from typing import Iterator, Protocol
 
 from qvlc import __version__
 from qvlc.artifacts import discard, library_versions, make_staging, publish, refuse_existing, write_manifest
-from qvlc.config import Config, check_against_model
+from qvlc.config import Config, Part, config_from_dict
+from qvlc.contract import FileRecord, Manifest, SourceRecord, read_manifest
 from qvlc.errors import ParityError, QvlcError
-from qvlc.export.llm import export_llm, llm_spec
 from qvlc.export.onnx_export import ExportResult
-from qvlc.export.visual import export_visual
-from qvlc.models.qwen2_vl.checkpoint import LoadedCheckpoint, check_checkpoint, load_checkpoint, load_vision_tower, \
-    sha256_file, weight_files
-from qvlc.models.qwen2_vl.dims import Qwen2VLDims
-from qvlc.models.qwen2_vl.tiny import TINY_SEED, tiny_checkpoint
-from qvlc.validate.llm import validate_llm
-from qvlc.validate.metrics import TOLERANCES, ParityReport
-from qvlc.validate.visual import validate_visual
+from qvlc.models.common.checkpoint import LoadedCheckpoint, load_checkpoint, load_vision_tower, sha256_file, \
+    weight_files
+from qvlc.models.common.tiny import TINY_SEED
+from qvlc.plan import Plan, check
+from qvlc.validate.metrics import ParityReport
 
 
 class Progress(Protocol):
@@ -39,15 +36,6 @@ class NullProgress:
 
 
 @dataclass
-class Plan:
-    """A config that passed every check that needs no weights, with its checkpoint resolved."""
-
-    cfg: Config
-    checkpoint: Path
-    dims: Qwen2VLDims
-
-
-@dataclass
 class CompileResult:
     folder: Path
     report: ParityReport | None
@@ -58,21 +46,13 @@ class CompileResult:
 # ---------------------------------------------------------------------------------------------- stages
 
 
-def check(cfg: Config) -> Plan:
-    """Every check that needs no weight: the config, then the checkpoint folder and its config.json."""
-    folder = tiny_checkpoint() if cfg.is_tiny else Path(cfg.model.checkpoint).expanduser()
-    dims = check_checkpoint(folder)
-    check_against_model(cfg, dims)
-    return Plan(cfg, folder, dims)
-
-
 def load(plan: Plan) -> LoadedCheckpoint | None:
     """The transformers model in fp32: the oracle, and the owner of the weights exported from views.
 
     An LLM compile without validation does not need it: its export reads each rank's slices straight from the
     checkpoint files, so a model too large for this machine in fp32 (7B: ~33 GB) still compiles.
     """
-    if plan.cfg.part == "llm" and not plan.cfg.validate.enabled:
+    if plan.cfg.part == Part.LLM and not plan.cfg.validate.enabled:
         return None
     return load_oracle(plan)
 
@@ -80,47 +60,47 @@ def load(plan: Plan) -> LoadedCheckpoint | None:
 def load_oracle(plan: Plan) -> LoadedCheckpoint:
     """What the part's parity check compares with: the whole model for the LLM, the vision tower alone for the
     visual part (2B: 2.7 GB instead of 8.8 GB in fp32)."""
-    if plan.cfg.part == "visual":
-        return load_vision_tower(plan.checkpoint)
-    return load_checkpoint(plan.checkpoint)
+    loader = load_vision_tower if plan.cfg.part == Part.VISUAL else load_checkpoint
+    return loader(plan.checkpoint, plan.family, plan.dims)
 
 
 def export(plan: Plan, ck: LoadedCheckpoint | None, stage: Path) -> ExportResult:
-    if plan.cfg.part == "llm":
-        return export_llm(plan, ck, stage, plan.cfg.export.simplify)
-    return export_visual(plan, ck, stage, plan.cfg.export.simplify)
+    if plan.cfg.part == Part.LLM:
+        from qvlc.export.llm import export_llm
+
+        return export_llm(plan, ck, stage)
+    from qvlc.export.visual import export_visual
+
+    return export_visual(plan, ck, stage)
 
 
-def validate(plan: Plan, ck: LoadedCheckpoint, stage: Path) -> ParityReport:
+def validate(plan: Plan, ck: LoadedCheckpoint, folder: Path) -> ParityReport:
     cfg = plan.cfg
-    report = ParityReport(cfg.part, cfg.export.dtype, TOLERANCES[cfg.export.dtype])
-    if cfg.part == "llm":
-        validate_llm(ck, stage, llm_spec(plan), cfg.validate.decode_steps, cfg.validate.generate_tokens, report)
+    report = ParityReport(str(cfg.part), cfg.export.dtype)
+    if cfg.part == Part.LLM:
+        from qvlc.validate.llm import validate_llm
+
+        validate_llm(plan, ck, folder, report)
     else:
-        validate_visual(plan, ck, stage, report)
+        from qvlc.validate.visual import validate_visual
+
+        validate_visual(plan, ck, folder, report)
     return report
 
 
-def source_weights(plan: Plan) -> list[dict]:
-    return [{"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in weight_files(plan.checkpoint)]
+def source_record(plan: Plan) -> SourceRecord:
+    weights = tuple(FileRecord(p.name, p.stat().st_size, sha256_file(p)) for p in weight_files(plan.checkpoint))
+    return SourceRecord(plan.cfg.model.checkpoint, weights, TINY_SEED if plan.cfg.is_tiny else None)
 
 
-def manifest(plan: Plan, exported: ExportResult, report: ParityReport | None) -> dict:
+def manifest(plan: Plan, exported: ExportResult, report: ParityReport | None) -> Manifest:
     cfg = plan.cfg
-    source = {"checkpoint": cfg.model.checkpoint, "weights": source_weights(plan)}
-    if cfg.is_tiny:
-        source["tiny_seed"] = TINY_SEED
-    return {
-        "qvlc_version": __version__,
-        "part": cfg.part,
-        "config": cfg.to_dict(),
-        "ignored_config_keys": list(cfg.ignored),
-        "source": source,
-        "libraries": library_versions(),
-        **exported.manifest,  # the part's own section: "llm" (+ "tp") or "visual"
-        "graphs": exported.graphs,
-        "parity": report.summary() if report else {"passed": None, "skipped": "validate.enabled is false"},
-    }
+    return Manifest(
+        qvlc_version=__version__, part=str(cfg.part), family=plan.family.model_type, config=cfg.to_dict(),
+        ignored_config_keys=tuple(cfg.ignored), source=source_record(plan), libraries=library_versions(),
+        graphs=tuple(exported.graphs),
+        parity=report.summary() if report else {"passed": None, "skipped": "validate.enabled is false"},
+        llm=exported.llm, tp=exported.tp, visual=exported.visual)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -181,15 +161,12 @@ def validate_artifact(folder: Path, progress: Progress | None = None) -> ParityR
 
     Reads the resolved config from the manifest; writes nothing into the artifact.
     """
-    from qvlc.artifacts import read_manifest
-    from qvlc.config import config_from_dict
-
     progress = progress or NullProgress()
     m = read_manifest(folder)
-    cfg = config_from_dict(m["config"])
+    cfg = config_from_dict(m.config)
     with progress.stage("check"):
         plan = check(cfg)
-        if source_weights(plan) != m["source"]["weights"]:
+        if source_record(plan).weights != m.source.weights:
             raise QvlcError(f"the checkpoint {cfg.model.checkpoint!r} is not the one {folder} was compiled from "
                             f"(its weight files' sha256 differ from the manifest's source.weights)",
                             fix="point model.checkpoint at the original checkpoint, or recompile the artifact",

@@ -19,7 +19,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from qvlc.export import allreduce
+from qvlc.contract import GraphRecord, GraphSig, LlmSpec, TensorSig, TpRecord, VisualSpec
+from qvlc.parallel import allreduce
 
 INLINE_BELOW = 1024  # bytes; smaller initializers stay inside the .onnx file
 ALIGN_LARGE = 1 << 16
@@ -36,14 +37,23 @@ class ExportedGraph:
 
 @dataclass
 class ExportResult:
-    """What an export stage wrote: graph rows for the manifest, bytes, and the part's own manifest section."""
+    """What an export stage wrote: graph records and the part's sections for the manifest, and byte counts."""
 
-    graphs: list[dict] = field(default_factory=list)  # one row per graph file: file, rank, inputs, outputs, nodes
+    graphs: list[GraphRecord] = field(default_factory=list)
+    llm: LlmSpec | None = None
+    tp: TpRecord | None = None
+    visual: VisualSpec | None = None
     bytes_written: int = 0
     write_seconds: float = 0.0  # wall time spent writing (and fsyncing) those bytes
     weights_unshared_bytes: int = 0  # what per-graph weight files would have taken
     worker_peak_rss_mb: float = 0.0  # largest peak RSS of a worker process (0 when exported in-process)
-    manifest: dict = field(default_factory=dict)
+
+    def add(self, stats: dict[str, float], graphs: list[GraphRecord]) -> None:
+        """Count one ``write_shared`` (its stats) and the graphs it wrote."""
+        self.graphs += graphs
+        self.bytes_written += int(stats["weights_bytes"] + stats["graph_bytes"])
+        self.weights_unshared_bytes += int(stats["unshared_bytes"])
+        self.write_seconds += stats["write_seconds"]
 
 
 def export_module(module: torch.nn.Module, args: tuple, input_names: Sequence[str], output_names: Sequence[str],
@@ -59,6 +69,13 @@ def export_module(module: torch.nn.Module, args: tuple, input_names: Sequence[st
     model = program.model
     model.producer_name = "qvlc"
     return model
+
+
+def export_graph(name: str, module: torch.nn.Module, args: tuple, sig: GraphSig, opset: int, simplify_graph: bool,
+                 work_dir: Path) -> ExportedGraph:
+    """Export ``module`` under the names of its declared signature (then onnxsim, if asked)."""
+    graph = ExportedGraph(name, export_module(module, args, sig.input_names, sig.output_names, opset))
+    return simplify(graph, work_dir) if simplify_graph else graph
 
 
 def simplify(graph: ExportedGraph, work_dir: Path) -> ExportedGraph:
@@ -86,7 +103,7 @@ def write_shared(graphs: Sequence[ExportedGraph], folder: Path, weights_name: st
     weights_path = folder / weights_name
     placed: dict[tuple, tuple[int, int]] = {}
     stats: dict[str, float] = {"weights_bytes": 0, "unshared_bytes": 0, "tensors": 0, "shared_tensors": 0,
-                               "write_seconds": 0.0}
+                               "write_seconds": 0.0, "graph_bytes": 0}
     with open(weights_path, "wb") as f:
         for graph in graphs:
             for name, value in graph.model.graph.initializers.items():
@@ -117,6 +134,7 @@ def write_shared(graphs: Sequence[ExportedGraph], folder: Path, weights_name: st
         os.fsync(f.fileno())
         for graph in graphs:
             ir.save(graph.model, folder / graph.name)
+            stats["graph_bytes"] += (folder / graph.name).stat().st_size
         stats["write_seconds"] += time.perf_counter() - t0
     return stats
 
@@ -127,20 +145,27 @@ def check_graph(path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
-def graph_io(path: Path) -> dict[str, list[dict]]:
-    """Names, static shapes and dtypes of a graph's inputs and outputs (reads no weights)."""
+def graph_io(path: Path, file: str = "", rank: int = 0) -> GraphRecord:
+    """Names, static shapes and dtypes of a graph's inputs and outputs, and its node count (reads no weights).
+    A symbolic dimension is recorded as -1 (qvlc graphs have none; the contract check then reports it)."""
     model = onnx.load(str(path), load_external_data=False)
 
-    def describe(values) -> list[dict]:
+    def describe(values) -> tuple[TensorSig, ...]:
         out = []
         for v in values:
             tt = v.type.tensor_type
-            out.append({
-                "name": v.name,
-                "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
-                "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim],
-            })
-        return out
+            out.append(TensorSig(v.name, tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim),
+                                 onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name))
+        return tuple(out)
 
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output),
-            "nodes": len(model.graph.node)}
+    return GraphRecord(file or Path(path).name, rank, describe(model.graph.input), describe(model.graph.output),
+                       len(model.graph.node))
+
+
+def finish_graphs(stage: Path, folder: Path, names: Sequence[str], rank: int) -> list[GraphRecord]:
+    """onnx.checker on each written graph, then its record (file relative to the artifact folder)."""
+    records = []
+    for name in names:
+        check_graph(folder / name)
+        records.append(graph_io(folder / name, (folder / name).relative_to(stage).as_posix(), rank))
+    return records

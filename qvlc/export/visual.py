@@ -5,27 +5,16 @@ from __future__ import annotations
 import dataclasses
 import gc
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from qvlc.artifacts import discard
+from qvlc.contract import PREPROCESS, VISUAL, VISUAL_WEIGHTS
 from qvlc.errors import CheckpointError
-from qvlc.export.onnx_export import ExportedGraph, ExportResult, check_graph, export_module, graph_io, simplify, \
-    write_shared
+from qvlc.export.onnx_export import ExportResult, export_graph, finish_graphs, write_shared
 from qvlc.host.preprocess import PREPROCESSOR_CONFIG_NAME, PreprocessConfig
-from qvlc.models.qwen2_vl import visual as visual_mod
-from qvlc.models.qwen2_vl.checkpoint import LoadedCheckpoint
-from qvlc.models.qwen2_vl.dims import VisionDims
-from qvlc.models.qwen2_vl.llm import DTYPES
-from qvlc.runtime_visual import PREPROCESS, VISUAL, VISUAL_WEIGHTS, VisualSpec
-
-if TYPE_CHECKING:
-    from qvlc.pipeline import Plan
-
-
-def visual_spec(plan: "Plan") -> VisualSpec:
-    cfg, v = plan.cfg, plan.dims.vision
-    return VisualSpec(cfg.export.max_patches, v.patch_dim, v.head_dim, v.merge_size, v.out_hidden,
-                      tuple(visual_mod.chunk_widths(v.out_hidden, cfg.export.chunk_width)), cfg.export.dtype)
+from qvlc.models.common.checkpoint import LoadedCheckpoint
+from qvlc.models.common.dims import VisionDims
+from qvlc.models.common.text import example_inputs
+from qvlc.plan import Plan
 
 
 def preprocess_config(checkpoint: Path, vision: VisionDims) -> PreprocessConfig:
@@ -49,30 +38,23 @@ def preprocess_config(checkpoint: Path, vision: VisionDims) -> PreprocessConfig:
     return pre
 
 
-def export_visual(plan: "Plan", ck: LoadedCheckpoint, stage: Path, simplify_graphs: bool) -> ExportResult:
+def export_visual(plan: Plan, ck: LoadedCheckpoint, stage: Path) -> ExportResult:
     """visual.onnx (+ visual_weights.data) and preprocess.json in ``stage``."""
-    e, vision = plan.cfg.export, plan.dims.vision
-    result = ExportResult()
-    pre = preprocess_config(plan.checkpoint, vision)
+    e = plan.cfg.export
+    result = ExportResult(visual=plan.visual_spec)
+    pre = preprocess_config(plan.checkpoint, plan.dims.vision)
     (stage / PREPROCESS).write_text(pre.to_json())
     result.bytes_written += (stage / PREPROCESS).stat().st_size
 
-    dtype = DTYPES[e.dtype]
-    module = visual_mod.VisualGraph(ck.visual, vision, e.chunk_width, dtype)
-    args = visual_mod.example_inputs(vision, e.max_patches, dtype)
-    graph = ExportedGraph(VISUAL, export_module(module, args, module.input_names, module.output_names, e.opset))
-    del module, args
+    dtype = e.dtype.torch
+    sig = plan.family.visual_signature(plan.visual_spec)
+    module = plan.family.visual_graph(ck.visual, plan.dims, e.chunk_width, dtype)
+    graph = export_graph(VISUAL, module, example_inputs(sig, dtype), sig, e.opset, e.simplify, stage / "_work")
+    del module
     gc.collect()
-    if simplify_graphs:
-        graph = simplify(graph, stage / "_work")
     stats = write_shared([graph], stage, VISUAL_WEIGHTS)
     del graph
     gc.collect()
     discard(stage / "_work")
-    check_graph(stage / VISUAL)
-    result.bytes_written += int(stats["weights_bytes"]) + (stage / VISUAL).stat().st_size
-    result.weights_unshared_bytes += int(stats["unshared_bytes"])
-    result.write_seconds += stats["write_seconds"]
-    result.graphs.append({"file": VISUAL, "rank": 0, **graph_io(stage / VISUAL)})
-    result.manifest = {"visual": visual_spec(plan).to_dict()}
+    result.add(stats, finish_graphs(stage, stage, [VISUAL], rank=0))
     return result

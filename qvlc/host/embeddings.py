@@ -7,15 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-NP_DTYPES = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2")}
+from qvlc.errors import QvlcError
+from qvlc.precision import Precision
 
 
-def write_embed_table(table: np.ndarray, path: Path, dtype: str, chunk_rows: int = 8192) -> int:
+def write_embed_table(table: np.ndarray, path: Path, dtype: Precision, chunk_rows: int = 8192) -> int:
     """Write ``table`` (float32 [vocab, hidden]) cast to ``dtype``; returns bytes written.
 
     Rows are cast and written in chunks so a 150k-row table never needs a second full-size buffer.
     """
-    target = NP_DTYPES[dtype]
+    target = Precision(dtype).numpy
     written = 0
     with open(path, "wb") as f:
         for start in range(0, table.shape[0], chunk_rows):
@@ -30,25 +31,31 @@ def write_embed_table(table: np.ndarray, path: Path, dtype: str, chunk_rows: int
 class EmbedTable:
     """Memory-mapped ``embed_tokens.bin``: look rows up without reading the table into memory."""
 
-    def __init__(self, path: Path, vocab: int, hidden: int, dtype: str) -> None:
-        self.dtype = NP_DTYPES[dtype]
+    def __init__(self, path: Path, vocab: int, hidden: int, dtype: Precision) -> None:
+        self.dtype = Precision(dtype).numpy
         expected = vocab * hidden * self.dtype.itemsize
-        size = Path(path).stat().st_size
+        size = Path(path).stat().st_size if Path(path).is_file() else -1
         if size != expected:
-            raise ValueError(f"{path} holds {size} bytes, expected {expected} for [{vocab}, {hidden}] {dtype}")
+            raise QvlcError(f"{path} holds {max(size, 0)} bytes, expected {expected} for [{vocab}, {hidden}] {dtype}",
+                            fix="the artifact is incomplete or damaged: run `qvlc verify` on it, or recompile",
+                            key=str(path))
         self.table = np.memmap(path, dtype=self.dtype, mode="r", shape=(vocab, hidden))
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """[n] token ids → [n, hidden] rows in the table's dtype."""
         return np.asarray(self.table[np.asarray(ids, dtype=np.int64)])
 
-    def embed(self, ids: np.ndarray, image_token: int | None = None,
-              image_embeds: np.ndarray | None = None) -> np.ndarray:
-        """Rows for ``ids``, with the rows of ``image_embeds`` scattered into the image-pad positions in order."""
+    def embed(self, ids: np.ndarray, rows: dict[int, np.ndarray | None] | None = None) -> np.ndarray:
+        """Rows for ``ids``; for each ``token: embeds`` in ``rows`` (image pad, video pad), the rows of ``embeds``
+        are scattered into that token's positions in order."""
         out = self.lookup(ids)
-        if image_embeds is not None and image_token is not None:
-            where = np.flatnonzero(np.asarray(ids) == image_token)
-            if len(where) != len(image_embeds):
-                raise ValueError(f"{len(where)} image-pad tokens but {len(image_embeds)} image embedding rows")
-            out[where] = image_embeds.astype(out.dtype)
+        for token, embeds in (rows or {}).items():
+            if embeds is None:
+                continue
+            where = np.flatnonzero(np.asarray(ids) == token)
+            if len(where) != len(embeds):
+                raise QvlcError(f"the prompt has {len(where)} pad tokens of id {token} but {len(embeds)} vision "
+                                "embedding rows were given for them",
+                                fix="expand each image/video pad to t*h*w/merge² tokens of its grid", key="input_ids")
+            out[where] = embeds.astype(out.dtype)
         return out

@@ -82,6 +82,8 @@ class PreprocessConfig:
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     rescale_factor: float = 1 / 255
+    video_min_pixels: int = 128 * 28 * 28  # per frame (transformers' Qwen2VLVideoProcessor defaults)
+    video_max_pixels: int = 768 * 28 * 28
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
@@ -89,9 +91,10 @@ class PreprocessConfig:
         for name in ("patch_size", "temporal_patch_size", "merge_size"):
             if int(getattr(self, name)) <= 0:
                 raise QvlcError(f"{name} is {getattr(self, name)}", fix=f"{name} must be a positive integer", key=name)
-        if not 0 < self.min_pixels <= self.max_pixels:
-            raise QvlcError(f"min_pixels={self.min_pixels}, max_pixels={self.max_pixels}",
-                            fix="use 0 < min_pixels <= max_pixels", key="min_pixels")
+        for lo, hi in (("min_pixels", "max_pixels"), ("video_min_pixels", "video_max_pixels")):
+            if not 0 < getattr(self, lo) <= getattr(self, hi):
+                raise QvlcError(f"{lo}={getattr(self, lo)}, {hi}={getattr(self, hi)}",
+                                fix=f"use 0 < {lo} <= {hi}", key=lo)
         if len(self.image_mean) != len(self.image_std):
             raise QvlcError(f"image_mean has {len(self.image_mean)} values, image_std {len(self.image_std)}",
                             fix="give one mean and one std per channel", key="image_mean")
@@ -112,8 +115,10 @@ class PreprocessConfig:
         """Values per flattened patch: in_chans * temporal_patch_size * patch_size**2 (1176 for Qwen2-VL)."""
         return self.in_chans * self.temporal_patch_size * self.patch_size**2
 
-    def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """smart_resize with this config's factor and pixel bounds."""
+    def resized_size(self, height: int, width: int, video: bool = False) -> tuple[int, int]:
+        """smart_resize with this config's factor and pixel bounds (the video ones for video frames)."""
+        if video:
+            return smart_resize(height, width, self.factor, self.video_min_pixels, self.video_max_pixels)
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,7 +175,31 @@ class PreprocessConfig:
                 values[key] = tuple(raw[key]) if isinstance(raw[key], list) else (float(raw[key]),) * 3
         if raw.get("rescale_factor") is not None:
             values["rescale_factor"] = float(raw["rescale_factor"])
+        values.update(_video_pixels(Path(folder)))
         return cls(**values)
+
+
+VIDEO_PREPROCESSOR_CONFIG_NAME = "video_preprocessor_config.json"
+
+
+def _video_pixels(folder: Path) -> dict[str, int]:
+    """Per-frame pixel bounds from the checkpoint's video_preprocessor_config.json (min/max_pixels, or
+    size.shortest_edge/longest_edge); empty when it has none."""
+    path = folder / VIDEO_PREPROCESSOR_CONFIG_NAME
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise QvlcError(f"{path} is not valid JSON ({exc})", fix="restore the checkpoint's original file",
+                        key="model.checkpoint") from exc
+    size = raw.get("size") or {}
+    out = {}
+    for key, alt in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        value = raw.get(key, size.get(alt))
+        if value is not None:
+            out[f"video_{key}"] = int(value)
+    return out
 
 
 def _to_rgb_array(image: ImageLike) -> np.ndarray:
@@ -230,8 +259,9 @@ def video_to_patches(frames: Sequence[ImageLike] | np.ndarray,
                      cfg: PreprocessConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Video frames (list of images, or uint8 [T, H, W, 3]) → (pixel_values [t*h*w, patch_dim], grid_thw [3]).
 
-    All frames take the first frame's resized size; T is padded to a multiple of temporal_patch_size by
-    repeating the last frame (as transformers does). Frames are not sampled: pass the frames to encode.
+    All frames take the first frame's resized size within the video pixel bounds; T is padded to a multiple of
+    temporal_patch_size by repeating the last frame (as transformers does). Frames are not sampled here
+    (``qvlc.runtime.media.load_video`` samples them).
     """
     cfg = cfg or PreprocessConfig()
     frame_list = list(frames)
@@ -242,7 +272,7 @@ def video_to_patches(frames: Sequence[ImageLike] | np.ndarray,
     if len(shapes) != 1:
         raise QvlcError(f"video frames have different sizes {sorted(shapes)}",
                         fix="resize or crop all frames of a video to one size", key="video")
-    size = cfg.resized_size(rgbs[0].shape[0], rgbs[0].shape[1])
+    size = cfg.resized_size(rgbs[0].shape[0], rgbs[0].shape[1], video=True)
     return _patchify(np.stack([_normalized_frame(r, size, cfg) for r in rgbs]), cfg)
 
 

@@ -1,6 +1,7 @@
-"""M-RoPE on the host: Qwen2-VL position ids and the merged cos/sin tables the LLM graphs take (NumPy only).
+"""M-RoPE on the host: position ids and the merged cos/sin tables the LLM graphs take (NumPy only).
 
-Reference: transformers 4.57.6 ``Qwen2VLModel.get_rope_index``, ``Qwen2VLRotaryEmbedding`` and
+Reference: transformers 4.57.6 ``Qwen2VLModel.get_rope_index`` (and Qwen2.5-VL's, which differs only in the time
+positions of video frames: a family passes them as ``video_time_steps``), ``Qwen2VLRotaryEmbedding`` and
 ``apply_multimodal_rotary_pos_emb``. Everything here is for one sequence (batch size 1).
 """
 
@@ -12,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qvlc.errors import QvlcError
-from qvlc.models.qwen2_vl.dims import TokenIds
+from qvlc.models.common.dims import TokenIds
 
 __all__ = [
     "get_rope_index",
@@ -40,6 +41,7 @@ def get_rope_index(
     image_grid_thw: npt.ArrayLike | None = None,
     video_grid_thw: npt.ArrayLike | None = None,
     attention_mask: npt.ArrayLike | None = None,
+    video_time_steps: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, int]:
     """M-RoPE position ids ``int64 [3, S]`` and ``rope_delta`` for one (possibly left-padded) sequence.
 
@@ -49,6 +51,9 @@ def get_rope_index(
     largest position so far + 1. Masked-out slots (``attention_mask == 0``) get position 1.
     ``rope_delta = max(position) + 1 - S`` with S the padded length; with no grids at all and no mask,
     positions are ``arange(S)`` and the delta is 0. Grids are (t, h, w) in patches before merging, in prompt order.
+    ``video_time_steps[i]``: the time position between consecutive temporal patches of video i (default 1, as
+    Qwen2-VL; Qwen2.5-VL passes ``int(second_per_grid_t) * tokens_per_second``); positions are truncated to
+    integers as transformers does.
     Raises ``QvlcError`` for prompts transformers would mis-handle: a missing grid row, or a pad-token run whose
     length is not t*h*w/merge^2.
     """
@@ -114,6 +119,7 @@ def get_rope_index(
             video_index += 1
             remain_videos -= 1
             ed, kind, pad = ed_video, "video", tokens.video
+        step = 1.0 if kind == "image" or video_time_steps is None else float(video_time_steps[video_index - 1])
         gt, gh, gw = t, h // merge_size, w // merge_size
         if min(gt, gh, gw) < 1:
             raise QvlcError(
@@ -124,8 +130,9 @@ def get_rope_index(
         _check_pad_run(real, ed, gt * gh * gw, pad, (t, h, w))
         text_len = ed - st
         chunks.append(np.broadcast_to(np.arange(text_len, dtype=np.int64) + next_pos, (3, text_len)))
+        t_pos = (np.arange(gt, dtype=np.float64) * step).astype(np.int64)  # .long() truncates, as transformers
         grid = np.stack(
-            [a.ravel() for a in np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")]
+            [a.ravel() for a in np.meshgrid(t_pos, np.arange(gh), np.arange(gw), indexing="ij")]
         ).astype(np.int64)
         chunks.append(grid + text_len + next_pos)
         next_pos = int(chunks[-1].max()) + 1

@@ -12,7 +12,8 @@ import numpy.typing as npt
 
 from qvlc.errors import QvlcError
 
-__all__ = ["fit_grids", "vision_cos_sin", "vision_attention_mask", "vision_inv_freq"]
+__all__ = ["fit_grids", "padded_patches", "vision_cos_sin", "vision_attention_mask", "vision_inv_freq",
+           "segment_mask"]
 
 
 def fit_grids(grids: npt.ArrayLike, n: int) -> np.ndarray:
@@ -37,6 +38,24 @@ def fit_grids(grids: npt.ArrayLike, n: int) -> np.ndarray:
             key="export.max_patches",
         )
     return arr
+
+
+def padded_patches(pixel_values: np.ndarray, grids: npt.ArrayLike, n: int, patch_dim: int,
+                   dtype: npt.DTypeLike = np.float32) -> np.ndarray:
+    """Real patches ``[sum t*h*w, patch_dim]`` → ``[n, patch_dim]`` with zero rows past them.
+
+    Raises ``QvlcError`` when the patches exceed ``n`` or do not match the grids.
+    """
+    arr = fit_grids(grids, n)
+    rows = int(arr.prod(axis=1).sum())
+    pixel_values = np.asarray(pixel_values)
+    if pixel_values.ndim != 2 or pixel_values.shape != (rows, patch_dim):
+        raise QvlcError(f"pixel_values has shape {list(pixel_values.shape)}, but grids {arr.tolist()} need "
+                        f"[{rows}, {patch_dim}]", fix="pass the patches and grid_thw from the same preprocessing",
+                        key="pixel_values")
+    out = np.zeros((n, patch_dim), dtype=dtype)
+    out[:rows] = pixel_values
+    return out
 
 
 def vision_inv_freq(head_dim: int, theta: float = 10000.0) -> np.ndarray:
@@ -104,11 +123,13 @@ def vision_attention_mask(grids: npt.ArrayLike, n: int) -> np.ndarray:
     The graph input is bool; cast on the host if an exporter needs another dtype.
     """
     arr = fit_grids(grids, n)
-    segments = np.repeat(arr[:, 1] * arr[:, 2], arr[:, 0])
+    return segment_mask(np.repeat(arr[:, 1] * arr[:, 2], arr[:, 0]), n)
+
+
+def segment_mask(segments: npt.ArrayLike, n: int) -> np.ndarray:
+    """bool ``[1, n, n]``: block-diagonal over consecutive segments of the given lengths (zero-length segments
+    allowed), then each of the remaining padding rows attends only to itself."""
+    segments = np.asarray(segments, dtype=np.int64)
     total = int(segments.sum())
-    # Segment id per row: frames 0..k-1, then one unique id per padding row.
-    seg_id = np.concatenate([
-        np.repeat(np.arange(len(segments)), segments),
-        len(segments) + np.arange(n - total),
-    ])
+    seg_id = np.concatenate([np.repeat(np.arange(len(segments)), segments), len(segments) + np.arange(n - total)])
     return (seg_id[:, None] == seg_id[None, :])[None]

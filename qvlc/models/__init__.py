@@ -1,1 +1,59 @@
-"""Model families qvlc knows. Everything specific to one family lives in its own sub-package."""
+"""The model family registry, keyed by config.json's ``model_type``.
+
+Adding a family is a new folder under ``qvlc/models/`` (see ``common/family.py`` for what it provides) and one
+line in ``FAMILIES``. Families are imported on first use; importing this module imports none of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qvlc.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from qvlc.models.common.dims import ModelDims
+    from qvlc.models.common.family import Family
+
+FAMILIES: dict[str, str] = {
+    "qwen2_vl": "qvlc.models.qwen2_vl",
+    "qwen2_5_vl": "qvlc.models.qwen2_5_vl",
+}
+TINY = "tiny"  # the embedded default: the first family's tiny model; "tiny:<model_type>" names another
+DEFAULT_FAMILY = "qwen2_vl"
+
+
+def family(model_type: str) -> "Family":
+    """The family of ``model_type``; CheckpointError listing the supported ones when there is none."""
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"model_type {model_type!r} is not a family qvlc knows",
+                              fix=f"use a checkpoint of one of: {', '.join(FAMILIES)}", key="model.checkpoint")
+    return importlib.import_module(FAMILIES[model_type]).FAMILY
+
+
+def tiny_family(checkpoint: str) -> "Family | None":
+    """The family of a ``tiny`` / ``tiny:<model_type>`` checkpoint name, None for a folder path."""
+    if checkpoint == TINY:
+        return family(DEFAULT_FAMILY)
+    if checkpoint.startswith(TINY + ":"):
+        model_type = checkpoint[len(TINY) + 1:]
+        if model_type not in FAMILIES:
+            raise CheckpointError(f"{checkpoint!r} names no family",
+                                  fix=f"use one of: {', '.join([TINY] + [f'{TINY}:{m}' for m in FAMILIES])}",
+                                  key="model.checkpoint")
+        return family(model_type)
+    return None
+
+
+def inspect_checkpoint(folder: Path) -> tuple["Family", "ModelDims"]:
+    """Everything that can be checked about a checkpoint folder without reading a weight: its family (from
+    config.json's model_type), its dims, and that its weight files are all there."""
+    from qvlc.models.common.checkpoint import read_config_json, require_folder, weight_files
+
+    folder = require_folder(folder)
+    config = read_config_json(folder)
+    fam = family(str(config.get("model_type")))
+    dims = fam.dims(config, str(Path(folder) / "config.json"))
+    weight_files(folder)
+    return fam, dims

@@ -8,31 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    """An output passes when all three hold:
-    max_abs <= atol + rtol * max|ref|,  rel_l2 <= max_rel_l2,  cosine >= min_cosine."""
-
-    atol: float
-    rtol: float
-    max_rel_l2: float
-    min_cosine: float
-
-
-# Why these numbers:
-# fp32 — the graph does the same arithmetic as transformers in another order (ONNX Runtime's GEMM blocking,
-#   our grouped-query reshape instead of repeat_kv). Reordering error grows like sqrt(K)*eps32*|x|: measured
-#   ~1e-7 on tiny models and ~1e-5 on 2B-size logits (|logit| ~ 10). 1e-4 relative leaves 10x headroom at 2B,
-#   while a single weight perturbed by 1e-2 moves logits by >1e-3 relative and fails.
-# fp16 — weights, activations and the KV cache are rounded to an 11-bit mantissa (eps 9.8e-4) and the error
-#   compounds over layers; measured on 2B shapes: logits 1.8e-2 max abs, cosine 0.99998 against the fp32
-#   oracle. rel_l2 3e-2 and cosine 0.999 pass healthy fp16 graphs with margin, and still fail a wrong slice,
-#   a dropped bias or a swapped norm, which give rel_l2 of order 1.
-TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(atol=1e-4, rtol=1e-4, max_rel_l2=1e-4, min_cosine=0.99999),
-    "fp16": Tolerance(atol=5e-2, rtol=5e-2, max_rel_l2=3e-2, min_cosine=0.999),
-}
+from qvlc.contract import PARITY_JSON, PARITY_MD
+from qvlc.precision import Precision, Tolerance
 
 
 def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
@@ -91,11 +68,14 @@ class TokenCheck:
 @dataclass
 class ParityReport:
     part: str
-    dtype: str
-    tolerance: Tolerance
+    dtype: Precision
     checks: list[Check] = field(default_factory=list)
     tokens: list[TokenCheck] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def tolerance(self) -> Tolerance:
+        return Precision(self.dtype).tolerance
 
     def add(self, graph: str, case: str, output: str, ref: np.ndarray, out: np.ndarray) -> Check:
         """names → shapes → values: a shape mismatch is recorded as such, without value metrics."""
@@ -144,7 +124,7 @@ class ParityReport:
     def to_dict(self) -> dict:
         return {
             "part": self.part,
-            "dtype": self.dtype,
+            "dtype": str(self.dtype),
             "oracle": "transformers model, fp32, eager attention",
             "tolerance": asdict(self.tolerance),
             "summary": self.summary(),
@@ -155,8 +135,8 @@ class ParityReport:
         }
 
     def write(self, folder: Path) -> None:
-        (folder / "parity.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        (folder / "parity.md").write_text(self.to_markdown())
+        (folder / PARITY_JSON).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        (folder / PARITY_MD).write_text(self.to_markdown())
 
     def to_markdown(self) -> str:
         t = self.tolerance

@@ -1,8 +1,9 @@
 """Parity of the visual graph against the unmodified transformers vision tower (fp32).
 
 The ONNX side goes through the deployment host path (``VisualRuntime``): real patches from the artifact's own
-preprocessing of synthetic images and a video, padded to N, with host cos/sin and the block-diagonal mask. The
-oracle runs ``model.visual(pixel_values, grid_thw)`` on the same unpadded fp32 patches.
+preprocessing of synthetic images and a video, and the family's host inputs (padding to N, cos/sin, masks, and for
+window attention the window order, undone on the output rows). The oracle runs ``model.visual(pixel_values,
+grid_thw)`` on the same unpadded fp32 patches.
 
 Checks, in order: the graph interface (names → shapes → dtypes against the contract), then per case the real rows
 of every ``image_embeds_i`` chunk and of the concatenated embedding, and that the padding rows stay finite. Case
@@ -19,20 +20,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from qvlc.export.onnx_export import graph_io
-from qvlc.export.visual import visual_spec
+from qvlc.contract import PREPROCESS, VISUAL, VisualSpec
 from qvlc.host.preprocess import PreprocessConfig, image_to_patches, video_to_patches
-from qvlc.models.qwen2_vl.checkpoint import LoadedCheckpoint
-from qvlc.runtime_visual import PREPROCESS, VISUAL, VisualRuntime, VisualSpec
+from qvlc.models.common.checkpoint import LoadedCheckpoint
+from qvlc.plan import Plan
+from qvlc.runtime.visual import VisualRuntime
+from qvlc.validate.interface import check_interface
 from qvlc.validate.metrics import ParityReport
-
-if TYPE_CHECKING:
-    from qvlc.pipeline import Plan
 
 GRAPH = "visual"
 MAX_ASPECT = 200  # smart_resize's limit on the longer side over the shorter one
@@ -63,11 +61,22 @@ def case_grids(n: int, merge: int) -> dict[str, list[tuple[int, int, int]]]:
     wide = min(n // merge // merge * merge, MAX_ASPECT * merge)
     return {
         "small_image": [_grid(n // 4, 4 / 3, merge)],
+        # an odd number of merged rows and columns: not a multiple of any window, so windows end part-filled
+        "odd_grid": [_odd_grid(n // 8 // merge**2, merge)],
         "extreme_aspect": [(1, merge, wide)],
         "two_images": [_grid(n * 3 // 10, 0.5, merge), _grid(n * 45 // 100, 2.0, merge)],
         "video_t2": [_grid(n // 4, 1.5, merge, t=2)],
         "heavy_padding": [(1, merge, 2 * merge)],
     }
+
+
+def _odd_grid(tokens: int, merge: int) -> tuple[int, int, int]:
+    """About ``tokens`` merged tokens in an odd number of merged rows and of merged columns."""
+    def odd(k: int) -> int:
+        return k if k % 2 else max(1, k - 1)
+
+    rows = odd(max(1, int(tokens**0.5)))
+    return (1, merge * rows, merge * odd(max(1, tokens // rows)))
 
 
 def build_cases(spec: VisualSpec, pre: PreprocessConfig, seed: int = 0) -> list[VisualCase]:
@@ -78,7 +87,9 @@ def build_cases(spec: VisualSpec, pre: PreprocessConfig, seed: int = 0) -> list[
     """
     rng = np.random.default_rng(seed)
     ps = pre.patch_size
-    exact = dataclasses.replace(pre, min_pixels=pre.factor**2, max_pixels=max(pre.max_pixels, spec.max_patches * ps**2))
+    big = max(pre.max_pixels, spec.max_patches * ps**2)
+    exact = dataclasses.replace(pre, min_pixels=pre.factor**2, max_pixels=big, video_min_pixels=pre.factor**2,
+                                video_max_pixels=big)
 
     def frames(t: int, h: int, w: int) -> list[np.ndarray]:
         return [rng.integers(0, 256, size=(h * ps, w * ps, pre.in_chans), dtype=np.uint8)
@@ -113,66 +124,36 @@ def pack_runs(cases: list[VisualCase], n: int) -> list[list[VisualCase]]:
     return sorted(runs, key=lambda r: min(order[c.name] for c in r))
 
 
-def expected_io(spec: VisualSpec) -> tuple[dict[str, tuple[list[int], str]], dict[str, tuple[list[int], str]]]:
-    """The contract of DESIGN.md section 3: name → (shape, dtype) for inputs and outputs."""
-    n, dt = spec.max_patches, {"fp32": "float32", "fp16": "float16"}[spec.dtype]
-    inputs = {"pixel_values": ([n, spec.patch_dim], dt), "attention_mask": ([1, n, n], "bool"),
-              "cos": ([n, spec.head_dim], dt), "sin": ([n, spec.head_dim], dt)}
-    outputs = {name: ([n // spec.merge_unit, w], dt) for name, w in zip(spec.output_names, spec.chunk_widths)}
-    return inputs, outputs
-
-
-def check_interface(path: Path, spec: VisualSpec, report: ParityReport) -> bool:
-    """names → shapes → dtypes of the graph against the contract; records every mismatch, True when all match."""
-    io = graph_io(path)
-    ok = True
-    for kind, want in zip(("inputs", "outputs"), expected_io(spec)):
-        got = {v["name"]: (v["shape"], v["dtype"]) for v in io[kind]}
-        for name in sorted(set(want) - set(got)):
-            report.fail(GRAPH, "interface", name, f"missing {kind[:-1]} (graph has {sorted(got)})")
-            ok = False
-        for name in sorted(set(got) - set(want)):
-            report.fail(GRAPH, "interface", name, f"unexpected {kind[:-1]} (contract: {sorted(want)})")
-            ok = False
-        for name in sorted(set(want) & set(got)):
-            (shape, dtype), (want_shape, want_dtype) = got[name], want[name]
-            if shape != want_shape or dtype != want_dtype:
-                report.fail(GRAPH, "interface", name,
-                            f"{dtype} {shape} != contract {want_dtype} {want_shape}")
-                ok = False
-    return ok
-
-
 @torch.no_grad()
 def oracle(ck: LoadedCheckpoint, case: VisualCase) -> np.ndarray:
     """transformers' vision tower in fp32 on the unpadded patches: [patches / merge_unit, out_hidden]."""
     return ck.visual(torch.from_numpy(case.pixel_values), grid_thw=torch.from_numpy(case.grids)).numpy()
 
 
-def validate_visual(plan: "Plan", ck: LoadedCheckpoint, stage: Path, report: ParityReport, seed: int = 0) -> None:
+def validate_visual(plan: Plan, ck: LoadedCheckpoint, stage: Path, report: ParityReport, seed: int = 0) -> None:
     """Record every interface and value check of ``stage/visual.onnx`` in ``report``."""
-    spec = visual_spec(plan)
-    if not check_interface(stage / VISUAL, spec, report):
+    spec = plan.visual_spec
+    if not check_interface(report, GRAPH, stage / VISUAL, plan.family.visual_signature(spec)):
         report.notes.append("value checks skipped: the graph interface does not match the contract")
         return
-    runtime = VisualRuntime(stage, spec)
+    runtime = VisualRuntime(stage, spec, plan.family)
     offsets = np.cumsum([0, *spec.chunk_widths])
     cases = build_cases(spec, PreprocessConfig.from_json((stage / PREPROCESS).read_text()), seed)
     for i, run in enumerate(pack_runs(cases, spec.max_patches)):
         total = sum(c.patches for c in run)
         report.notes.append(f"graph call {i}: " + ", ".join(f"{c.name} (grids {c.grids.tolist()})" for c in run) +
                             f": {total} of {spec.max_patches} patches real")
-        outs = runtime.run_graph(runtime.feeds(np.concatenate([c.pixel_values for c in run]),
-                                               np.concatenate([c.grids for c in run])))
+        feeds = runtime.feeds(np.concatenate([c.pixel_values for c in run]), np.concatenate([c.grids for c in run]))
+        outs = runtime.run_graph(feeds)
         start = 0
         for case in run:
             rows = slice(start, start + case.patches // spec.merge_unit)
             start = rows.stop
             ref = oracle(ck, case)
+            got = runtime.embeddings(feeds, outs, rows).astype(np.float32)
             for name, a, b in zip(spec.output_names, offsets[:-1], offsets[1:]):
-                report.add(GRAPH, case.name, name, ref[:, a:b], outs[name][rows].astype(np.float32))
-            got = np.concatenate([outs[name][rows] for name in spec.output_names], axis=1)
-            report.add(GRAPH, case.name, "image_embeds", ref, got.astype(np.float32))
+                report.add(GRAPH, case.name, name, ref[:, a:b], got[:, a:b])
+            report.add(GRAPH, case.name, "image_embeds", ref, got)
         for name in spec.output_names:
-            if not np.isfinite(outs[name][start:]).all():
+            if not np.isfinite(outs[name][feeds.tokens:]).all():
                 report.fail(GRAPH, f"call{i}", f"{name}[padding rows]", "non-finite values in the padding rows")

@@ -2,27 +2,37 @@
 
 In eager torch a single process holds one rank, so the op is the identity; the ONNX node it becomes tells the
 runtime "sum this tensor over all ranks here". Validation runs the ranks with the node as an explicit sum.
+Nothing is registered at import: the torch op on first use, the ONNX schema when a checker or exporter needs it.
 """
 
 from __future__ import annotations
 
-import onnx
-import torch
+import functools
 
 DOMAIN = "qvlc"
 OP_TYPE = "AllReduce"
 OPSET_VERSION = 1
 
 
-@torch.library.custom_op("qvlc::all_reduce", mutates_args=())
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum over tensor-parallel ranks. One process is one rank, so in eager mode this is the identity."""
-    return x.clone()
+@functools.cache
+def _torch_op():
+    import torch
+
+    @torch.library.custom_op("qvlc::all_reduce", mutates_args=(), schema="(Tensor x) -> Tensor")
+    def all_reduce_op(x: torch.Tensor) -> torch.Tensor:
+        """Sum over tensor-parallel ranks. One process is one rank, so in eager mode this is the identity."""
+        return x.clone()
+
+    @all_reduce_op.register_fake
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    return all_reduce_op
 
 
-@all_reduce.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+def all_reduce(x):
+    """Sum ``x`` over tensor-parallel ranks (the identity in one eager process; an AllReduce node in ONNX)."""
+    return _torch_op()(x)
 
 
 def _onnx_all_reduce(x):  # traced by onnxscript: becomes one qvlc.AllReduce node
@@ -33,12 +43,17 @@ def _onnx_all_reduce(x):  # traced by onnxscript: becomes one qvlc.AllReduce nod
 
 
 def translation_table() -> dict:
+    import torch
+
+    _torch_op()
     register_onnx_schema()  # onnxscript looks the op up while tracing
     return {torch.ops.qvlc.all_reduce.default: _onnx_all_reduce}
 
 
 def register_onnx_schema() -> None:
     """Make ``onnx.checker`` know qvlc.AllReduce (idempotent)."""
+    import onnx
+
     if onnx.defs.has(OP_TYPE, DOMAIN):
         return
     T = "T"

@@ -1,4 +1,5 @@
-"""The embedded default: a small random Qwen2-VL, saved and loaded like any real checkpoint."""
+"""The embedded defaults (a small random model per family, saved and loaded like any real checkpoint) and the
+random full-size checkpoints the benchmarks compile."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import json
 import os
 import shutil
 import tempfile
-from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from qvlc.models.common.family import Family
 
 TINY_SEED = 20241125
 # Bump when the recipe below changes, so cached folders built by an older recipe are not reused.
@@ -23,9 +26,17 @@ RECIPE_VERSION = 3
 TINY_VISION_QKV_STD = 0.3
 
 
-def shipped_config(name: str) -> dict:
-    """A config.json shipped with qvlc: 'tiny', 'qwen2_vl_2b' or 'qwen2_vl_7b'."""
-    return json.loads(resources.files("qvlc.models.qwen2_vl").joinpath(f"configs/{name}.json").read_text())
+def _family(family: "Family | None") -> "Family":
+    from qvlc.models import DEFAULT_FAMILY
+    from qvlc.models import family as family_of
+
+    return family if family is not None else family_of(DEFAULT_FAMILY)
+
+
+def shipped_config(name: str, family: "Family | None" = None) -> dict:
+    """A config.json shipped with a family (default Qwen2-VL): 'tiny', or a full-size model's such as
+    'qwen2_vl_2b' or 'qwen2_5_vl_7b'."""
+    return _family(family).shipped_config(name)
 
 
 def cache_root() -> Path:
@@ -54,18 +65,19 @@ def randomize_(model: torch.nn.Module, seed: int, std: float | None = None,
 
 
 def build_random_checkpoint(config: dict, folder: Path, seed: int, dtype: torch.dtype = torch.float32,
-                            std: float | None = None, vision_qkv_std: float | None = None) -> Path:
-    """Build a random Qwen2-VL from ``config`` and save_pretrained it into ``folder`` (atomically)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+                            std: float | None = None, vision_qkv_std: float | None = None,
+                            family: "Family | None" = None) -> Path:
+    """Build a random model of ``family`` (default Qwen2-VL) from ``config`` and save_pretrained it into
+    ``folder`` (atomically)."""
+    from qvlc.models.common.tokenizer import save_tiny_tokenizer_if_matching
 
+    fam = _family(family)
     folder = Path(folder)
     torch.manual_seed(seed)
-    cfg = Qwen2VLConfig(**config)
-    model = Qwen2VLForConditionalGeneration(cfg).to(dtype)
+    model = fam.hf_class("model")(fam.hf_class("config")(**config)).to(dtype)
     randomize_(model, seed, std, vision_qkv_std)
     with _written_atomically(folder) as staging:
         model.save_pretrained(staging, safe_serialization=True)
-        from qvlc.models.qwen2_vl.tokenizer import save_tiny_tokenizer_if_matching
         save_tiny_tokenizer_if_matching(config, staging)
     return folder
 
@@ -85,15 +97,16 @@ def _written_atomically(folder: Path) -> Iterator[Path]:
             shutil.rmtree(staging)
 
 
-def tiny_checkpoint(overrides: dict | None = None, seed: int = TINY_SEED) -> Path:
-    """Path of the tiny default checkpoint (built on first use, then cached).
+def tiny_checkpoint(overrides: dict | None = None, seed: int = TINY_SEED, family: "Family | None" = None) -> Path:
+    """Path of a family's tiny default checkpoint (default Qwen2-VL; built on first use, then cached).
 
     ``overrides`` patch the shipped tiny config (tests use it for other head counts); the cache key covers
     the config, the seed, the recipe and the transformers version.
     """
     import transformers
 
-    config = shipped_config("tiny")
+    fam = _family(family)
+    config = fam.shipped_config("tiny")
     for key, value in (overrides or {}).items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
             config[key] = {**config[key], **value}
@@ -104,7 +117,7 @@ def tiny_checkpoint(overrides: dict | None = None, seed: int = TINY_SEED) -> Pat
     ).hexdigest()[:16]
     folder = cache_root() / f"tiny-{key}"
     if not (folder / "config.json").is_file():
-        build_random_checkpoint(config, folder, seed, vision_qkv_std=TINY_VISION_QKV_STD)
+        build_random_checkpoint(config, folder, seed, vision_qkv_std=TINY_VISION_QKV_STD, family=fam)
     return folder
 
 
@@ -119,8 +132,8 @@ def _released_name(name: str) -> str:
 
 @torch.no_grad()
 def write_random_checkpoint_streaming(config: dict, folder: Path, seed: int, dtype: torch.dtype = torch.bfloat16,
-                                      shard_bytes: int = 2 << 30) -> Path:
-    """A random Qwen2-VL checkpoint written shard by shard, never holding the model in memory.
+                                      shard_bytes: int = 2 << 30, family: "Family | None" = None) -> Path:
+    """A random checkpoint of ``family`` (default Qwen2-VL) written shard by shard, never holding the model in memory.
 
     For full-size shapes that do not fit this machine as a model (7B in fp32 is ~33 GB): the module tree is
     built on the meta device for names and shapes, each tensor is drawn from its own seeded generator and
@@ -128,12 +141,13 @@ def write_random_checkpoint_streaming(config: dict, folder: Path, seed: int, dty
     N(0, 0.02), biases ~ N(0, 0.1), norm scales ~ 1 + N(0, 0.1).
     """
     from safetensors.torch import save_file
-    from transformers import GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import GenerationConfig
 
+    fam = _family(family)
     folder = Path(folder)
-    cfg = Qwen2VLConfig(**config)
+    cfg = fam.hf_class("config")(**config)
     with torch.device("meta"):
-        meta = Qwen2VLForConditionalGeneration(cfg)
+        meta = fam.hf_class("model")(cfg)
     params = [(n, p) for n, p in meta.named_parameters()]
     if cfg.tie_word_embeddings:
         params = [(n, p) for n, p in params if n != "lm_head.weight"]

@@ -1,0 +1,293 @@
+"""The artifact contract, as types: file names, graph signatures and manifest.json.
+
+A leaf module: export writes these types, validation checks graphs against them, and the runtime, ``verify`` and
+``validate`` read them back. ``Manifest.to_dict`` is the only place manifest.json's layout is written, and
+``Manifest.from_dict`` the only place it is read; a malformed manifest is a ``QvlcError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from qvlc.errors import QvlcError
+from qvlc.precision import Precision
+
+MANIFEST = "manifest.json"
+PARITY_JSON = "parity.json"
+PARITY_MD = "parity.md"
+EMBED = "embed_tokens.bin"
+PREFILL = "llm_prefill.onnx"
+DECODE = "llm_decode.onnx"
+WEIGHTS = "llm_weights.data"
+VISUAL = "visual.onnx"
+VISUAL_WEIGHTS = "visual_weights.data"
+PREPROCESS = "preprocess.json"
+
+
+def rank_dirs(folder: Path, tp: int) -> list[Path]:
+    """Where each rank's graphs live: the artifact folder itself at tp = 1, else ``rank0/ … rank{tp-1}/``."""
+    return [Path(folder)] if tp == 1 else [Path(folder) / f"rank{r}" for r in range(tp)]
+
+
+# ---------------------------------------------------------------------------------------------- signatures
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    """One graph input or output: name, static shape, dtype (NumPy name: float16, float32, int64, bool)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphSig:
+    """A graph's interface, declared once by the model family and checked against every exported file."""
+
+    inputs: tuple[TensorSig, ...]
+    outputs: tuple[TensorSig, ...]
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def mismatches(self, inputs: tuple[TensorSig, ...], outputs: tuple[TensorSig, ...]) -> list[tuple[str, str]]:
+        """(name, problem) for every difference of a graph's actual interface from this one: names, then shapes,
+        then dtypes. Empty when they agree."""
+        problems: list[tuple[str, str]] = []
+        for kind, want, got in (("input", self.inputs, inputs), ("output", self.outputs, outputs)):
+            w, g = {t.name: t for t in want}, {t.name: t for t in got}
+            problems += [(n, f"missing {kind} (graph has {sorted(g)})") for n in sorted(set(w) - set(g))]
+            problems += [(n, f"unexpected {kind} (contract: {sorted(w)})") for n in sorted(set(g) - set(w))]
+            for n in [t.name for t in want if t.name in g]:
+                a, b = g[n], w[n]
+                if (tuple(a.shape), a.dtype) != (tuple(b.shape), b.dtype):
+                    problems.append((n, f"{a.dtype} {list(a.shape)} != contract {b.dtype} {list(b.shape)}"))
+        return problems
+
+
+# ---------------------------------------------------------------------------------------------- part specs
+
+
+@dataclass(frozen=True)
+class LlmSpec:
+    """What a runtime needs to know about an LLM artifact: the manifest's ``llm`` section."""
+
+    prefill_len: int
+    max_context: int
+    tp: int
+    dtype: Precision
+    hidden: int
+    layers: int
+    head_dim: int
+    kv_heads_per_rank: int
+    vocab: int
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    eos: int | None
+    image_token: int
+    video_token: int
+    vision_start: int
+    vision_end: int
+    stop_tokens: tuple[str, ...]  # token strings that end a chat turn, besides eos (the family declares them)
+
+
+@dataclass(frozen=True)
+class VisualSpec:
+    """What a runtime needs to know about a visual artifact: the manifest's ``visual`` section."""
+
+    max_patches: int  # N
+    patch_dim: int  # values per flattened patch (1176)
+    head_dim: int  # Dv, width of cos/sin
+    merge_size: int
+    out_hidden: int  # width of the concatenated embedding
+    chunk_widths: tuple[int, ...]  # widths of image_embeds_0 … image_embeds_{k-1}
+    dtype: Precision
+    rope_theta: float = 10000.0
+    window: int = 0  # window attention: window side in merged tokens (0 = every block attends per frame)
+    fullatt_blocks: tuple[int, ...] = ()  # blocks that attend per frame when window > 0
+
+    @property
+    def merge_unit(self) -> int:
+        return self.merge_size**2
+
+    @property
+    def tokens(self) -> int:
+        return self.max_patches // self.merge_unit
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(f"image_embeds_{i}" for i in range(len(self.chunk_widths)))
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    checkpoint: str
+    weights: tuple[FileRecord, ...]  # path = the weight file's name in the checkpoint folder
+    tiny_seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GraphRecord:
+    file: str  # relative to the artifact folder
+    rank: int
+    inputs: tuple[TensorSig, ...]
+    outputs: tuple[TensorSig, ...]
+    nodes: int
+
+
+@dataclass(frozen=True)
+class RankRecord:
+    rank: int
+    files: tuple[str, ...]
+    weights_bytes: int
+    kv_heads: tuple[int, int]
+    vocab: tuple[int, int]
+    split_points: tuple[dict, ...]
+
+
+@dataclass(frozen=True)
+class TpRecord:
+    ranks: int
+    reduction: dict  # node, domain, reduction, after (module names), per_graph
+    kv_replicated: bool
+    logits: str
+    per_rank: tuple[RankRecord, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    qvlc_version: str
+    part: str
+    family: str  # config.json model_type
+    config: dict  # the resolved config, native schema
+    ignored_config_keys: tuple[str, ...]
+    source: SourceRecord
+    libraries: dict
+    graphs: tuple[GraphRecord, ...]
+    parity: dict
+    llm: LlmSpec | None = None
+    tp: TpRecord | None = None
+    visual: VisualSpec | None = None
+    files: tuple[FileRecord, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = _to_json(self)
+        for key in ("llm", "tp", "visual"):
+            if d[key] is None:
+                del d[key]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = MANIFEST) -> "Manifest":
+        return _from_json(cls, data, where)
+
+    def graph(self, file: str) -> GraphRecord:
+        for g in self.graphs:
+            if g.file == file:
+                return g
+        raise QvlcError(f"{MANIFEST} lists no graph {file!r}", fix="recompile the artifact", key=file)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """The manifest of an artifact folder, typed; QvlcError when it is missing or malformed."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise QvlcError(f"{folder} has no {MANIFEST}, so it is not a finished artifact",
+                        fix="give the folder of a finished `qvlc compile`", key=str(folder))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QvlcError(f"{path} is not valid JSON ({exc})", fix="recompile the artifact", key=str(path)) from exc
+    return Manifest.from_dict(data, str(path))
+
+
+def _to_json(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_json(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Precision):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+def _from_json(typ: Any, data: Any, where: str) -> Any:
+    """Build ``typ`` from parsed JSON, checking every field's type; QvlcError names the first bad field."""
+    def bad(expected: str) -> QvlcError:
+        return QvlcError(f"{where}: expected {expected}, got {json.dumps(data)[:80]}",
+                         fix="the manifest was edited or damaged: recompile the artifact", key=where)
+
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if data is None and type(None) in args:
+            return None
+        return _from_json(next(a for a in args if a is not type(None)), data, where)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(data, dict):
+            raise bad(f"an object ({typ.__name__})")
+        hints = typing.get_type_hints(typ)
+        kwargs = {}
+        for f in fields(typ):
+            if f.name in data:
+                kwargs[f.name] = _from_json(hints[f.name], data[f.name], f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise QvlcError(f"{where} has no field {f.name!r}",
+                                fix="the manifest is damaged or from an older qvlc: recompile the artifact",
+                                key=f"{where}.{f.name}")
+        return typ(**kwargs)
+    if origin is tuple:
+        if not isinstance(data, list):
+            raise bad("a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(data))
+        if len(data) != len(args):
+            raise bad(f"a list of {len(args)}")
+        return tuple(_from_json(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
+    if typ is Precision:
+        try:
+            return Precision(data)
+        except ValueError:
+            raise bad(f"one of {[p.value for p in Precision]}") from None
+    if typ is dict:
+        if not isinstance(data, dict):
+            raise bad("an object")
+        return data
+    if typ is float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            raise bad("a number")
+        return float(data)
+    if typ in (int, str, bool):
+        if not isinstance(data, typ) or (typ is int and isinstance(data, bool)):
+            raise bad(f"a {typ.__name__}")
+        return data
+    raise TypeError(f"contract type {typ!r} has no reader")  # a bug in this file

@@ -1,0 +1,141 @@
+"""Checkpoint folders, for every family: the checks done before loading, weight files and their hashes, and the
+loading of transformers' own classes as the oracle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qvlc.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+    from qvlc.models.common.dims import ModelDims
+    from qvlc.models.common.family import Family
+
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+VISUAL_PREFIXES = ("visual.", "model.visual.")  # released checkpoints / transformers >= 4.52 names
+
+
+def require_folder(folder: Path) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"checkpoint folder {str(folder)!r} does not exist",
+            fix="give a local Hugging Face folder (config.json + *.safetensors), or 'tiny' for the embedded default",
+            key="model.checkpoint",
+        )
+    return folder
+
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict."""
+    path = Path(folder) / CONFIG_NAME
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}",
+                              fix="point model.checkpoint at a Hugging Face model folder",
+                              key="model.checkpoint") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})",
+                              fix="restore the config.json that ships with the checkpoint",
+                              key="model.checkpoint") from exc
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} is not a JSON object", fix="restore the config.json that ships with the "
+                              "checkpoint", key="model.checkpoint")
+    return cfg
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files a checkpoint folder needs; raises if any is missing."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{folder} is incomplete: {len(missing)} of {len(names)} weight shards are missing "
+                f"(first: {missing[0]})",
+                fix="finish downloading the checkpoint (all files listed in model.safetensors.index.json)",
+                key="model.checkpoint",
+            )
+        return [folder / n for n in names]
+    if (folder / SINGLE_NAME).is_file():
+        return [folder / SINGLE_NAME]
+    raise CheckpointError(
+        f"{folder} has no {SINGLE_NAME} or {INDEX_NAME}",
+        fix="qvlc reads safetensors checkpoints; re-save the model with save_pretrained(safe_serialization=True)",
+        key="model.checkpoint",
+    )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedCheckpoint:
+    """The oracle: transformers' own model (or only its vision tower) in fp32, eager attention."""
+
+    folder: Path
+    dims: "ModelDims"
+    model: "torch.nn.Module | None"  # the *ForConditionalGeneration model (None: tower only)
+    vision_tower: "torch.nn.Module | None" = None
+
+    @property
+    def text_model(self) -> "torch.nn.Module":
+        return self.model.model.language_model
+
+    @property
+    def visual(self) -> "torch.nn.Module":
+        return self.vision_tower if self.vision_tower is not None else self.model.model.visual
+
+    @property
+    def lm_head(self) -> "torch.nn.Linear":
+        return self.model.lm_head
+
+
+def load_checkpoint(folder: Path, family: "Family", dims: "ModelDims") -> LoadedCheckpoint:
+    """The unmodified transformers model in fp32: the oracle, and the owner of every weight exported from views."""
+    import torch
+
+    model = family.hf_class("model").from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model.eval().requires_grad_(False)
+    return LoadedCheckpoint(folder=Path(folder), dims=dims, model=model)
+
+
+def load_vision_tower(folder: Path, family: "Family", dims: "ModelDims") -> LoadedCheckpoint:
+    """Only transformers' vision tower (fp32, eager) with the checkpoint's weights: what the visual part needs,
+    without the language model (2B: 2.7 GB instead of 8.8 GB)."""
+    import torch
+    from safetensors import safe_open
+
+    vcfg = family.hf_class("config").from_pretrained(folder).vision_config
+    vcfg._attn_implementation = "eager"
+    tower = family.hf_class("vision")._from_config(vcfg, dtype=torch.float32)
+    state = {}
+    for file in weight_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                prefix = next((p for p in VISUAL_PREFIXES if key.startswith(p)), None)
+                if prefix is not None:
+                    state[key[len(prefix):]] = f.get_tensor(key).float()
+    missing, unexpected = tower.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: vision weights do not match the config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})", fix="use the checkpoint's own config.json",
+                              key="model.checkpoint")
+    tower.eval().requires_grad_(False)
+    return LoadedCheckpoint(folder=Path(folder), dims=dims, model=None, vision_tower=tower)

@@ -1,0 +1,193 @@
+"""Deployment modules for the Qwen2 decoder that Qwen2-VL and Qwen2.5-VL share: the prefill and decode graphs.
+
+Our own small modules holding the Hugging Face parameters (views, or this rank's slice of them; converted only
+when the export dtype differs). They compute what transformers' eager text model computes, with the choices a
+static accelerator graph needs: rotary cos/sin arrive as inputs, the KV cache is one packed tensor, masks are
+built from an int64 ``attention_mask`` in the graph, and every tensor-parallel reduction is an explicit
+``AllReduce`` placed where ``QWEN2_TP_PLAN`` says.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qvlc.contract import DECODE, PREFILL, GraphSig, LlmSpec, TensorSig
+from qvlc.models.common.dims import TextDims
+from qvlc.models.common.layers import Linear, RMSNorm, rotate_half, take
+from qvlc.models.common.tp import Axis, RankLayout, Shard, TpPlan, shard_linear
+from qvlc.parallel.allreduce import all_reduce
+
+# The Megatron split of a Qwen2 decoder layer: column-parallel q/k/v and gate/up, row-parallel o_proj and
+# down_proj each followed by a sum over ranks, the output projection split by vocabulary; norms replicated.
+QWEN2_TP_PLAN = TpPlan(
+    layer=(
+        Shard("self_attn.q_proj", "output", Axis.HEADS, bias=True),
+        Shard("self_attn.k_proj", "output", Axis.KV_HEADS, bias=True),
+        Shard("self_attn.v_proj", "output", Axis.KV_HEADS, bias=True),
+        Shard("self_attn.o_proj", "input", Axis.HEADS, reduce_after=True),
+        Shard("mlp.gate_proj", "output", Axis.FEATURES),
+        Shard("mlp.up_proj", "output", Axis.FEATURES),
+        Shard("mlp.down_proj", "input", Axis.FEATURES, reduce_after=True),
+    ),
+    head=Shard("lm_head", "vocab", Axis.VOCAB),
+)
+
+
+class _Sharded(nn.Module):
+    """A module whose Linears are this rank's slices, as the plan declares under ``prefix``."""
+
+    def _linear(self, hf: nn.Module, name: str, prefix: str, layout: RankLayout, unit: int,
+                dtype: torch.dtype) -> Linear:
+        shard = QWEN2_TP_PLAN.shard(f"{prefix}.{name}")
+        return shard_linear(getattr(hf, name), shard, layout, unit if shard.axis in (Axis.HEADS, Axis.KV_HEADS)
+                            else 1, dtype)
+
+    def _reduce(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return all_reduce(x) if self.tp > 1 and QWEN2_TP_PLAN.shard(name).reduce_after else x
+
+
+class Attention(_Sharded):
+    def __init__(self, hf: nn.Module, text: TextDims, layout: RankLayout, dtype: torch.dtype) -> None:
+        super().__init__()
+        d = text.head_dim
+        self.heads, self.kv_heads, self.head_dim = layout.heads, layout.kv_heads, d
+        self.tp = layout.tp
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, self._linear(hf, name, "self_attn", layout, d, dtype))
+
+    def forward(self, x, cos, sin, allowed, past_k=None, past_v=None):
+        b, t, _ = x.shape
+        d, nh, kvh = self.head_dim, self.heads, self.kv_heads
+        q = self.q_proj(x).view(b, t, nh, d).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, kvh, d).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, kvh, d).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys = k if past_k is None else torch.cat([past_k, k], dim=2)
+        values = v if past_v is None else torch.cat([past_v, v], dim=2)
+        n = keys.shape[2]
+        g = nh // kvh
+        # Grouped-query attention without repeating K/V: the g query heads of one kv head become g*t rows.
+        scores = torch.matmul(q.reshape(b, kvh, g * t, d), keys.transpose(2, 3)) * (d**-0.5)
+        scores = scores.view(b, kvh, g, t, n).float()
+        # where() rather than adding a bias: a fully masked (left-pad) row stays finite in fp16 too.
+        scores = torch.where(allowed, scores, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(x.dtype).view(b, kvh, g * t, n)
+        out = torch.matmul(probs, values).view(b, nh, t, d).transpose(1, 2).reshape(b, t, nh * d)
+        return self._reduce(self.o_proj(out), "self_attn.o_proj"), k, v
+
+
+class MLP(_Sharded):
+    def __init__(self, hf: nn.Module, layout: RankLayout, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.tp = layout.tp
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, name, self._linear(hf, name, "mlp", layout, 1, dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), "mlp.down_proj")
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf: nn.Module, text: TextDims, layout: RankLayout, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(hf.input_layernorm.weight, text.rms_eps, dtype)
+        self.self_attn = Attention(hf.self_attn, text, layout, dtype)
+        self.post_attention_layernorm = RMSNorm(hf.post_attention_layernorm.weight, text.rms_eps, dtype)
+        self.mlp = MLP(hf.mlp, layout, dtype)
+
+    def forward(self, h, cos, sin, allowed, past_k=None, past_v=None):
+        a, k, v = self.self_attn(self.input_layernorm(h), cos, sin, allowed, past_k, past_v)
+        h = h + a
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, k, v
+
+
+class TextStack(nn.Module):
+    """The decoder layers, final norm and (this rank's slice of) lm_head, shared by prefill and decode."""
+
+    def __init__(self, text_model: nn.Module, lm_head: nn.Module, text: TextDims, layout: RankLayout,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(layer, text, layout, dtype) for layer in text_model.layers)
+        self.norm = RMSNorm(text_model.norm.weight, text.rms_eps, dtype)
+        start, length = layout.range(QWEN2_TP_PLAN.head.axis)
+        self.lm_head = Linear(take(lm_head.weight, 0, start, length, dtype))
+
+    def logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h_last)).float()
+
+
+class PrefillGraph(nn.Module):
+    """inputs_embeds [1,S,H], attention_mask [1,S] int64 (0 = left pad), cos/sin [1,1,S,D]
+    → logits [1,1,V] (last position, fp32), present_key_values [L,2,1,kvH,S,D]."""
+
+    def __init__(self, stack: TextStack) -> None:
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, inputs_embeds, attention_mask, cos, sin):
+        s = inputs_embeds.shape[1]
+        pos = torch.arange(s, device=inputs_embeds.device)
+        causal = pos[None, :] <= pos[:, None]  # [S, S]: query row i sees keys 0..i
+        allowed = causal[None, None, None] & (attention_mask != 0)[:, None, None, None, :]
+        h = inputs_embeds
+        kv = []
+        for layer in self.stack.layers:
+            h, k, v = layer(h, cos, sin, allowed)
+            kv.append(torch.stack([k, v]))
+        return self.stack.logits(h[:, -1:, :]), torch.stack(kv)
+
+
+class DecodeGraph(nn.Module):
+    """inputs_embeds [1,1,H], attention_mask [1,C] int64 (past slots, then the new token), cos/sin [1,1,1,D],
+    past_key_values [L,2,1,kvH,C-1,D] → logits [1,1,V] fp32, present_key_values [L,2,1,kvH,1,D] (new token)."""
+
+    def __init__(self, stack: TextStack) -> None:
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, inputs_embeds, attention_mask, cos, sin, past_key_values):
+        allowed = (attention_mask != 0)[:, None, None, None, :]
+        h = inputs_embeds
+        kv = []
+        for i, layer in enumerate(self.stack.layers):
+            h, k, v = layer(h, cos, sin, allowed, past_key_values[i, 0], past_key_values[i, 1])
+            kv.append(torch.stack([k, v]))
+        return self.stack.logits(h), torch.stack(kv)
+
+
+GRAPH_MODULES = {PREFILL: PrefillGraph, DECODE: DecodeGraph}
+
+
+def llm_signatures(spec: LlmSpec) -> dict[str, GraphSig]:
+    """The prefill and decode interfaces of DESIGN.md section 3 for one rank (V: the rank's vocab slice)."""
+    s, dt = spec, spec.dtype.onnx_name
+    S, C, H, D, L, kvh = s.prefill_len, s.max_context, s.hidden, s.head_dim, s.layers, s.kv_heads_per_rank
+    V = s.vocab // s.tp
+    logits = TensorSig("logits", (1, 1, V), "float32")
+    prefill = GraphSig(
+        inputs=(TensorSig("inputs_embeds", (1, S, H), dt), TensorSig("attention_mask", (1, S), "int64"),
+                TensorSig("cos", (1, 1, S, D), dt), TensorSig("sin", (1, 1, S, D), dt)),
+        outputs=(logits, TensorSig("present_key_values", (L, 2, 1, kvh, S, D), dt)))
+    decode = GraphSig(
+        inputs=(TensorSig("inputs_embeds", (1, 1, H), dt), TensorSig("attention_mask", (1, C), "int64"),
+                TensorSig("cos", (1, 1, 1, D), dt), TensorSig("sin", (1, 1, 1, D), dt),
+                TensorSig("past_key_values", (L, 2, 1, kvh, C - 1, D), dt)),
+        outputs=(logits, TensorSig("present_key_values", (L, 2, 1, kvh, 1, D), dt)))
+    return {PREFILL: prefill, DECODE: decode}
+
+
+def example_inputs(sig: GraphSig, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Static-shape example inputs for tracing a graph with this signature (values do not matter)."""
+    out = []
+    for t in sig.inputs:
+        if t.dtype == "int64":
+            out.append(torch.ones(t.shape, dtype=torch.int64))
+        elif t.dtype == "bool":
+            out.append(torch.ones(t.shape, dtype=torch.bool))
+        else:
+            out.append(torch.zeros(t.shape, dtype=dtype))
+    return tuple(out)

@@ -1,0 +1,81 @@
+"""Vision-tower building blocks the Qwen-VL families share: rotary attention under a dense mask, the Conv3d
+patch embedding as a MatMul, the chunked output, and the visual graph's signature."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qvlc.contract import GraphSig, TensorSig, VisualSpec
+from qvlc.errors import QvlcError
+from qvlc.models.common.dims import VisionDims
+from qvlc.models.common.layers import ACTIVATIONS, LayerNorm, Linear, param, rotate_half
+
+VISUAL_INPUTS = ("pixel_values", "attention_mask", "cos", "sin")
+
+
+class VisionAttention(nn.Module):
+    """qkv → rotary (fp32) → scores under a bool mask (fp32 softmax) → proj. x [N, C], allowed bool [1, N, N]."""
+
+    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.heads, self.head_dim = vision.heads, vision.head_dim
+        self.scale = vision.head_dim**-0.5
+        self.qkv = Linear.of(hf.qkv, dtype)
+        self.proj = Linear.of(hf.proj, dtype)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)  # [H, N, Dv]
+        # apply_rotary_pos_emb_vision: in fp32, then back to the activation dtype. The 1/sqrt(Dv) scale is folded
+        # into q here, on [H, N, Dv], instead of on the [H, N, N] scores (one N² pass less per layer).
+        q = ((q.float() * cos + rotate_half(q.float()) * sin) * self.scale).to(x.dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
+        scores = torch.matmul(q, k.transpose(1, 2))
+        # where() on fp32 scores: a masked entry is exactly excluded, whatever the activation dtype.
+        scores = torch.where(allowed, scores.float(), torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(x.dtype)
+        out = torch.matmul(probs, v).transpose(0, 1).reshape(n, self.heads * self.head_dim)
+        return self.proj(out)
+
+
+class PatchMerger(nn.Module):
+    """ln_q (LayerNorm, or the given norm), then each merge unit of rows (2×2 neighbours, consecutive in patch order) → Linear, GELU, Linear."""
+
+    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype, norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.ln_q = norm if norm is not None else LayerNorm(hf.ln_q)
+        self.fc1 = Linear.of(hf.mlp[0], dtype)
+        self.fc2 = Linear.of(hf.mlp[2], dtype)
+        self.width = vision.embed_dim * vision.merge_unit
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.ln_q(h).reshape(-1, self.width)
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def patch_embed(hf_visual: nn.Module, vision: VisionDims, dtype: torch.dtype) -> Linear:
+    """Conv3d with kernel = stride over one patch == a MatMul with the kernel flattened as (C, T, P, P)."""
+    w = hf_visual.patch_embed.proj.weight
+    return Linear(param(w, dtype, (vision.embed_dim, vision.patch_dim)))
+
+
+def activation(vision: VisionDims):
+    """The vision MLP activation named in the checkpoint's vision config."""
+    if vision.hidden_act not in ACTIVATIONS:
+        raise QvlcError(f"vision_config.hidden_act {vision.hidden_act!r} is not supported",
+                        fix=f"use a checkpoint whose vision MLP uses one of {sorted(ACTIVATIONS)}",
+                        key="model.checkpoint")
+    return ACTIVATIONS[vision.hidden_act]
+
+
+def visual_signature(spec: VisualSpec, masks: tuple[str, ...] = ("attention_mask",)) -> GraphSig:
+    """pixel_values [N, patch_dim], one bool [1, N, N] input per mask, cos/sin [N, Dv] → image_embeds_i
+    [N / merge_unit, chunk width] in the export dtype."""
+    n, dt = spec.max_patches, spec.dtype.onnx_name
+    inputs = (TensorSig("pixel_values", (n, spec.patch_dim), dt),
+              *(TensorSig(m, (1, n, n), "bool") for m in masks),
+              TensorSig("cos", (n, spec.head_dim), dt), TensorSig("sin", (n, spec.head_dim), dt))
+    outputs = tuple(TensorSig(name, (spec.tokens, w), dt) for name, w in zip(spec.output_names, spec.chunk_widths))
+    return GraphSig(inputs, outputs)

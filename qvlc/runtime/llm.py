@@ -1,0 +1,213 @@
+"""The LLM prefill/decode loop over ONNX Runtime, with a host-managed KV cache, over one or several ranks: what
+`qvlc run` and validation drive."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qvlc.contract import DECODE, EMBED, PREFILL, LlmSpec, rank_dirs, read_manifest
+from qvlc.errors import QvlcError
+from qvlc.host.embeddings import EmbedTable
+from qvlc.host.rope import decode_cos_sin, mrope_cos_sin
+from qvlc.models import family as family_of
+from qvlc.models.common.dims import TokenIds
+from qvlc.models.common.family import Family
+from qvlc.parallel.ranked import RankedGraph
+
+
+@dataclass(frozen=True)
+class Media:
+    """The images and videos of one prompt (each kind in prompt order): their grids and embedding rows."""
+
+    image_grids: np.ndarray | None = None  # [k, 3] (t, h, w) in patches before merging
+    image_embeds: np.ndarray | None = None  # [image tokens, H]
+    video_grids: np.ndarray | None = None
+    video_embeds: np.ndarray | None = None
+    second_per_grid_ts: tuple[float, ...] | None = None  # seconds per temporal patch of each video
+
+    @staticmethod
+    def _some(grids: np.ndarray | None) -> np.ndarray | None:
+        return grids if grids is not None and len(grids) else None
+
+    @property
+    def images(self) -> np.ndarray | None:
+        return self._some(self.image_grids)
+
+    @property
+    def videos(self) -> np.ndarray | None:
+        return self._some(self.video_grids)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A prompt as the prefill graph takes it: left-padded to S."""
+
+    ids: np.ndarray  # [S] int64
+    mask: np.ndarray  # [S] int64, 0 = left pad
+    positions: np.ndarray  # [3, S] M-RoPE positions
+    delta: int  # rope delta: decode step k sits at position S + k + delta
+    embeds: np.ndarray  # [S, H], vision rows scattered in
+
+
+def tokens_of(spec: LlmSpec) -> TokenIds:
+    return TokenIds(None, spec.eos, spec.vision_start, spec.vision_end, spec.image_token, spec.video_token)
+
+
+@dataclass
+class KvState:
+    """The host side of a sequence: per-rank KV caches, the past mask and the next free slot."""
+
+    kv: list[np.ndarray]
+    past_mask: np.ndarray
+    slot: int
+
+
+class LlmRuntime:
+    """Prefill + decode loop with a host-managed KV cache, over one or several ranks."""
+
+    def __init__(self, folder: Path, spec: LlmSpec | None = None, family: Family | None = None,
+                 merge_size: int = 2, tokens_per_second: int = 0, graphs: tuple | None = None) -> None:
+        """``spec``/``family`` default to the artifact manifest's; ``merge_size`` and ``tokens_per_second`` are the
+        vision tower's (they shape M-RoPE positions of images and videos). ``graphs`` replaces the ONNX graphs by
+        other runners with the same ``run(feeds per rank)`` (validation drives the unsplit torch deployment
+        module this way)."""
+        self.folder = Path(folder)
+        if spec is None or family is None:
+            m = read_manifest(self.folder)
+            if m.llm is None:
+                raise QvlcError(f"{self.folder} is a {m.part!r} artifact, not an LLM one",
+                                fix="give the folder compiled with `part: llm`", key=str(self.folder))
+            spec, family = spec or m.llm, family or family_of(m.family)
+        self.spec, self.family = spec, family
+        self.merge_size, self.tokens_per_second = merge_size, tokens_per_second
+        s = self.spec
+        self._graphs: dict[str, object] = {} if graphs is None else {PREFILL: graphs[0], DECODE: graphs[1]}
+        self.embed = EmbedTable(self.folder / EMBED, s.vocab, s.hidden, s.dtype)
+        self.np_dtype = s.dtype.numpy
+        self.kv: list[np.ndarray] = []
+        self.past_mask = np.zeros((1, s.max_context - 1), dtype=np.int64)
+        self.slot = 0
+
+    # -- graphs: opened on first use; the prefill graph can be released once every prompt is prefilled --------
+    def _graph(self, name: str):
+        if name not in self._graphs:
+            self._graphs[name] = RankedGraph([d / name for d in rank_dirs(self.folder, self.spec.tp)])
+        return self._graphs[name]
+
+    @property
+    def prefill_graph(self):
+        return self._graph(PREFILL)
+
+    @property
+    def decode_graph(self):
+        return self._graph(DECODE)
+
+    def release_prefill(self) -> None:
+        """Free the prefill sessions (on CPU an fp16 2B session holds ~7.6 GB: ORT keeps fp32 casts of the weights)."""
+        self._graphs.pop(PREFILL, None)
+        gc.collect()
+
+    # -- KV state -----------------------------------------------------------------------------------------
+    def snapshot(self) -> KvState:
+        return KvState([kv.copy() for kv in self.kv], self.past_mask.copy(), self.slot)
+
+    def restore(self, state: KvState) -> None:
+        self.kv = [kv.copy() for kv in state.kv]
+        self.past_mask = state.past_mask.copy()
+        self.slot = state.slot
+
+    # -- the host's prompt window -------------------------------------------------------------------------
+    def prompt_window(self, ids: np.ndarray, media: Media = Media()) -> Window:
+        """What a deployment host computes for a prompt of real tokens ``ids``: left-padded to S, its mask,
+        the family's M-RoPE positions and rope delta, and the embedding rows from embed_tokens.bin with the image
+        and video rows scattered into their pad positions."""
+        S, n = self.spec.prefill_len, len(ids)
+        if n > S:
+            raise QvlcError(f"the prompt has {n} tokens but the LLM graphs hold {S}",
+                            fix=f"shorten the prompt (or use smaller images), or recompile with export.prefill_len "
+                                f">= {-(-n // 16) * 16}", key="export.prefill_len")
+        padded = np.concatenate([np.zeros(S - n, dtype=np.int64), np.asarray(ids, dtype=np.int64)])
+        mask = np.concatenate([np.zeros(S - n, dtype=np.int64), np.ones(n, dtype=np.int64)])
+        positions, delta = self.family.rope_index(
+            padded, tokens_of(self.spec), self.merge_size, self.tokens_per_second, image_grid_thw=media.images,
+            video_grid_thw=media.videos, second_per_grid_ts=media.second_per_grid_ts, attention_mask=mask)
+        rows = {self.spec.image_token: media.image_embeds, self.spec.video_token: media.video_embeds}
+        return Window(padded, mask, positions, delta, self.embed.embed(padded, rows))
+
+    # -- prefill ------------------------------------------------------------------------------------------
+    def prefill(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """Run prefill on a full, already left-padded window: embeds [S,H], positions [3,S], mask [S] (0 = pad).
+        Resets the KV cache to what prefill produced. Returns each rank's raw outputs."""
+        s = self.spec
+        S = s.prefill_len
+        if embeds.shape != (S, s.hidden) or positions.shape != (3, S) or mask.shape != (S,):
+            raise ValueError(f"prefill expects embeds [{S},{s.hidden}], positions [3,{S}], mask [{S}]; got "
+                             f"{embeds.shape}, {positions.shape}, {mask.shape}")
+        cos, sin = mrope_cos_sin(positions, s.head_dim, s.rope_theta, s.mrope_section, dtype=self.np_dtype)
+        feed = {"inputs_embeds": embeds[None].astype(self.np_dtype), "attention_mask": mask[None].astype(np.int64),
+                "cos": cos, "sin": sin}
+        outs = self.prefill_graph.run([feed] * s.tp)
+        C = s.max_context
+        self.kv = []
+        for o in outs:
+            present = o["present_key_values"]
+            buf = np.zeros(present.shape[:4] + (C - 1, s.head_dim), dtype=self.np_dtype)
+            buf[..., :S, :] = present
+            self.kv.append(buf)
+        self.past_mask[:] = 0
+        self.past_mask[0, :S] = mask
+        self.slot = S
+        return outs
+
+    def logits_of(self, outs: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """The full-vocabulary logits [V]: each rank's vocab slice, concatenated in rank order."""
+        return np.concatenate([o["logits"].reshape(-1) for o in outs])
+
+    # -- decode -------------------------------------------------------------------------------------------
+    def decode(self, embed: np.ndarray, position: int) -> list[dict[str, np.ndarray]]:
+        """One decode step for a token with embedding ``embed`` [H] at M-RoPE ``position``."""
+        s = self.spec
+        if self.slot >= s.max_context - 1:
+            raise QvlcError(f"the KV cache is full: max_context {s.max_context} holds {s.max_context - s.prefill_len} "
+                            "generated tokens after the prefill window",
+                            fix="generate fewer tokens, or recompile with a larger export.max_context",
+                            key="export.max_context")
+        cos, sin = decode_cos_sin(position, s.head_dim, s.rope_theta, s.mrope_section, dtype=self.np_dtype)
+        mask = np.concatenate([self.past_mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+        x = embed.reshape(1, 1, s.hidden).astype(self.np_dtype)
+        feeds = [{"inputs_embeds": x, "attention_mask": mask, "cos": cos, "sin": sin, "past_key_values": kv}
+                 for kv in self.kv]
+        outs = self.decode_graph.run(feeds)
+        for kv, o in zip(self.kv, outs):
+            kv[..., self.slot, :] = o["present_key_values"][..., 0, :]
+        self.past_mask[0, self.slot] = 1
+        self.slot += 1
+        return outs
+
+    # -- greedy generation --------------------------------------------------------------------------------
+    def greedy(self, logits: np.ndarray, rope_delta: int, max_new_tokens: int,
+               stop_ids: Collection[int] | None = None,
+               on_token: Callable[[int, bool], None] | None = None) -> list[int]:
+        """Greedy decoding from the current KV state, whose last step produced ``logits``.
+
+        Stops after ``max_new_tokens`` or at a token in ``stop_ids`` (kept, as transformers does; ``None`` means
+        never stop early). ``on_token(id, last)`` streams each token. The token written into slot ``slot`` sits
+        at M-RoPE position ``slot + rope_delta`` (transformers' cache_position + rope delta).
+        """
+        stops = frozenset(stop_ids or ())
+        tokens: list[int] = []
+        for step in range(max_new_tokens):
+            tok = int(np.argmax(logits))
+            tokens.append(tok)
+            last = tok in stops or step == max_new_tokens - 1
+            if on_token is not None:
+                on_token(tok, last)
+            if last:
+                break
+            logits = self.logits_of(self.decode(self.embed.lookup(np.array([tok]))[0], self.slot + rope_delta))
+        return tokens

@@ -1,0 +1,69 @@
+"""ONNX Runtime for the visual artifact: patches (or images, or videos) → merged vision embeddings, used by
+`qvlc run` and by validation.
+
+The host side does what the static graph cannot: the family builds the inputs for the grids (padding to N,
+vision cos/sin, masks — and for window attention, the window order), then the real rows of the
+``image_embeds_i`` column chunks are concatenated and put back in prompt order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from qvlc.contract import PREPROCESS, VISUAL, VisualSpec, read_manifest
+from qvlc.errors import QvlcError
+from qvlc.host.preprocess import ImageLike, PreprocessConfig, images_to_patches
+from qvlc.host.vision import fit_grids
+from qvlc.models import family as family_of
+from qvlc.models.common.family import Family, VisionFeeds
+from qvlc.runtime.sessions import open_session
+
+
+class VisualRuntime:
+    """visual.onnx in ONNX Runtime, with the family's host-side inputs."""
+
+    def __init__(self, folder: Path, spec: VisualSpec | None = None, family: Family | None = None) -> None:
+        self.folder = Path(folder)
+        if spec is None or family is None:
+            m = read_manifest(self.folder)
+            if m.visual is None:
+                raise QvlcError(f"{self.folder} is a {m.part!r} artifact, not a visual one",
+                                fix="give the folder compiled with `part: visual`", key=str(self.folder))
+            spec, family = spec or m.visual, family or family_of(m.family)
+        self.spec, self.family = spec, family
+        self.preprocess = PreprocessConfig.from_json((self.folder / PREPROCESS).read_text())
+        self.session = open_session(self.folder / VISUAL)
+
+    def feeds(self, pixel_values: np.ndarray, grids: npt.ArrayLike) -> VisionFeeds:
+        """The graph inputs for real patches ``pixel_values`` [n, patch_dim] with ``grids`` (t, h, w) rows.
+
+        Raises QvlcError when the patches exceed N or do not match the grids.
+        """
+        return self.family.vision_feeds(self.spec, np.asarray(pixel_values), fit_grids(grids, self.spec.max_patches))
+
+    def run_graph(self, feeds: VisionFeeds) -> dict[str, np.ndarray]:
+        """One graph call; every output by name (all N / merge_unit rows, padding included, in graph order)."""
+        outs = self.session.run(list(self.spec.output_names), feeds.feeds)
+        return dict(zip(self.spec.output_names, outs))
+
+    def embeddings(self, feeds: VisionFeeds, outs: dict[str, np.ndarray], rows: slice | None = None) -> np.ndarray:
+        """The real rows of every chunk, concatenated and in prompt order: [tokens, out_hidden]; ``rows`` picks a
+        range of them (prompt order)."""
+        got = np.concatenate([outs[name][:feeds.tokens] for name in self.spec.output_names], axis=1)
+        if feeds.order is not None:
+            got = got[feeds.order]
+        return got if rows is None else got[rows]
+
+    def run(self, pixel_values: np.ndarray, grids: npt.ArrayLike) -> np.ndarray:
+        """Real patches [n, patch_dim] → vision embeddings [n / merge_unit, out_hidden] (export dtype)."""
+        feeds = self.feeds(pixel_values, grids)
+        return self.embeddings(feeds, self.run_graph(feeds))
+
+    def encode_images(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
+        """Images → (embeddings [tokens, out_hidden], image_grid_thw [k, 3]) with the artifact's preprocessing."""
+        pixel_values, grids = images_to_patches(images, self.preprocess)
+        return self.run(pixel_values, grids), grids

@@ -1,0 +1,312 @@
+"""Images, videos and a prompt → text: the LLM and visual artifacts together (`qvlc run`)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qvlc.contract import PREPROCESS, Manifest, read_manifest
+from qvlc.errors import QvlcError
+from qvlc.host.preprocess import ImageLike, PreprocessConfig, image_to_patches, video_to_patches
+from qvlc.models import family as family_of
+from qvlc.models import inspect_checkpoint, tiny_family
+from qvlc.runtime.llm import LlmRuntime, Media
+from qvlc.runtime.media import Video, load_image
+from qvlc.runtime.visual import VisualRuntime
+
+TokenCallback = Callable[[int, str], None]
+
+
+def token_agreement(expected: Sequence[int], got: Sequence[int]) -> int:
+    """Length of the common prefix of two token sequences: how many greedy tokens agree before the first split."""
+    n = 0
+    for a, b in zip(expected, got):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _read_part_manifest(folder: Path, part: str, option: str) -> Manifest:
+    """The manifest of an artifact folder that must be of ``part`` ("llm" or "visual")."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise QvlcError(f"artifact folder {str(folder)!r} does not exist",
+                        fix=f"give {option} the folder of a finished `qvlc compile` (part: {part})", key=option)
+    m = read_manifest(folder)
+    if m.part != part or getattr(m, part) is None:
+        raise QvlcError(f"{folder} is a {m.part!r} artifact, not a {part!r} one",
+                        fix=f"give {option} the folder compiled with `part: {part}` (LLM folder first, then visual)",
+                        key=option)
+    return m
+
+
+def resolve_checkpoint(manifest: Manifest, override: Path | str | None = None) -> Path:
+    """The checkpoint folder holding the tokenizer, chat template and config.json of an artifact.
+
+    ``override`` wins; else the manifest's ``config.model.checkpoint`` ("tiny…" → that embedded default with the
+    manifest's seed). QvlcError when the folder is gone (e.g. an artifact compiled on another machine).
+    """
+    if override is not None:
+        name, where = str(override), "--checkpoint"
+    else:
+        name, where = str(manifest.source.checkpoint), "model.checkpoint"
+    tiny = tiny_family(name)
+    if tiny is not None:
+        from qvlc.models.common.tiny import TINY_SEED, tiny_checkpoint
+
+        return tiny_checkpoint(seed=manifest.source.tiny_seed or TINY_SEED, family=tiny)
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise QvlcError(f"checkpoint folder {str(folder)!r} does not exist",
+                        fix="pass --checkpoint FOLDER: a folder with the checkpoint's config.json, tokenizer files "
+                            "and chat template", key=where)
+    return folder
+
+
+@dataclass(frozen=True)
+class VlmPrompt:
+    """A chat prompt ready for the graphs: token ids with the vision pads expanded, and every image's and
+    video's patches in prompt order."""
+
+    text: str  # the chat-templated text, one pad token per image/video (before expansion)
+    input_ids: np.ndarray  # int64 [n], unpadded
+    items: tuple[tuple[str, np.ndarray, np.ndarray], ...]  # ("image"|"video", pixel_values, grid_thw), prompt order
+    second_per_grid_ts: tuple[float, ...]  # per video
+    image_tokens: int  # vision pad tokens in input_ids (images and videos): sum(t*h*w) / merge²
+
+    def grids(self, kind: str) -> np.ndarray:
+        g = [grid for k, _, grid in self.items if k == kind]
+        return np.stack(g) if g else np.zeros((0, 3), dtype=np.int64)
+
+
+@dataclass
+class VlmResult:
+    """What one generation produced, with its timings (seconds, from the call to ``generate``)."""
+
+    tokens: list[int]  # generated ids, the stop token included when it was generated
+    text: str  # detokenized, special tokens skipped
+    prompt_tokens: int
+    image_tokens: int
+    stopped_at_eos: bool
+    time_to_first_token: float  # preprocessing + visual graph + prefill
+    seconds: float
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first one per second of decoding (0 when only one token was generated)."""
+        t = self.seconds - self.time_to_first_token
+        return (len(self.tokens) - 1) / t if len(self.tokens) > 1 and t > 0 else 0.0
+
+
+class _StreamDecoder:
+    """Incremental detokenization: the new text of each token, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prefix = 0  # window start: enough context for byte-level merges
+        self.read = 0  # tokens whose text was already emitted
+        self.emitted = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        before = self._decode(self.tokens[self.prefix:self.read])
+        after = self._decode(self.tokens[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            piece = after[len(before):]
+            self.prefix, self.read = self.read, len(self.tokens)
+            self.emitted += piece
+            return piece
+        return ""
+
+    def finish(self) -> tuple[str, str]:
+        """(the full text, what of it was not emitted yet)."""
+        text = self._decode(self.tokens)
+        rest = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        return text, rest
+
+
+class VlmPipeline:
+    """Images/videos + prompt → text through ONNX Runtime: chat template, host preprocessing, visual graph,
+    embedding lookup and scatter, the family's M-RoPE, left-padded prefill, greedy decode with the KV cache,
+    streaming detokenization.
+
+    The tokenizer and chat template come from the checkpoint named in the LLM manifest (or ``checkpoint``).
+    Raises QvlcError when the folders are not an LLM and a visual artifact of the same checkpoint.
+    """
+
+    def __init__(self, llm_dir: Path | str, visual_dir: Path | str, checkpoint: Path | str | None = None) -> None:
+        from qvlc.models.common.tokenizer import load_processor
+
+        self.llm_dir, self.visual_dir = Path(llm_dir), Path(visual_dir)
+        llm_m = _read_part_manifest(self.llm_dir, "llm", "LLM_DIR")
+        vis_m = _read_part_manifest(self.visual_dir, "visual", "VISUAL_DIR")
+        self.spec, self.visual_spec = llm_m.llm, vis_m.visual
+        self.family = family_of(llm_m.family)
+        pre = self.visual_dir / PREPROCESS
+        if not pre.is_file():
+            raise QvlcError(f"{self.visual_dir} has no {PREPROCESS}", fix="recompile the visual part with this qvlc",
+                            key="VISUAL_DIR")
+        self.preprocess = PreprocessConfig.from_json(pre.read_text())
+        self._check_pair(llm_m, vis_m)
+        self.checkpoint = resolve_checkpoint(llm_m, checkpoint)
+        _, self.dims = inspect_checkpoint(self.checkpoint)
+        self._check_checkpoint()
+        self.processor = load_processor(self.checkpoint)
+        self.tokenizer = self.processor.tokenizer
+        self.pads = {kind: self._token_text(tid) for kind, tid in (("image", self.spec.image_token),
+                                                                    ("video", self.spec.video_token))}
+        self.stop_ids = {self.spec.eos} if self.spec.eos is not None else set()
+        for name in self.spec.stop_tokens:
+            tid = self.tokenizer.convert_tokens_to_ids(name)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                self.stop_ids.add(tid)
+        self.llm = LlmRuntime(self.llm_dir, self.spec, self.family, self.dims.vision.merge_size,
+                              self.dims.vision.tokens_per_second)
+        self.visual = VisualRuntime(self.visual_dir, self.visual_spec, self.family)
+
+    # -- checks ---------------------------------------------------------------------------------------------
+    def _token_text(self, tid: int) -> str:
+        text = self.tokenizer.convert_ids_to_tokens(tid)
+        if not text or self.tokenizer.convert_tokens_to_ids(text) != tid:
+            raise QvlcError(f"the tokenizer of {self.checkpoint} has no token for vision pad id {tid}",
+                            fix="pass --checkpoint the folder the artifacts were compiled from", key="--checkpoint")
+        return text
+
+    def _check_pair(self, llm_m: Manifest, vis_m: Manifest) -> None:
+        """Same source weights (sha256), matching widths and patch layout; dtypes may differ (the vision rows
+        are cast to the LLM's dtype, as the embedding table's rows are)."""
+        if llm_m.source.weights != vis_m.source.weights or llm_m.family != vis_m.family:
+            raise QvlcError(
+                f"{self.llm_dir} and {self.visual_dir} were compiled from different checkpoints "
+                f"({llm_m.source.checkpoint!r} vs {vis_m.source.checkpoint!r}: weight hashes differ)",
+                fix="compile both parts from the same model.checkpoint", key="VISUAL_DIR")
+        if self.visual_spec.out_hidden != self.spec.hidden:
+            raise QvlcError(f"the visual artifact outputs {self.visual_spec.out_hidden}-wide image rows, the LLM "
+                            f"embeds {self.spec.hidden}-wide tokens",
+                            fix="compile both parts from the same model.checkpoint", key="VISUAL_DIR")
+        pre, v = self.preprocess, self.visual_spec
+        if (pre.merge_size, pre.patch_dim) != (v.merge_size, v.patch_dim):
+            raise QvlcError(f"preprocess.json (merge {pre.merge_size}, patch_dim {pre.patch_dim}) disagrees with the "
+                            f"visual graph (merge {v.merge_size}, patch_dim {v.patch_dim})",
+                            fix="recompile the visual part", key="VISUAL_DIR")
+
+    def _check_checkpoint(self) -> None:
+        d, s = self.dims, self.spec
+        if (d.text.hidden, d.text.vocab, d.tokens.image, d.family) != (s.hidden, s.vocab, s.image_token,
+                                                                        self.family.model_type):
+            raise QvlcError(
+                f"checkpoint {self.checkpoint} ({d.family}, hidden {d.text.hidden}, vocab {d.text.vocab}, image "
+                f"token {d.tokens.image}) does not match the LLM artifact ({self.family.model_type}, hidden "
+                f"{s.hidden}, vocab {s.vocab}, image token {s.image_token})",
+                fix="pass --checkpoint the folder the artifacts were compiled from", key="--checkpoint")
+
+    # -- prompt -----------------------------------------------------------------------------------------------
+    def messages(self, n_images: int, prompt: str, n_videos: int = 0) -> list[dict]:
+        """One user turn: the images, then the videos, then the prompt (Qwen-VL's usual order)."""
+        return [{"role": "user", "content": [*({"type": "image"} for _ in range(n_images)),
+                                             *({"type": "video"} for _ in range(n_videos)),
+                                             {"type": "text", "text": prompt}]}]
+
+    def prepare(self, images: Sequence[ImageLike | Path | str], prompt: str,
+                videos: Sequence[Video] = ()) -> VlmPrompt:
+        """Chat template → host preprocessing of each image and video (preprocess.json) → ids with each pad token
+        expanded to its item's t*h*w / merge² tokens (what the Qwen processors do with the same grids)."""
+        pil = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
+        text = self.processor.apply_chat_template(self.messages(len(pil), prompt, len(videos)), tokenize=False,
+                                                  add_generation_prompt=True)
+        queue = {"image": [image_to_patches(im, self.preprocess) for im in pil],
+                 "video": [video_to_patches(list(v.frames), self.preprocess) for v in videos]}
+        pieces = re.split(f"({re.escape(self.pads['image'])}|{re.escape(self.pads['video'])})", text)
+        kinds = ["image" if p == self.pads["image"] else "video" for p in pieces[1::2]]
+        if [kinds.count(k) for k in ("image", "video")] != [len(pil), len(videos)]:
+            raise QvlcError(f"the templated prompt holds {kinds.count('image')} image and {kinds.count('video')} "
+                            f"video pads for {len(pil)} images and {len(videos)} videos",
+                            fix="do not write vision pad tokens in the prompt text, and use the checkpoint's own "
+                            "chat_template", key="prompt")
+        unit, items, expanded = self.visual_spec.merge_unit, [], pieces[0]
+        for kind, after in zip(kinds, pieces[2::2]):
+            pixels, grid = queue[kind].pop(0)
+            items.append((kind, pixels, grid))
+            expanded += self.pads[kind] * int(grid.prod() // unit) + after
+        ids = np.asarray(self.tokenizer(expanded)["input_ids"], dtype=np.int64)  # as the processors call it
+        tps = self.preprocess.temporal_patch_size
+        return VlmPrompt(text, ids, tuple(items), tuple(v.second_per_grid(tps) for v in videos),
+                         sum(int(g.prod()) for _, _, g in items) // unit)
+
+    # -- graphs -----------------------------------------------------------------------------------------------
+    def vision_rows(self, prompt: VlmPrompt) -> dict[str, np.ndarray | None]:
+        """Image and video rows [tokens, H] in prompt order; items are packed into as few visual calls as fit N."""
+        calls: list[list[int]] = [[]]
+        for i, (_, _, grid) in enumerate(prompt.items):
+            if calls[-1] and sum(int(prompt.items[j][2].prod()) for j in calls[-1]) + grid.prod() > \
+                    self.visual_spec.max_patches:
+                calls.append([])
+            calls[-1].append(i)
+        rows: list[np.ndarray] = []
+        for call in (c for c in calls if c):
+            out = self.visual.run(np.concatenate([prompt.items[j][1] for j in call]),
+                                  np.stack([prompt.items[j][2] for j in call]))
+            sizes = [int(prompt.items[j][2].prod()) // self.visual_spec.merge_unit for j in call]
+            rows += np.split(out, np.cumsum(sizes)[:-1])
+        by_kind = {k: [r for (kind, _, _), r in zip(prompt.items, rows) if kind == k] for k in ("image", "video")}
+        return {k: (np.concatenate(v) if v else None) for k, v in by_kind.items()}
+
+    def check_fits(self, prompt: VlmPrompt) -> None:
+        """QvlcError (key ``export.prefill_len``) when the prompt is longer than the prefill window S."""
+        S, n = self.spec.prefill_len, len(prompt.input_ids)
+        if n > S:
+            raise QvlcError(f"the prompt is {n} tokens ({prompt.image_tokens} of them image/video tokens), the LLM "
+                            f"artifact's prefill window holds {S}",
+                            fix=f"shorten the prompt or use smaller images/videos, or recompile the LLM part with "
+                                f"export.prefill_len >= {-(-n // 16) * 16}", key="export.prefill_len")
+
+    def media(self, prompt: VlmPrompt, rows: dict[str, np.ndarray | None]) -> Media:
+        return Media(prompt.grids("image"), rows["image"], prompt.grids("video"), rows["video"],
+                     prompt.second_per_grid_ts)
+
+    # -- generation -------------------------------------------------------------------------------------------
+    def generate(self, images: Sequence[ImageLike | Path | str], prompt: str, max_new_tokens: int = 32,
+                 stop_at_eos: bool = True, on_token: TokenCallback | None = None,
+                 videos: Sequence[Video] = ()) -> VlmResult:
+        """Greedy generation; ``on_token(id, text)`` receives each token and its new text (may be "", e.g. for a
+        special token or an incomplete UTF-8 sequence; the held-back text comes with a later token)."""
+        s = self.spec
+        room = s.max_context - s.prefill_len
+        if not 1 <= max_new_tokens <= room:
+            raise QvlcError(f"max_new_tokens is {max_new_tokens}; the LLM artifact's KV cache leaves room for "
+                            f"{room} new tokens (max_context {s.max_context} - prefill_len {s.prefill_len})",
+                            fix=f"use 1 <= max_new_tokens <= {room}, or recompile with a larger export.max_context",
+                            key="export.max_context" if max_new_tokens > room else "max_new_tokens")
+        t0 = time.perf_counter()
+        prepared = self.prepare(images, prompt, videos)
+        self.check_fits(prepared)  # before the visual graph runs
+        window = self.llm.prompt_window(prepared.input_ids, self.media(prepared, self.vision_rows(prepared)))
+        stream = _StreamDecoder(self.tokenizer)
+        text, ttft = "", 0.0
+
+        def emit(tok: int, last: bool) -> None:
+            nonlocal text, ttft
+            if not ttft:
+                ttft = time.perf_counter() - t0
+            piece = stream.push(tok)
+            if last:  # flush what the stream decoder held back, with the last token
+                text, rest = stream.finish()
+                piece += rest
+            if on_token is not None:
+                on_token(tok, piece)
+
+        logits = self.llm.logits_of(self.llm.prefill(window.embeds, window.positions, window.mask))
+        tokens = self.llm.greedy(logits, window.delta, max_new_tokens, self.stop_ids if stop_at_eos else None, emit)
+        stopped = stop_at_eos and tokens[-1] in self.stop_ids
+        return VlmResult(tokens, text, len(prepared.input_ids), prepared.image_tokens, stopped, ttft,
+                         time.perf_counter() - t0)

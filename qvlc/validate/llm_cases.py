@@ -1,0 +1,94 @@
+"""The prompts the LLM graphs are proven on, sized from S so every case fits whatever S a config compiles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from qvlc.models.common.dims import ModelDims
+from qvlc.runtime.llm import Media
+
+VIDEO_SECOND_PER_GRID = 2.5  # not a whole number: Qwen2.5-VL truncates it to 2 s before scaling (its positions)
+
+
+@dataclass
+class LlmCase:
+    name: str
+    ids: np.ndarray  # real tokens, unpadded, int64 [n]
+    media: Media  # grids and rows of its images and videos (rows: random, or from the oracle's vision tower)
+    pixel_values: np.ndarray | None = None  # generation: the oracle computes the image rows from these
+
+
+def _text(rng: np.random.Generator, n: int, dims: ModelDims) -> list[int]:
+    first_special = min(dims.tokens.vision_start, dims.tokens.image, dims.tokens.bos or 1 << 62)
+    return rng.integers(0, min(first_special, dims.text.vocab), size=n).tolist()
+
+
+def _grid_for(tokens: int, aspect: float, merge: int, t: int = 1) -> tuple[int, int, int]:
+    """A grid of ``t`` temporal patches with about ``tokens`` merged tokens each at roughly ``aspect`` (w / h)."""
+    a = max(1, int(round((tokens / aspect) ** 0.5)))
+    b = max(1, tokens // a)
+    return (t, a * merge, b * merge)
+
+
+def _span(dims: ModelDims, grid: tuple[int, int, int], pad: int) -> list[int]:
+    t, h, w = grid
+    n = t * h * w // dims.vision.merge_unit
+    return [dims.tokens.vision_start] + [pad] * n + [dims.tokens.vision_end]
+
+
+def _prompt(rng, dims: ModelDims, items: list[tuple[tuple[int, int, int], int]], total: int) -> list[int]:
+    """Text, vision spans (grid, pad token) separated by text, text: exactly ``total`` tokens."""
+    spans = [_span(dims, g, pad) for g, pad in items]
+    text = total - sum(map(len, spans))
+    if text < len(items) + 1:
+        raise ValueError(f"{total} tokens cannot hold {items}")  # a bug in this file: cases are sized from S
+    cuts = np.sort(rng.choice(np.arange(1, text), size=len(items), replace=False))
+    pieces = np.split(np.array(_text(rng, text, dims)), cuts)
+    ids: list[int] = []
+    for piece, span in zip(pieces, spans + [[]]):
+        ids += piece.tolist() + span
+    return ids
+
+
+def _rows(rng, ids: np.ndarray, token: int, hidden: int, std: float) -> np.ndarray | None:
+    n = int((ids == token).sum())
+    return (rng.standard_normal((n, hidden)) * std).astype(np.float32) if n else None
+
+
+def build_cases(dims: ModelDims, prefill_len: int, seed: int, embed_std: float) -> list[LlmCase]:
+    """Prompts of different lengths with image and video spans; all but the full one are left-padded to S."""
+    rng = np.random.default_rng(seed)
+    S, m, H, tk = prefill_len, dims.vision.merge_size, dims.text.hidden, dims.tokens
+    cases = [LlmCase("text_short", np.array(_text(rng, max(8, S // 4), dims)), Media())]
+    g1 = _grid_for(max(2, S // 8), 1.5, m)
+    g2, g3 = _grid_for(max(2, S // 10), 0.5, m), _grid_for(max(3, S // 6), 2.0, m)
+    video = _grid_for(max(2, S // 16), 1.0, m, t=3)
+    for name, items, total in (("one_image_half", [(g1, tk.image)], S // 2),
+                               ("two_images_full", [(g2, tk.image), (g3, tk.image)], S),
+                               ("image_and_video", [(g2, tk.image), (video, tk.video)], S * 3 // 4)):
+        ids = np.array(_prompt(rng, dims, items, total))
+        images = np.array([g for g, pad in items if pad == tk.image], dtype=np.int64)
+        videos = np.array([g for g, pad in items if pad == tk.video], dtype=np.int64).reshape(-1, 3)
+        media = Media(images, _rows(rng, ids, tk.image, H, embed_std), videos if len(videos) else None,
+                      _rows(rng, ids, tk.video, H, embed_std),
+                      (VIDEO_SECOND_PER_GRID,) * len(videos) if len(videos) else None)
+        cases.append(LlmCase(name, ids, media))
+    return cases
+
+
+def build_generation_cases(dims: ModelDims, prefill_len: int, seed: int) -> list[LlmCase]:
+    """A text prompt and an image prompt whose image rows come from the transformers vision tower."""
+    rng = np.random.default_rng(seed + 1)
+    S, m = prefill_len, dims.vision.merge_size
+    text = LlmCase("generate_text", np.array(_text(rng, max(8, S // 3), dims)), Media())
+    grid = _grid_for(max(2, S // 8), 1.0, m)
+    ids = np.array(_prompt(rng, dims, [(grid, dims.tokens.image)], S // 2))
+    patches = grid[0] * grid[1] * grid[2]
+    pixels = rng.uniform(-1.8, 2.1, size=(patches, dims.vision.patch_dim)).astype(np.float32)  # normalized range
+    return [text, LlmCase("generate_image", ids, Media(np.array([grid], dtype=np.int64)), pixels)]
+
+
+def with_image_rows(case: LlmCase, rows: np.ndarray | None) -> LlmCase:
+    return replace(case, media=replace(case.media, image_embeds=rows))
