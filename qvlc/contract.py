@@ -145,9 +145,16 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class WeightFileRecord:
+    file: str  # the weight file's name in the checkpoint folder
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class SourceRecord:
     checkpoint: str
-    weights: tuple[FileRecord, ...]  # path = the weight file's name in the checkpoint folder
+    weights: tuple[WeightFileRecord, ...]
     tiny_seed: int | None = None
 
 

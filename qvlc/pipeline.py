@@ -15,7 +15,7 @@ from typing import Iterator, Protocol
 from qvlc import __version__
 from qvlc.artifacts import discard, library_versions, make_staging, publish, refuse_existing, write_manifest
 from qvlc.config import Config, Part, config_from_dict
-from qvlc.contract import FileRecord, Manifest, SourceRecord, read_manifest
+from qvlc.contract import Manifest, SourceRecord, WeightFileRecord, read_manifest
 from qvlc.errors import ParityError, QvlcError
 from qvlc.export.onnx_export import ExportResult
 from qvlc.models.common.checkpoint import LoadedCheckpoint, load_checkpoint, load_vision_tower, sha256_file, \
@@ -89,7 +89,7 @@ def validate(plan: Plan, ck: LoadedCheckpoint, folder: Path) -> ParityReport:
 
 
 def source_record(plan: Plan) -> SourceRecord:
-    weights = tuple(FileRecord(p.name, p.stat().st_size, sha256_file(p)) for p in weight_files(plan.checkpoint))
+    weights = tuple(WeightFileRecord(p.name, p.stat().st_size, sha256_file(p)) for p in weight_files(plan.checkpoint))
     return SourceRecord(plan.cfg.model.checkpoint, weights, TINY_SEED if plan.cfg.is_tiny else None)
 
 

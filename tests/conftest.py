@@ -13,17 +13,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory):
-    """compiled(name, part="llm", **export) → CompileResult, compiled once per distinct request."""
+    """compiled(name, part="llm", checkpoint="tiny", **export) → CompileResult, compiled once per distinct request."""
     from qvlc.config import config_from_dict
     from qvlc.pipeline import compile_artifact
 
     cache: dict = {}
     out = tmp_path_factory.mktemp("artifacts")
 
-    def build(name: str, part: str = "llm", validate: dict | None = None, **export):
-        key = (name, part, tuple(sorted(export.items())))
+    def build(name: str, part: str = "llm", validate: dict | None = None, checkpoint: str = "tiny", **export):
+        key = (name, part, checkpoint, tuple(sorted(export.items())))
         if key not in cache:
-            raw = {"name": name, "part": part, "export": export, "output": {"dir": str(out)}}
+            raw = {"name": name, "part": part, "model": {"checkpoint": checkpoint}, "export": export,
+                   "output": {"dir": str(out)}}
             if validate:
                 raw["validate"] = validate
             cache[key] = compile_artifact(config_from_dict(raw))

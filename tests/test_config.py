@@ -10,10 +10,10 @@ import pytest
 
 from qvlc.config import check_against_model, config_from_dict, load_config, valid_tp_values
 from qvlc.errors import CheckpointError, ConfigError
-from qvlc.models.qwen2_vl.checkpoint import check_checkpoint
-from qvlc.models.qwen2_vl.dims import Qwen2VLDims
-from qvlc.models.qwen2_vl.tiny import shipped_config, tiny_checkpoint
-from qvlc.pipeline import check
+from qvlc.models import inspect_checkpoint
+from qvlc.models.qwen2_vl import FAMILY as QWEN2_VL
+from qvlc.models.common.tiny import shipped_config, tiny_checkpoint
+from qvlc.plan import check
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_missing_checkpoint_folder(tmp_path):
 def test_not_qwen2_vl_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(CheckpointError) as info:
-        check_checkpoint(tmp_path)
+        inspect_checkpoint(tmp_path)
     assert "'llama'" in str(info.value) and "Qwen2-VL" in info.value.fix
 
 
@@ -105,35 +105,35 @@ def test_incomplete_sharded_checkpoint(tmp_path):
         {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError) as info:
-        check_checkpoint(tmp_path)
+        inspect_checkpoint(tmp_path)
     assert "1 of 2 weight shards are missing" in str(info.value)
 
 
 def test_checkpoint_without_weights(tmp_path):
     shutil.copy(tiny_checkpoint() / "config.json", tmp_path / "config.json")
     with pytest.raises(CheckpointError, match="no model.safetensors"):
-        check_checkpoint(tmp_path)
+        inspect_checkpoint(tmp_path)
 
 
 def test_tp_refusals_name_the_numbers_and_valid_values():
-    dims = Qwen2VLDims.from_config_dict(shipped_config("qwen2_vl_7b"))  # 28 heads, 4 kv heads
+    dims = QWEN2_VL.dims(shipped_config("qwen2_vl_7b"))  # 28 heads, 4 kv heads
     for tp, fragment in ((3, "28 attention heads are not divisible by 3"), (8, "28 attention heads")):
         with pytest.raises(ConfigError) as info:
-            check_against_model(config_from_dict(llm(tp=tp)), dims)
+            check_against_model(config_from_dict(llm(tp=tp)), dims, QWEN2_VL)
         assert fragment in str(info.value) and "tp = 1, 2, 4" in info.value.fix
-    check_against_model(config_from_dict(llm(tp=4)), dims)
+    check_against_model(config_from_dict(llm(tp=4)), dims, QWEN2_VL)
     assert valid_tp_values(28, 4, 18944, 152064) == [1, 2, 4]
     # 2B: 12 heads and 2 kv heads; tp = 4 replicates each kv head on two ranks, tp = 6 cannot replicate evenly
     assert valid_tp_values(12, 2, 8960, 151936) == [1, 2, 4]
 
 
 def test_prefill_must_hold_the_visual_tokens():
-    dims = Qwen2VLDims.from_config_dict(shipped_config("qwen2_vl_2b"))
+    dims = QWEN2_VL.dims(shipped_config("qwen2_vl_2b"))
     cfg = config_from_dict(llm(prefill_len=1024, max_context=4096, max_patches=5120))
     with pytest.raises(ConfigError) as info:
-        check_against_model(cfg, dims)
+        check_against_model(cfg, dims, QWEN2_VL)
     assert "1280 visual tokens" in str(info.value) and "1296" in info.value.fix
-    check_against_model(config_from_dict(llm(prefill_len=2048, max_context=4096, max_patches=5120)), dims)
+    check_against_model(config_from_dict(llm(prefill_len=2048, max_context=4096, max_patches=5120)), dims, QWEN2_VL)
 
 
 @pytest.mark.parametrize("raw", [

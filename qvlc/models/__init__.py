@@ -27,8 +27,9 @@ DEFAULT_FAMILY = "qwen2_vl"
 def family(model_type: str) -> "Family":
     """The family of ``model_type``; CheckpointError listing the supported ones when there is none."""
     if model_type not in FAMILIES:
+        known = ", ".join(f"{family(m).display_name} ({m})" for m in FAMILIES)
         raise CheckpointError(f"model_type {model_type!r} is not a family qvlc knows",
-                              fix=f"use a checkpoint of one of: {', '.join(FAMILIES)}", key="model.checkpoint")
+                              fix=f"use a checkpoint of one of: {known}", key="model.checkpoint")
     return importlib.import_module(FAMILIES[model_type]).FAMILY
 
 

@@ -81,8 +81,14 @@ class VlmPrompt:
     image_tokens: int  # vision pad tokens in input_ids (images and videos): sum(t*h*w) / merge²
 
     def grids(self, kind: str) -> np.ndarray:
+        """grid_thw rows [k, 3] of the images or videos, in prompt order."""
         g = [grid for k, _, grid in self.items if k == kind]
         return np.stack(g) if g else np.zeros((0, 3), dtype=np.int64)
+
+    def pixels(self, kind: str, patch_dim: int) -> np.ndarray:
+        """Their patches concatenated [sum t*h*w, patch_dim] (what the processors return as pixel_values(_videos))."""
+        p = [px for k, px, _ in self.items if k == kind]
+        return np.concatenate(p) if p else np.zeros((0, patch_dim), dtype=np.float32)
 
 
 @dataclass

@@ -13,8 +13,8 @@ from qvlc.artifacts import verify
 from qvlc.cli import app
 from qvlc.config import config_from_dict
 from qvlc.errors import ParityError, QvlcError
-from qvlc.models.qwen2_vl.checkpoint import load_checkpoint
-from qvlc.models.qwen2_vl.tiny import tiny_checkpoint
+from qvlc.models.common.checkpoint import load_checkpoint
+from qvlc.models.common.tiny import tiny_checkpoint
 from qvlc.pipeline import compile_artifact, validate_artifact
 
 S, C = 64, 128
@@ -29,8 +29,8 @@ def test_parity_passes_with_every_case(fp32):
     r = fp32.report
     assert r.passed, r.failures
     cases = {c.case.split("/")[0] for c in r.checks}
-    assert {"text_short", "one_image_half", "two_images_full"} <= cases
-    assert sum(1 for c in r.checks if c.graph == "decode" and c.output == "logits") == 3 * 8
+    assert {"text_short", "one_image_half", "two_images_full", "image_and_video"} <= cases
+    assert sum(1 for c in r.checks if c.graph == "decode" and c.output == "logits") == 4 * 8
     assert [(t.case, t.matched, len(t.expected)) for t in r.tokens] == \
         [("generate_text", 16, 16), ("generate_image", 16, 16)]
     assert max(c.metrics["max_abs"] for c in r.checks) < 1e-4

@@ -11,10 +11,11 @@ import pytest
 
 from qvlc.config import config_from_dict
 from qvlc.errors import ConfigError, ParityError
-from qvlc.export.allreduce import DOMAIN, OP_TYPE
+from qvlc.parallel.allreduce import DOMAIN, OP_TYPE
 from qvlc.export.onnx_export import check_graph
-from qvlc.pipeline import check, compile_artifact, validate_artifact
-from qvlc.runtime import LlmRuntime
+from qvlc.pipeline import compile_artifact, validate_artifact
+from qvlc.plan import check
+from qvlc.runtime.llm import LlmRuntime
 
 S, C = 64, 128
 L = 2  # tiny: 2 layers, 4 heads, 2 kv heads, intermediate 128, vocab 1024
@@ -43,7 +44,7 @@ def test_ranks_pass_parity_per_rank_and_recombined(which, request):
     outputs = {c.output for c in r.checks if c.graph == "prefill"}
     assert {f"rank{k}.logits" for k in range(tp)} | {f"rank{k}.present_key_values" for k in range(tp)} <= outputs
     vs_tp1 = [c for c in r.checks if c.graph in ("prefill vs tp=1", "decode vs tp=1")]
-    assert len(vs_tp1) == 3 + 3 * 8 and max(c.metrics["max_abs"] for c in vs_tp1) < 1e-5
+    assert len(vs_tp1) == 4 + 4 * 8 and max(c.metrics["max_abs"] for c in vs_tp1) < 1e-5
     assert all(t.expected == t.got for t in r.tokens) and len(r.tokens) == 2
 
 
@@ -108,21 +109,14 @@ def test_swapped_rank_weights_are_caught(tp2, copy_artifact):
 
 
 def test_wrong_kv_replication_is_caught(tmp_path, monkeypatch):
-    import qvlc.models.qwen2_vl.llm as llm_mod
-
-    right = llm_mod.rank_layout
+    import qvlc.export.llm as export_llm
+    from qvlc.models.common.tp import RankLayout, rank_layout as right
 
     def wrong(text, tp, rank):  # round-robin kv heads: rank 1 would read kv head 1 for query head 1
         lay = right(text, tp, rank)
-        return llm_mod.RankLayout(**{**lay.__dict__, "kv_head_start": rank % text.kv_heads}) if tp > 1 else lay
+        return RankLayout(**{**lay.__dict__, "kv_head_start": rank % text.kv_heads}) if tp > 1 else lay
 
-    monkeypatch.setattr(llm_mod, "rank_layout", wrong)
-    import qvlc.export.llm as export_llm
-
-    monkeypatch.setattr(export_llm.llm_mod, "rank_layout", wrong)
-    import qvlc.validate.llm as validate_llm
-
-    monkeypatch.setattr(validate_llm, "rank_layout", right)  # the reference stays right
+    monkeypatch.setattr(export_llm, "rank_layout", wrong)  # the export slices wrongly; validation's reference is right
     cfg = config_from_dict({"name": "bad_tp", "part": "llm", "export": {"prefill_len": S, "max_context": C, "tp": 4},
                             "validate": {"decode_steps": 1, "generate_tokens": 2}, "output": {"dir": str(tmp_path)}})
     with pytest.raises(ParityError) as info:

@@ -16,9 +16,12 @@ from qvlc.config import config_from_dict
 from qvlc.errors import CheckpointError, QvlcError
 from qvlc.export.visual import preprocess_config
 from qvlc.host.preprocess import PreprocessConfig, images_to_patches
-from qvlc.pipeline import CompileResult, Plan, check, compile_artifact, load
-from qvlc.runtime_visual import PREPROCESS, VISUAL, VISUAL_WEIGHTS, VisualRuntime
-from qvlc.validate.metrics import TOLERANCES, ParityReport
+from qvlc.pipeline import CompileResult, compile_artifact, load
+from qvlc.plan import Plan, check
+from qvlc.contract import PREPROCESS, VISUAL, VISUAL_WEIGHTS
+from qvlc.runtime.visual import VisualRuntime
+from qvlc.precision import Precision
+from qvlc.validate.metrics import ParityReport
 from qvlc.validate.visual import validate_visual
 
 N = 64
@@ -61,7 +64,7 @@ def test_compile_passes_parity(built, dtype):
     r = built[dtype]
     assert r.report is not None and r.report.passed, r.report.failures
     cases = {c.case for c in r.report.checks}
-    assert cases == {"small_image", "extreme_aspect", "two_images", "video_t2", "heavy_padding"}
+    assert cases == {"small_image", "odd_grid", "extreme_aspect", "two_images", "video_t2", "heavy_padding"}
     assert {p.name for p in r.folder.iterdir()} == {VISUAL, VISUAL_WEIGHTS, PREPROCESS, "manifest.json",
                                                    "parity.json", "parity.md"}
     assert r.export.bytes_written == sum((r.folder / f).stat().st_size for f in (VISUAL, VISUAL_WEIGHTS, PREPROCESS))
@@ -131,22 +134,22 @@ def test_perturbed_weight_fails_validation(built, plan_ck, tmp_path, name_part, 
     plan, ck = plan_ck
     copy = tmp_path / "copy"
     shutil.copytree(built["fp32"].folder, copy)
-    clean = ParityReport("visual", "fp32", TOLERANCES["fp32"])
+    clean = ParityReport("visual", Precision.FP32)
     validate_visual(plan, ck, copy, clean)
     assert clean.passed, clean.failures
     name = _perturb_one_tensor(copy, name_part, scale)
-    report = ParityReport("visual", "fp32", TOLERANCES["fp32"])
+    report = ParityReport("visual", Precision.FP32)
     validate_visual(plan, ck, copy, report)
     assert not report.passed, f"perturbing {name} went unnoticed"
     failed_cases = {c.case for c in report.checks if not c.passed}
-    assert len(failed_cases) == 5  # every failure collected, not just the first
+    assert len(failed_cases) == 6  # every failure collected, not just the first
 
 
 def test_interface_mismatch_is_reported_not_raised(built, plan_ck):
     plan, ck = plan_ck
     cfg = dataclasses.replace(plan.cfg, export=dataclasses.replace(plan.cfg.export, chunk_width=24))
-    report = ParityReport("visual", "fp32", TOLERANCES["fp32"])
-    validate_visual(Plan(cfg, plan.checkpoint, plan.dims), ck, built["fp32"].folder, report)
+    report = ParityReport("visual", Precision.FP32)
+    validate_visual(Plan(cfg, plan.checkpoint, plan.family, plan.dims), ck, built["fp32"].folder, report)
     problems = {c.output: c.problem for c in report.checks if not c.passed}
     assert set(problems) == {"image_embeds_0", "image_embeds_1", "image_embeds_2"}
     assert "contract" in problems["image_embeds_0"] and "missing" in problems["image_embeds_1"]

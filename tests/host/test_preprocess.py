@@ -20,7 +20,7 @@ from qvlc.host.preprocess import (
     smart_resize,
     video_to_patches,
 )
-from qvlc.models.qwen2_vl.tokenizer import tiny_tokenizer_files
+from qvlc.models.common.tokenizer import tiny_tokenizer_files
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
@@ -222,10 +222,12 @@ def test_bad_images_raise() -> None:
 
 @pytest.mark.parametrize("frames", [1, 3, 4])
 def test_video_matches_transformers_pil_video_path(frames: int) -> None:
-    """The slow image processor's video path (PIL bicubic) is reproduced exactly, incl. padding odd T."""
+    """The slow image processor's video path (PIL bicubic) is reproduced exactly, incl. padding odd T (with the
+    image pixel bounds, which that path applies; qvlc's video frames take the video processor's bounds)."""
     rng = np.random.default_rng(frames)
     video = rng.integers(0, 256, (frames, 45, 70, 3), dtype=np.uint8)
-    cfg = PreprocessConfig()
+    base = PreprocessConfig()
+    cfg = PreprocessConfig(video_min_pixels=base.min_pixels, video_max_pixels=base.max_pixels)
     expected = hf_processor(cfg)(images=None, videos=[video], return_tensors="np")
     pixel_values, grid = video_to_patches(video, cfg)
     np.testing.assert_array_equal(grid, expected["video_grid_thw"][0])

@@ -23,8 +23,9 @@ from qvlc.host.rope import (
     mrope_cos_sin,
     mrope_inv_freq,
 )
-from qvlc.models.qwen2_vl.dims import Qwen2VLDims, TokenIds
-from qvlc.models.qwen2_vl.tiny import shipped_config
+from qvlc.models.common.dims import ModelDims, TokenIds
+from qvlc.models.qwen2_vl import FAMILY as QWEN2_VL
+from qvlc.models.common.tiny import shipped_config
 
 PAD_ID = 0
 PATCH_DIM = 1176
@@ -176,9 +177,9 @@ def test_missing_grid_is_an_error(ck):
 
 # ---- M-RoPE cos/sin ---------------------------------------------------------------------------------------------
 
-def rotary_2b() -> tuple[Qwen2VLRotaryEmbedding, Qwen2VLDims]:
+def rotary_2b() -> tuple[Qwen2VLRotaryEmbedding, ModelDims]:
     cfg = shipped_config("qwen2_vl_2b")
-    return Qwen2VLRotaryEmbedding(Qwen2VLConfig(**cfg).text_config), Qwen2VLDims.from_config_dict(cfg)
+    return Qwen2VLRotaryEmbedding(Qwen2VLConfig(**cfg).text_config), QWEN2_VL.dims(cfg)
 
 
 def rotate_half_np(x: np.ndarray) -> np.ndarray:

@@ -14,8 +14,8 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
 
 from qvlc.errors import QvlcError
 from qvlc.host.vision import fit_grids, vision_attention_mask, vision_cos_sin, vision_inv_freq
-from qvlc.models.qwen2_vl.dims import Qwen2VLDims
-from qvlc.models.qwen2_vl.tiny import shipped_config
+from qvlc.models.qwen2_vl import FAMILY as QWEN2_VL
+from qvlc.models.common.tiny import shipped_config
 
 GRIDS = {
     "one_image": [[1, 4, 6]],
@@ -61,7 +61,7 @@ def test_inv_freq_matches_transformers(ck):
     np.testing.assert_array_equal(
         vision_inv_freq(ck.dims.vision.head_dim), ck.visual.rotary_pos_emb.inv_freq.numpy()
     )
-    big = Qwen2VLDims.from_config_dict(shipped_config("qwen2_vl_2b")).vision
+    big = QWEN2_VL.dims(shipped_config("qwen2_vl_2b")).vision
     np.testing.assert_array_max_ulp(
         vision_inv_freq(big.head_dim), VisionRotaryEmbedding(big.head_dim // 2).inv_freq.numpy(), maxulp=1
     )
@@ -97,7 +97,7 @@ def test_vision_cos_sin_matches_the_forward_pass(ck, case):
 
 def test_vision_cos_sin_at_2b_size():
     """Dv = 80 and a large grid (angles up to ~100 rad) against rot_pos_emb with the 2B rotary."""
-    vis = Qwen2VLDims.from_config_dict(shipped_config("qwen2_vl_2b")).vision
+    vis = QWEN2_VL.dims(shipped_config("qwen2_vl_2b")).vision
     grids = [[1, 72, 100], [2, 10, 14]]
     stub = SimpleNamespace(spatial_merge_size=vis.merge_size, rotary_pos_emb=VisionRotaryEmbedding(vis.head_dim // 2))
     want_cos, want_sin = reference_tables(Qwen2VisionTransformerPretrainedModel.rot_pos_emb(stub, torch.tensor(grids)))

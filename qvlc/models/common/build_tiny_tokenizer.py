@@ -70,6 +70,17 @@ PREPROCESSOR_CONFIG: dict = {
     "processor_class": "Qwen2VLProcessor",
 }
 
+# The tiny models' video bounds: 4..16 merged tokens per frame (the real models' 128..768 would not fit the tiny
+# prefill windows); qvlc reads them like a real checkpoint's video_preprocessor_config.json.
+VIDEO_PREPROCESSOR_CONFIG: dict = {
+    "min_pixels": 4 * 28 * 28,
+    "max_pixels": 16 * 28 * 28,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "video_processor_type": "Qwen2VLVideoProcessor",
+}
+
 CORPUS = """\
 A picture is worth a thousand words, and a vision language model has to read both. The image is cut into
 small square patches of fourteen by fourteen pixels; two frames in time make one patch, and four
@@ -196,6 +207,7 @@ def tokenizer_files() -> dict[str, str]:
         "special_tokens_map.json": _dump(special_tokens_map()),
         "chat_template.json": _dump({"chat_template": CHAT_TEMPLATE}),
         "preprocessor_config.json": _dump(PREPROCESSOR_CONFIG),
+        "video_preprocessor_config.json": _dump(VIDEO_PREPROCESSOR_CONFIG),
     }
 
 

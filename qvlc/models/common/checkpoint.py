@@ -107,21 +107,33 @@ class LoadedCheckpoint:
         return self.model.lm_head
 
 
-def load_checkpoint(folder: Path, family: "Family", dims: "ModelDims") -> LoadedCheckpoint:
-    """The unmodified transformers model in fp32: the oracle, and the owner of every weight exported from views."""
+def _resolve(folder: Path, family: "Family | None", dims: "ModelDims | None") -> tuple["Family", "ModelDims"]:
+    if family is None or dims is None:
+        from qvlc.models import inspect_checkpoint
+
+        return inspect_checkpoint(folder)
+    return family, dims
+
+
+def load_checkpoint(folder: Path, family: "Family | None" = None, dims: "ModelDims | None" = None) -> LoadedCheckpoint:
+    """The unmodified transformers model in fp32: the oracle, and the owner of every weight exported from views.
+    The family and dims come from the folder's config.json unless given."""
     import torch
 
+    family, dims = _resolve(folder, family, dims)
     model = family.hf_class("model").from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     model.eval().requires_grad_(False)
     return LoadedCheckpoint(folder=Path(folder), dims=dims, model=model)
 
 
-def load_vision_tower(folder: Path, family: "Family", dims: "ModelDims") -> LoadedCheckpoint:
+def load_vision_tower(folder: Path, family: "Family | None" = None,
+                      dims: "ModelDims | None" = None) -> LoadedCheckpoint:
     """Only transformers' vision tower (fp32, eager) with the checkpoint's weights: what the visual part needs,
     without the language model (2B: 2.7 GB instead of 8.8 GB)."""
     import torch
     from safetensors import safe_open
 
+    family, dims = _resolve(folder, family, dims)
     vcfg = family.hf_class("config").from_pretrained(folder).vision_config
     vcfg._attn_implementation = "eager"
     tower = family.hf_class("vision")._from_config(vcfg, dtype=torch.float32)

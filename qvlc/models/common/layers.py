@@ -49,7 +49,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, weight: nn.Parameter, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight = param(weight, dtype)
+        self.weight = take(weight, 0, 0, weight.shape[0], dtype)  # also reads a lazy checkpoint tensor
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

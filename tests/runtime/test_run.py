@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from qvlc.cli import app
 from qvlc.errors import QvlcError
-from qvlc.models.qwen2_vl.checkpoint import load_checkpoint
-from qvlc.runtime import VlmPipeline, token_agreement
+from qvlc.models.common.checkpoint import load_checkpoint
+from qvlc.runtime.vlm import VlmPipeline, token_agreement
 
 S, C, N = 256, 320, 512  # prefill window, KV capacity, visual patches (both images together: 244 patches)
 NEW = 12
@@ -83,10 +83,10 @@ def test_prepare_matches_processor(pipelines, images, case):
     np.testing.assert_array_equal(got.input_ids, ref["input_ids"][0])
     assert got.image_tokens == int((got.input_ids == pipe.spec.image_token).sum())
     if ims:
-        np.testing.assert_array_equal(got.image_grid_thw, ref["image_grid_thw"])
-        np.testing.assert_array_equal(got.pixel_values, ref["pixel_values"])
+        np.testing.assert_array_equal(got.grids("image"), ref["image_grid_thw"])
+        np.testing.assert_array_equal(got.pixels("image", 1176), ref["pixel_values"])
     else:
-        assert got.pixel_values.shape == (0, 1176) and got.image_tokens == 0
+        assert got.pixels("image", 1176).shape == (0, 1176) and got.image_tokens == 0
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -108,9 +108,8 @@ def test_images_change_the_answer(pipelines, images):
 
     def first_logits(image: Image.Image) -> np.ndarray:
         prepared = pipe.prepare([image], PROMPT)
-        rows = pipe.image_embeds(prepared.pixel_values, prepared.image_grid_thw)
-        embeds, positions, mask, _ = pipe.host_inputs(prepared, rows)
-        return pipe.llm.logits_of(pipe.llm.prefill(embeds, positions, mask))
+        w = pipe.llm.prompt_window(prepared.input_ids, pipe.media(prepared, pipe.vision_rows(prepared)))
+        return pipe.llm.logits_of(pipe.llm.prefill(w.embeds, w.positions, w.mask))
 
     a, b = first_logits(images["wide"]), first_logits(other)
     assert np.array_equal(a, first_logits(images["wide"]))
@@ -136,10 +135,10 @@ def test_images_split_over_visual_calls_give_the_same_rows(pipelines, images):
     """Images that do not fit one visual call together are run in several calls; the rows are the same."""
     pipe = pipelines["fp32"]
     got = pipe.prepare([images["wide"], images["tall"]], PROMPT)
-    together = pipe.image_embeds(got.pixel_values, got.image_grid_thw)
-    first = int(got.image_grid_thw[0].prod())
-    apart = np.concatenate([pipe.visual.run(got.pixel_values[:first], got.image_grid_thw[:1]),
-                            pipe.visual.run(got.pixel_values[first:], got.image_grid_thw[1:])])
+    together = pipe.vision_rows(got)["image"]
+    pixels, grids = got.pixels("image", 1176), got.grids("image")
+    first = int(grids[0].prod())
+    apart = np.concatenate([pipe.visual.run(pixels[:first], grids[:1]), pipe.visual.run(pixels[first:], grids[1:])])
     np.testing.assert_allclose(together, apart, rtol=0, atol=1e-5)
 
 
@@ -216,7 +215,7 @@ def test_stops_at_eos_like_generate(pipelines, images, expected, monkeypatch):
 
 def test_streamed_pieces_join_to_the_text(pipelines):
     """Multi-byte characters split over byte-level tokens are held back until complete."""
-    from qvlc.runtime import _StreamDecoder
+    from qvlc.runtime.vlm import _StreamDecoder
 
     tok = pipelines["fp32"].tokenizer
     text = "naïve café, 東京 🙂 ok"
