@@ -20,7 +20,7 @@ CHECKPOINT_DIR = "qwen2_vl_2b_random"
 def _build(folder: str, seed: int) -> None:
     import torch
 
-    from qvlc.models.qwen2_vl.tiny import build_random_checkpoint, shipped_config
+    from qvlc.models.common.tiny import build_random_checkpoint, shipped_config
 
     build_random_checkpoint(shipped_config("qwen2_vl_2b"), Path(folder), seed, dtype=torch.bfloat16)
 

@@ -23,7 +23,7 @@ from _common import ARTIFACTS, PrintProgress, rss_gb
 
 
 def ensure_7b(workdir: Path, seed: int) -> Path:
-    from qvlc.models.qwen2_vl.tiny import shipped_config, write_random_checkpoint_streaming
+    from qvlc.models.common.tiny import shipped_config, write_random_checkpoint_streaming
 
     folder = workdir / "qwen2_vl_7b_random"
     if (folder / "config.json").is_file():

@@ -22,8 +22,8 @@ from qvlc import __version__
 from qvlc.errors import ParityError, QvlcError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Compile Qwen2-VL-family checkpoints (Qwen2-VL, Qwen2.5-VL) into statically shaped ONNX "
-                       "artifacts, proven against PyTorch.")
+                  help="Compile Qwen2-VL-family checkpoints into statically shaped ONNX artifacts, proven against "
+                       "PyTorch.")
 # Not on a terminal (CI logs), rich would assume 80 columns and truncate the parity table.
 _WIDTH = max(shutil.get_terminal_size((120, 24)).columns, 110)
 console = Console(highlight=False, width=_WIDTH)

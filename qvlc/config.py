@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, get_type_hints
 
 import yaml
 
+from qvlc.config_vamc import from_vamc
 from qvlc.errors import ConfigError
 from qvlc.models import TINY
 from qvlc.models.common.tp import tp_problems, valid_tp_values
@@ -188,70 +189,6 @@ def _required(cls: type, name: str) -> bool:
     return f.default is MISSING and f.default_factory is MISSING  # type: ignore[misc]
 
 
-# ---------------------------------------------------------------------------------------------- vamc-style
-
-_VAMC_DTYPES = {"float16": "fp16", "fp16": "fp16", "half": "fp16", "float32": "fp32", "fp32": "fp32", "float": "fp32"}
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def _from_vamc(raw: dict[str, Any]) -> dict[str, Any]:
-    """Map the vamc-style layout used by existing Qwen2-VL deployment repos onto the native schema."""
-    flat = _flatten(raw)
-    used: set[str] = set()
-
-    def take(key: str) -> Any:
-        used.add(key)
-        return flat.get(key)
-
-    build_visual = take("frontend.model_kwargs.build_visual")
-    part = "visual" if build_visual else "llm"
-    native: dict[str, Any] = {"name": take("name"), "part": part, "model": {}, "export": {}, "output": {}}
-    if (ck := take("frontend.checkpoint")) is not None:
-        native["model"]["checkpoint"] = ck
-    ids = take("frontend.shape.input_ids")
-    if ids is not None:
-        try:
-            (prefill,), (ctx,) = ids
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"expected [[prefill_len], [max_context]], got {ids!r}",
-                              fix="write frontend.shape.input_ids: [[2048], [4096]]",
-                              key="frontend.shape.input_ids") from exc
-        native["export"].update(prefill_len=prefill, max_context=ctx)
-    pv = take("frontend.shape.pixel_values")
-    if pv is not None:
-        if not (isinstance(pv, list) and len(pv) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                               for x in pv)):
-            raise ConfigError(f"expected [N, patch_dim] (two integers), got {pv!r}",
-                              fix="write frontend.shape.pixel_values: [5120, 1176]", key="frontend.shape.pixel_values")
-        native["export"]["max_patches"] = pv[0]
-        native["declared_patch_dim"] = pv[1]
-    full = take("backend.compile.fullatt_block_indexes")
-    if full is not None:
-        if not (isinstance(full, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in full)):
-            raise ConfigError(f"expected a list of block indexes, got {full!r}",
-                              fix="write backend.compile.fullatt_block_indexes: [7, 15, 23, 31]",
-                              key="backend.compile.fullatt_block_indexes")
-        native["declared_fullatt_blocks"] = tuple(full)
-    if (tp := take("frontend.model_kwargs.tp")) is not None:
-        native["export"]["tp"] = tp
-    if (dt := take("backend.dtype")) is not None:
-        if str(dt).lower() not in _VAMC_DTYPES:
-            raise ConfigError(f"unsupported dtype {dt!r}", fix="use float16 or float32", key="backend.dtype")
-        native["export"]["dtype"] = _VAMC_DTYPES[str(dt).lower()]
-    if (ws := take("workspace.path")) is not None:
-        native["output"]["dir"] = ws
-    native["ignored"] = tuple(sorted(k for k in flat if k not in used))
-    return native
-
-
 # ---------------------------------------------------------------------------------------------- entry points
 
 
@@ -261,7 +198,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     ignored: tuple[str, ...] = ()
     declared: dict[str, Any] = {}
     if "frontend" in raw:
-        raw = _from_vamc(raw)
+        raw = from_vamc(raw)
         ignored = raw.pop("ignored")
         declared = {k: raw.pop(k) for k in ("declared_patch_dim", "declared_fullatt_blocks") if k in raw}
     cfg: Config = _build(Config, raw, "")

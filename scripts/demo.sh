@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The main job on the embedded default (a tiny random Qwen2-VL): compile both parts, prove them, verify them.
+# The main job on the embedded defaults (tiny random Qwen2-VL, and its Qwen2.5-VL twin): compile both parts of
+# each, prove them, verify them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/qvlc compile configs/tiny_llm.yaml --force
-.venv/bin/qvlc compile configs/tiny_visual.yaml --force
-.venv/bin/qvlc verify build/tiny_llm
-.venv/bin/qvlc verify build/tiny_visual
+for name in tiny tiny_qwen2_5_vl; do
+  .venv/bin/qvlc compile "configs/${name}_llm.yaml" --force
+  .venv/bin/qvlc compile "configs/${name}_visual.yaml" --force
+  .venv/bin/qvlc verify "build/${name}_llm"
+  .venv/bin/qvlc verify "build/${name}_visual"
+done

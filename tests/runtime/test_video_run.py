@@ -4,7 +4,6 @@ video processor samples them; videos from a file (PyAV) and from a folder of fra
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,18 +56,20 @@ def generate_reference(p: VlmPipeline, images, videos) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("case", ["video", "image_and_two_videos"])
+@pytest.mark.parametrize("case", ["image", "video", "image_and_two_videos"])
 def test_fp32_tokens_equal_generate(pipe, case):
     p = pipe
     clip = Video(tuple(frames(6)), 0.5)
     images, videos = [], [clip]
-    if case == "image_and_two_videos":
+    if case == "image":
+        images, videos = [Image.fromarray(frames(1, 150, 230, seed=5)[0])], []
+    elif case == "image_and_two_videos":
         images = [Image.fromarray(frames(1, 90, 60, seed=5)[0])]
         videos = [clip, Video(tuple(frames(4, 56, 84, seed=9)), 0.5)]
     result = p.generate(images, PROMPT, max_new_tokens=NEW, stop_at_eos=False, videos=videos)
     assert result.tokens == generate_reference(p, images, videos)
     prepared = p.prepare(images, PROMPT, videos)
-    assert prepared.grids("video")[:, 0].tolist() == [v.frames.__len__() // 2 for v in videos]
+    assert prepared.grids("video")[:, 0].tolist() == [len(v.frames) // 2 for v in videos]
 
 
 def test_tiny_video_bounds_come_from_the_checkpoint(pipe):

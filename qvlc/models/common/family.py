@@ -131,9 +131,6 @@ class Family:
     def vision_feeds(self, spec: VisualSpec, pixel_values: np.ndarray, grids: np.ndarray) -> VisionFeeds:
         raise NotImplementedError
 
-    def tiny_overrides_ok(self) -> bool:
-        return True
-
 
 def chunk_widths(out_hidden: int, chunk_width: int) -> list[int]:
     """Widths of the ``image_embeds_i`` outputs: full chunks, then the remainder (1536/640 → [640, 640, 256])."""

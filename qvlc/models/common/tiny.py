@@ -132,13 +132,15 @@ def _released_name(name: str) -> str:
 
 @torch.no_grad()
 def write_random_checkpoint_streaming(config: dict, folder: Path, seed: int, dtype: torch.dtype = torch.bfloat16,
-                                      shard_bytes: int = 2 << 30, family: "Family | None" = None) -> Path:
+                                      shard_bytes: int = 2 << 30, family: "Family | None" = None,
+                                      vision_only: bool = False) -> Path:
     """A random checkpoint of ``family`` (default Qwen2-VL) written shard by shard, never holding the model in memory.
 
     For full-size shapes that do not fit this machine as a model (7B in fp32 is ~33 GB): the module tree is
     built on the meta device for names and shapes, each tensor is drawn from its own seeded generator and
     written into safetensors shards with an index, in the layout of the released checkpoints. Matrices ~
-    N(0, 0.02), biases ~ N(0, 0.1), norm scales ~ 1 + N(0, 0.1).
+    N(0, 0.02), biases ~ N(0, 0.1), norm scales ~ 1 + N(0, 0.1). ``vision_only`` writes only the vision tower's
+    tensors (all a visual compile reads).
     """
     from safetensors.torch import save_file
     from transformers import GenerationConfig
@@ -151,6 +153,8 @@ def write_random_checkpoint_streaming(config: dict, folder: Path, seed: int, dty
     params = [(n, p) for n, p in meta.named_parameters()]
     if cfg.tie_word_embeddings:
         params = [(n, p) for n, p in params if n != "lm_head.weight"]
+    if vision_only:
+        params = [(n, p) for n, p in params if _released_name(n).startswith("visual.")]
     with _written_atomically(folder) as staging:
         shards: list[list[str]] = [[]]
         size = 0

@@ -23,7 +23,6 @@ class Qwen2_5_VL(Family):
         "model": "transformers.Qwen2_5_VLForConditionalGeneration",
         "vision": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel",
     }
-    full_size = ("qwen2_5_vl_3b", "qwen2_5_vl_7b")
 
     def dims(self, config: dict[str, Any], source: str = "config.json") -> ModelDims:
         from qvlc.models.qwen2_5_vl.dims import qwen2_5_vl_vision

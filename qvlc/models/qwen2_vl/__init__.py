@@ -21,7 +21,6 @@ class Qwen2VL(Family):
         "model": "transformers.Qwen2VLForConditionalGeneration",
         "vision": "transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel",
     }
-    full_size = ("qwen2_vl_2b", "qwen2_vl_7b")
 
     def dims(self, config: dict[str, Any], source: str = "config.json") -> ModelDims:
         from qvlc.models.qwen2_vl.dims import parse_dims, qwen2_vl_vision

@@ -1,10 +1,12 @@
-"""Benchmark: compile the visual part of a random-weight Qwen2-VL-2B (real shapes) in fp16 at N = 5120.
+"""Benchmark: compile the visual part of a random-weight model at its real shapes, in fp16 at N = 5120.
 
-    .venv/bin/python benchmarks/bench_visual_2b.py [--workdir bench_out] [--max-patches 5120] [--no-validate]
+    .venv/bin/python benchmarks/bench_visual.py [--model qwen2_vl_2b|qwen2_5_vl_7b|qwen2_5_vl_3b|qwen2_vl_7b]
+                                                [--workdir bench_out] [--max-patches 5120] [--no-validate]
 
-The checkpoint (bf16, like the released one) is built once into <workdir>/qwen2_vl_2b_random by a child process
-and reused whenever its config.json exists (bench_llm_2b.py shares it). Prints wall time per stage, peak RSS,
-bytes written and the write rate.
+qwen2_vl_2b (the default) compiles the random 2B checkpoint bench_llm_2b.py shares (built once by a child process).
+Every other model gets a streamed random checkpoint of its vision tower alone (bf16, like the released weights;
+all a visual compile reads), written once into <workdir>/<model>_vision_random. Prints wall time per stage, peak
+RSS, bytes written and the write rate.
 """
 
 from __future__ import annotations
@@ -17,9 +19,29 @@ from pathlib import Path
 
 from _common import ARTIFACTS, PrintProgress, ensure_checkpoint, rss_gb
 
+FAMILY_OF = {"qwen2_vl_2b": "qwen2_vl", "qwen2_vl_7b": "qwen2_vl", "qwen2_5_vl_3b": "qwen2_5_vl",
+             "qwen2_5_vl_7b": "qwen2_5_vl"}
+
+
+def ensure_vision_checkpoint(workdir: Path, model: str, seed: int) -> Path:
+    from qvlc.models import family
+    from qvlc.models.common.tiny import write_random_checkpoint_streaming
+
+    folder = workdir / f"{model}_vision_random"
+    if (folder / "config.json").is_file():
+        print(f"checkpoint: reusing {folder}")
+        return folder
+    t0 = time.perf_counter()
+    fam = family(FAMILY_OF[model])
+    write_random_checkpoint_streaming(fam.shipped_config(model), folder, seed, family=fam, vision_only=True)
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    print(f"checkpoint: wrote {folder} (vision tower, {size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
+    return folder
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(FAMILY_OF), default="qwen2_vl_2b")
     ap.add_argument("--workdir", type=Path, default=Path("bench_out"))
     ap.add_argument("--max-patches", type=int, default=5120)
     ap.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
@@ -33,9 +55,12 @@ def main() -> int:
     from qvlc.errors import ParityError
     from qvlc.pipeline import compile_artifact
 
-    checkpoint = ensure_checkpoint(args.workdir.resolve(), args.seed)
+    if args.model == "qwen2_vl_2b":
+        checkpoint = ensure_checkpoint(args.workdir.resolve(), args.seed)
+    else:
+        checkpoint = ensure_vision_checkpoint(args.workdir.resolve(), args.model, args.seed)
     cfg = config_from_dict({
-        "name": f"qwen2_vl_2b_visual_{args.max_patches}_{args.dtype}",
+        "name": f"{args.model}_visual_{args.max_patches}_{args.dtype}",
         "part": "visual",
         "model": {"checkpoint": str(checkpoint)},
         "export": {"dtype": args.dtype, "max_patches": args.max_patches, "chunk_width": args.chunk_width,

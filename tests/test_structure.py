@@ -1,0 +1,112 @@
+"""The package's seams: no import cycles, generic code imports no family, the compiler does not import the
+runtime, and importing a model has no side effects (no torch op registered, no torch imported)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "qvlc"
+FAMILY_DIRS = ("qwen2_vl", "qwen2_5_vl")
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def qvlc_imports(path: Path, top_level_only: bool) -> set[str]:
+    """Modules of qvlc imported by ``path`` (at module level only, or anywhere)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.If) and top_level_only:  # `if TYPE_CHECKING:` blocks import nothing at run time
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qvlc"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("qvlc"))
+    return found
+
+
+MODULES = {module_name(p): p for p in PKG.rglob("*.py")}
+
+
+def resolve(names: set[str]) -> set[str]:
+    return {n for n in names if n in MODULES}
+
+
+def test_no_import_cycles_at_module_level():
+    graph = {m: resolve(qvlc_imports(p, top_level_only=True)) - {m} for m, p in MODULES.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for n in graph[m]:
+            if state.get(n) == 1:
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(n):] + [m, n]))
+            if n not in state:
+                visit(n, stack + [m])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.startswith("qvlc.models.")))
+def test_generic_code_imports_no_family(module):
+    imported = qvlc_imports(MODULES[module], top_level_only=False)
+    bad = {i for i in imported if any(i.startswith(f"qvlc.models.{f}") for f in FAMILY_DIRS)}
+    assert not bad, f"{module} imports family code {sorted(bad)}: go through the registry (qvlc.models)"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("qvlc.models.common")))
+def test_shared_model_code_imports_no_family(module):
+    imported = qvlc_imports(MODULES[module], top_level_only=False)
+    assert not {i for i in imported if any(i.startswith(f"qvlc.models.{f}") for f in FAMILY_DIRS)}
+
+
+def test_compiler_does_not_import_the_runtime():
+    for m, p in MODULES.items():
+        if m.startswith(("qvlc.export", "qvlc.models")) or m in ("qvlc.pipeline", "qvlc.plan", "qvlc.config"):
+            assert not {i for i in qvlc_imports(p, False) if i.startswith("qvlc.runtime")}, m
+
+
+def test_no_family_name_in_generic_code():
+    """Generic code never branches on a model name."""
+    for m, p in MODULES.items():
+        if m.startswith("qvlc.models.") or m == "qvlc.models":
+            continue
+        tree = ast.parse(p.read_text())
+        docs = {id(body[0].value) for node in ast.walk(tree) if isinstance(
+            node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and (body := node.body) and isinstance(body[0], ast.Expr)}
+        constants = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and id(n) not in docs]
+        strings = " ".join(c for c in constants if isinstance(c, str))
+        for name in ("qwen2_vl", "qwen2_5_vl", "Qwen2.5", "<|im_end|>", "self_attn.o_proj", "mlp.down_proj"):
+            assert name not in strings, f"{m} has {name!r} in its code (comments and docstrings may say it)"
+        assert 1176 not in constants, f"{m} hard-codes the patch width 1176: read it from the dims or the spec"
+
+
+def test_importing_models_has_no_side_effects():
+    code = ("import sys; import qvlc.models, qvlc.models.qwen2_vl, qvlc.models.qwen2_5_vl, qvlc.contract, "
+            "qvlc.host.rope, qvlc.host.vision, qvlc.models.qwen2_5_vl.host; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+    code = ("import torch, qvlc.models.common.text, qvlc.parallel.allreduce; "
+            "print(hasattr(torch.ops.qvlc, 'all_reduce'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+
+
+def test_files_stay_readable():
+    long = {module_name(p): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 320}
+    assert not long, f"files over ~300 lines: {long}"
