@@ -236,6 +236,20 @@ def read_manifest(folder: Path) -> Manifest:
     return Manifest.from_dict(data, str(path))
 
 
+def read_part_manifest(folder: Path, part: str, key: str | None = None) -> Manifest:
+    """The typed manifest of an artifact folder that must hold ``part`` ("llm" or "visual"); QvlcError naming
+    ``key`` (the option or argument that gave the folder) otherwise."""
+    folder, key = Path(folder), key or str(folder)
+    if not folder.is_dir():
+        raise QvlcError(f"artifact folder {str(folder)!r} does not exist",
+                        fix=f"give the folder of a finished `qvlc compile` (part: {part})", key=key)
+    m = read_manifest(folder)
+    if m.part != part or getattr(m, part) is None:
+        raise QvlcError(f"{folder} is a {m.part!r} artifact, not a {part!r} one",
+                        fix=f"give the folder compiled with `part: {part}`", key=key)
+    return m
+
+
 def _to_json(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.name: _to_json(getattr(value, f.name)) for f in fields(value)}

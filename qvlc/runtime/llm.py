@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qvlc.contract import DECODE, EMBED, PREFILL, LlmSpec, rank_dirs, read_manifest
+from qvlc.contract import DECODE, EMBED, PREFILL, LlmSpec, rank_dirs, read_part_manifest
 from qvlc.errors import QvlcError
 from qvlc.host.embeddings import EmbedTable
 from qvlc.host.rope import decode_cos_sin, mrope_cos_sin
@@ -78,10 +78,7 @@ class LlmRuntime:
         module this way)."""
         self.folder = Path(folder)
         if spec is None or family is None:
-            m = read_manifest(self.folder)
-            if m.llm is None:
-                raise QvlcError(f"{self.folder} is a {m.part!r} artifact, not an LLM one",
-                                fix="give the folder compiled with `part: llm`", key=str(self.folder))
+            m = read_part_manifest(self.folder, "llm")
             spec, family = spec or m.llm, family or family_of(m.family)
         self.spec, self.family = spec, family
         self.merge_size, self.tokens_per_second = merge_size, tokens_per_second

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from qvlc.contract import PREPROCESS, VISUAL, VisualSpec, read_manifest
-from qvlc.errors import QvlcError
+from qvlc.contract import PREPROCESS, VISUAL, VisualSpec, read_part_manifest
 from qvlc.host.preprocess import ImageLike, PreprocessConfig, images_to_patches
 from qvlc.host.vision import fit_grids
 from qvlc.models import family as family_of
@@ -29,10 +28,7 @@ class VisualRuntime:
     def __init__(self, folder: Path, spec: VisualSpec | None = None, family: Family | None = None) -> None:
         self.folder = Path(folder)
         if spec is None or family is None:
-            m = read_manifest(self.folder)
-            if m.visual is None:
-                raise QvlcError(f"{self.folder} is a {m.part!r} artifact, not a visual one",
-                                fix="give the folder compiled with `part: visual`", key=str(self.folder))
+            m = read_part_manifest(self.folder, "visual")
             spec, family = spec or m.visual, family or family_of(m.family)
         self.spec, self.family = spec, family
         self.preprocess = PreprocessConfig.from_json((self.folder / PREPROCESS).read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qvlc.contract import PREPROCESS, Manifest, read_manifest
+from qvlc.contract import PREPROCESS, Manifest, read_part_manifest
 from qvlc.errors import QvlcError
 from qvlc.host.preprocess import ImageLike, PreprocessConfig, image_to_patches, video_to_patches
 from qvlc.models import family as family_of
@@ -30,20 +30,6 @@ def token_agreement(expected: Sequence[int], got: Sequence[int]) -> int:
             break
         n += 1
     return n
-
-
-def _read_part_manifest(folder: Path, part: str, option: str) -> Manifest:
-    """The manifest of an artifact folder that must be of ``part`` ("llm" or "visual")."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise QvlcError(f"artifact folder {str(folder)!r} does not exist",
-                        fix=f"give {option} the folder of a finished `qvlc compile` (part: {part})", key=option)
-    m = read_manifest(folder)
-    if m.part != part or getattr(m, part) is None:
-        raise QvlcError(f"{folder} is a {m.part!r} artifact, not a {part!r} one",
-                        fix=f"give {option} the folder compiled with `part: {part}` (LLM folder first, then visual)",
-                        key=option)
-    return m
 
 
 def resolve_checkpoint(manifest: Manifest, override: Path | str | None = None) -> Path:
@@ -154,8 +140,8 @@ class VlmPipeline:
         from qvlc.models.common.tokenizer import load_processor
 
         self.llm_dir, self.visual_dir = Path(llm_dir), Path(visual_dir)
-        llm_m = _read_part_manifest(self.llm_dir, "llm", "LLM_DIR")
-        vis_m = _read_part_manifest(self.visual_dir, "visual", "VISUAL_DIR")
+        llm_m = read_part_manifest(self.llm_dir, "llm", "LLM_DIR")
+        vis_m = read_part_manifest(self.visual_dir, "visual", "VISUAL_DIR")
         self.spec, self.visual_spec = llm_m.llm, vis_m.visual
         self.family = family_of(llm_m.family)
         pre = self.visual_dir / PREPROCESS
