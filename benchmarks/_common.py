@@ -18,11 +18,9 @@ CHECKPOINT_DIR = "qwen2_vl_2b_random"
 
 
 def _build(folder: str, seed: int) -> None:
-    import torch
+    from qvlc.models.common.tiny import shipped_config, write_random_checkpoint_streaming
 
-    from qvlc.models.common.tiny import build_random_checkpoint, shipped_config
-
-    build_random_checkpoint(shipped_config("qwen2_vl_2b"), Path(folder), seed, dtype=torch.bfloat16)
+    write_random_checkpoint_streaming(shipped_config("qwen2_vl_2b"), Path(folder), seed)
 
 
 def ensure_checkpoint(workdir: Path, seed: int) -> Path:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_llm_2b.py [--workdir bench_out] [--prefill-len 512] [--max-context 1024]
                                                 [--tp 1] [--no-validate] [--simplify]
 
-Shares the random checkpoint <workdir>/qwen2_vl_2b_random with bench_visual_2b.py (built once, bf16 like the
+Shares the random checkpoint <workdir>/qwen2_vl_2b_random with bench_visual.py (streamed once, bf16 like the
 released weights). Prints wall time per stage, peak RSS, bytes written and the write rate they imply.
 """
 

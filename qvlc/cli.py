@@ -1,6 +1,8 @@
 """The `qvlc` command line: parses, prints, decides exit codes. No compiler work happens here.
 
-Exit codes: 0 success · 1 parity failure or verify mismatch · 2 bad input (config, checkpoint, artifact).
+Exit codes (``qvlc.errors``): 0 success · 1 parity or integrity failure · 2 bad input · 3 environment (disk full,
+read-only, permission) · 4 internal error (traceback in a log file) · 130/143 interrupted by SIGINT/SIGTERM.
+User text (paths, values, prompts) is never read as rich markup.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from qvlc import __version__
-from qvlc.errors import ParityError, QvlcError
+from qvlc.errors import EXIT_FAILED, QvlcError
+from qvlc.guard import Exit, guarded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compile Qwen2-VL-family checkpoints into statically shaped ONNX artifacts, proven against "
@@ -29,8 +34,8 @@ _WIDTH = max(shutil.get_terminal_size((120, 24)).columns, 110)
 console = Console(highlight=False, width=_WIDTH)
 err = Console(stderr=True, highlight=False, width=_WIDTH)
 
-EXIT_PARITY = 1
-EXIT_INPUT = 2
+STYLES = {"error": "bold red", "parity failed": "bold red", "integrity": "bold red", "environment": "bold red",
+          "interrupted": "bold yellow", "internal error": "bold magenta"}
 
 
 class RichProgress:
@@ -40,10 +45,10 @@ class RichProgress:
     def stage(self, name: str) -> Iterator[dict]:
         t0 = time.perf_counter()
         info: dict = {}
-        with console.status(f"[bold]{name}[/] …", spinner="dots"):
+        with console.status(Text(f"{name} …", style="bold"), spinner="dots"):
             yield info
         detail = f"  {info['detail']}" if info.get("detail") else ""
-        console.print(f"[green]✓[/] {name:<20} {time.perf_counter() - t0:7.1f} s{detail}")
+        console.print(Text("✓ ", style="green") + Text(f"{name:<20} {time.perf_counter() - t0:7.1f} s{detail}"))
 
 
 def _quiet_libraries() -> None:
@@ -59,9 +64,19 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _fail_input(e: QvlcError) -> None:
-    err.print(f"[bold red]error:[/] {e}")
-    raise typer.Exit(EXIT_INPUT)
+def report(kind: str, text: str) -> None:
+    """One failure message on stderr; ``text`` is printed as is (never as markup)."""
+    err.print(Text(f"{kind}: ", style=STYLES.get(kind, "bold red")) + Text(text), soft_wrap=True)
+
+
+@contextlib.contextmanager
+def command(action: str) -> Iterator[None]:
+    """A command body: every failure becomes one message and its documented exit code."""
+    try:
+        with guarded(action, report):
+            yield
+    except Exit as e:
+        raise typer.Exit(e.code) from None
 
 
 def parity_table(report) -> Table:
@@ -76,14 +91,15 @@ def parity_table(report) -> Table:
         ms = [c.metrics for c in checks if c.metrics]
         ok = all(c.passed for c in checks)
         if ms:
-            t.add_row(graph, output, str(len(checks)), f"{max(m['max_abs'] for m in ms):.2e}",
+            t.add_row(escape(graph), escape(output), str(len(checks)), f"{max(m['max_abs'] for m in ms):.2e}",
                       f"{max(m['rel_l2'] for m in ms):.2e}", f"{min(m['cosine'] for m in ms):.7f}",
                       "[green]pass[/]" if ok else "[red]FAIL[/]")
         else:
-            t.add_row(graph, output, str(len(checks)), "", "", "", "[red]FAIL[/]")
+            t.add_row(escape(graph), escape(output), str(len(checks)), "", "", "", "[red]FAIL[/]")
     for tk in report.tokens:
         res = "[green]pass[/]" if tk.expected == tk.got else ("[red]FAIL[/]" if tk.required else "[yellow]reported[/]")
-        t.add_row(tk.graph, f"greedy {tk.case}", "1", "", "", f"{tk.matched}/{len(tk.expected)} tokens", res)
+        t.add_row(escape(tk.graph), escape(f"greedy {tk.case}"), "1", "", "", f"{tk.matched}/{len(tk.expected)} tokens",
+                  res)
     return t
 
 
@@ -100,26 +116,21 @@ def compile(
     from qvlc.config import OutputConfig, load_config
     from qvlc.pipeline import compile_artifact
 
-    try:
+    with command(f"the compile of {config}"):
         cfg = load_config(config)
         if output_dir is not None:
             cfg = replace(cfg, output=OutputConfig(dir=str(output_dir)))
         for key in cfg.ignored:
-            err.print(f"[yellow]note:[/] {key} has no meaning for qvlc and is ignored")
+            err.print(Text("note: ", style="yellow") + Text(f"{key} has no meaning for qvlc and is ignored"),
+                      soft_wrap=True)
         console.print(f"qvlc {__version__} · compiling {cfg.name} (part {cfg.part}, {cfg.export.dtype}"
                       f"{f', tp {cfg.export.tp}' if cfg.part == 'llm' else ''}) from {cfg.model.checkpoint}",
-                      markup=False)
+                      markup=False, soft_wrap=True)
         result = compile_artifact(cfg, force=force, progress=RichProgress())
-    except ParityError as e:
-        err.print(f"[bold red]parity failed:[/] {e}")
-        raise typer.Exit(EXIT_PARITY)
-    except QvlcError as e:
-        _fail_input(e)
-        return
     if result.report is not None:
         console.print(parity_table(result.report))
     mb = result.export.bytes_written / 1e6
-    console.print(f"[bold green]done[/] → {result.folder}  ({mb:.1f} MB written)")
+    console.print(Text("done", style="bold green") + Text(f" → {result.folder}  ({mb:.1f} MB written)"))
 
 
 @app.command()
@@ -128,16 +139,13 @@ def validate(artifact: Path = typer.Argument(..., help="An artifact folder writt
     _quiet_libraries()
     from qvlc.pipeline import validate_artifact
 
-    try:
-        report = validate_artifact(artifact, progress=RichProgress())
-    except QvlcError as e:
-        _fail_input(e)
-        return
-    console.print(parity_table(report))
-    if not report.passed:
-        for f in report.failures:
-            err.print(f"[red]✗[/] {f}")
-        raise typer.Exit(EXIT_PARITY)
+    with command(f"the validation of {artifact}"):
+        parity = validate_artifact(artifact, progress=RichProgress())
+    console.print(parity_table(parity))
+    if not parity.passed:
+        for f in parity.failures:
+            err.print(Text("✗ ", style="red") + Text(f), soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED)
     console.print("[bold green]parity holds[/]")
 
 
@@ -146,16 +154,13 @@ def verify(artifact: Path = typer.Argument(..., help="An artifact folder written
     """Check that every file still matches the size and sha256 recorded in manifest.json."""
     from qvlc.artifacts import verify as verify_folder
 
-    try:
+    with command(f"the verification of {artifact}"):
         result = verify_folder(artifact)
-    except QvlcError as e:
-        _fail_input(e)
-        return
     if result.problems:
         for p in result.problems:
-            err.print(f"[red]✗[/] {p}")
-        raise typer.Exit(EXIT_PARITY)
-    console.print(f"[green]✓[/] {result.checked} files match manifest.json")
+            err.print(Text("✗ ", style="red") + Text(p), soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED)
+    console.print(Text("✓ ", style="green") + Text(f"{result.checked} files match manifest.json"))
 
 
 @app.command()
@@ -171,6 +176,9 @@ def run(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Stop after this many new tokens."),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="Folder with the tokenizer and chat template (default: the LLM manifest's)."),
+    verify_hashes: Optional[bool] = typer.Option(
+        None, "--verify-hashes/--no-verify-hashes",
+        help="sha256 every artifact file before use (default: when an artifact is at most 4 GB)."),
 ) -> None:
     """Answer a prompt about images and videos with the compiled graphs in ONNX Runtime, streaming the text."""
     _quiet_libraries()
@@ -183,18 +191,15 @@ def run(
         if text:
             console.print(strip_control_codes(text), end="", markup=False, highlight=False, soft_wrap=True)
 
-    try:
+    with command(f"qvlc run on {llm_dir} and {visual_dir}"):
         if not (fps > 0 and frames_fps > 0):
             raise QvlcError(f"--fps {fps} and --frames-fps {frames_fps} must be positive", fix="use e.g. --fps 2",
                             key="--fps")
         images = [load_image(p) for p in image or []]  # bad image paths fail before anything is loaded
-        pipe = VlmPipeline(llm_dir, visual_dir, checkpoint)
+        pipe = VlmPipeline(llm_dir, visual_dir, checkpoint, verify_hashes)
         tps = pipe.preprocess.temporal_patch_size
         videos = [load_video(p, frames_fps, tps, fps) for p in video or []]
         result = pipe.generate(images, prompt, max_new_tokens=max_new_tokens, on_token=stream, videos=videos)
-    except QvlcError as e:
-        _fail_input(e)
-        return
     stop = "end of turn" if result.stopped_at_eos else "max new tokens"
     console.print()
     console.print(f"[dim]{len(result.tokens)} tokens ({stop}) · prompt {result.prompt_tokens} tokens "

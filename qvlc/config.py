@@ -13,19 +13,14 @@ import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_type_hints
+from typing import Any, get_type_hints
 
 import yaml
 
 from qvlc.config_vamc import from_vamc
 from qvlc.errors import ConfigError
 from qvlc.models import TINY
-from qvlc.models.common.tp import tp_problems, valid_tp_values
 from qvlc.precision import Precision
-
-if TYPE_CHECKING:
-    from qvlc.models.common.dims import ModelDims
-    from qvlc.models.common.family import Family
 
 
 class Part(str, Enum):
@@ -37,6 +32,8 @@ class Part(str, Enum):
 
 
 MIN_OPSET = 18  # the dynamo exporter emits opset 18 and newer
+MAX_OPSET = 23  # newest opset exported and run through ONNX Runtime 1.32 here (tiny LLM: 20, 21, 23)
+MIN_PREFILL = 64  # validation prompts hold image and video spans and text; shorter graphs cannot be proven
 HIDDEN_FIELDS = ("ignored", "llm_holds_patches", "declared_patch_dim", "declared_fullatt_blocks")
 
 
@@ -210,16 +207,38 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML would silently keep the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice in one block (line {key_node.start_mark.line + 1}); "
+                                  "YAML would silently keep only the last", fix=f"merge the two {key!r} blocks into one",
+                                  key=str(key))
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path) -> Config:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{str(path)!r} is a folder, not a config file", fix="pass the path of a YAML config file",
+                          key="CONFIG")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise ConfigError(f"config file {str(path)!r} not found", fix="pass the path of a YAML config") from exc
+        raise ConfigError(f"config file {str(path)!r} not found", fix="pass the path of a YAML config",
+                          key="CONFIG") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                          fix="save the config as UTF-8 YAML", key="CONFIG") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 — a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}", fix="fix the YAML syntax") from exc
+        raise ConfigError(f"{path} is not valid YAML: {exc}", fix="fix the YAML syntax", key="CONFIG") from exc
     return config_from_dict(raw)
 
 
@@ -231,17 +250,21 @@ def check_values(cfg: Config) -> None:
     if not _NAME_RE.match(cfg.name):
         raise ConfigError(f"{cfg.name!r} is not a usable folder name",
                           fix="use letters, digits, '.', '_' and '-' only", key="name")
+    if cfg.name.endswith(".failed"):
+        raise ConfigError(f"{cfg.name!r} ends with .failed, the suffix qvlc gives the folder of a failed compile",
+                          fix=f"use another name, e.g. {cfg.name[:-len('.failed')] or 'model'}", key="name")
     e = cfg.export
-    if e.opset < MIN_OPSET:
-        raise ConfigError(f"opset {e.opset} is too old", fix=f"use opset {MIN_OPSET} or newer", key="export.opset")
+    if not MIN_OPSET <= e.opset <= MAX_OPSET:
+        raise ConfigError(f"opset {e.opset} is outside what qvlc exports and proves ({MIN_OPSET}..{MAX_OPSET})",
+                          fix=f"use an opset from {MIN_OPSET} to {MAX_OPSET}", key="export.opset")
     _positive(cfg.validate.decode_steps, "validate.decode_steps")
     _positive(cfg.validate.generate_tokens, "validate.generate_tokens")
     _positive(e.tp, "export.tp")
     _positive(e.workers, "export.workers")
     _positive(e.chunk_width, "export.chunk_width")
     if cfg.part == "llm":
-        for key, value in (("export.prefill_len", e.prefill_len), ("export.max_context", e.max_context)):
-            _multiple_of_16(value, key)
+        _multiple_of_16(e.prefill_len, "export.prefill_len", MIN_PREFILL)
+        _multiple_of_16(e.max_context, "export.max_context", MIN_PREFILL + 16)
         if e.prefill_len >= e.max_context:
             raise ConfigError(
                 f"prefill_len {e.prefill_len} leaves no room to decode in max_context {e.max_context}",
@@ -249,10 +272,18 @@ def check_values(cfg: Config) -> None:
                     f"or lower export.prefill_len",
                 key="export.prefill_len",
             )
-        min_len = 64  # validation prompts hold image spans and text; shorter graphs cannot be proven
-        if e.prefill_len < min_len:
+        if e.prefill_len < MIN_PREFILL:
             raise ConfigError(f"prefill_len {e.prefill_len} is too short to validate",
-                              fix=f"use export.prefill_len >= {min_len}", key="export.prefill_len")
+                              fix=f"use export.prefill_len >= {MIN_PREFILL}", key="export.prefill_len")
+        room = e.max_context - 1 - e.prefill_len  # decode calls the KV cache holds after the prefill window
+        v = cfg.validate
+        for key, calls in (("validate.decode_steps", v.decode_steps), ("validate.generate_tokens",
+                                                                       v.generate_tokens - 1)):
+            if v.enabled and calls > room:
+                raise ConfigError(f"{key.split('.')[1]} needs {calls} decode calls, the KV cache leaves room for {room} "
+                                  f"(max_context {e.max_context} - prefill_len {e.prefill_len} - 1)",
+                                  fix=f"use {key.split('.')[1]} <= {room + (key.endswith('tokens'))}, or raise "
+                                      "export.max_context", key=key)
     else:
         _multiple_of_16(e.max_patches, "export.max_patches")
         if e.tp != 1:
@@ -265,45 +296,8 @@ def _positive(value: int, key: str) -> None:
         raise ConfigError(f"must be at least 1, got {value}", fix=f"set {key} to a positive integer", key=key)
 
 
-def _multiple_of_16(value: int, key: str) -> None:
+def _multiple_of_16(value: int, key: str, minimum: int = 16) -> None:
     if value <= 0 or value % 16:
-        up = max(16, -(-value // 16) * 16)
+        up = max(minimum, -(-value // 16) * 16)
         raise ConfigError(f"{value} is not a positive multiple of 16",
                           fix=f"use {up} (static shapes are tiled in 16s)", key=key)
-
-
-def check_against_model(cfg: Config, dims: "ModelDims", family: "Family") -> None:
-    """Checks that need the checkpoint's config.json, still before any weight."""
-    t = dims.text
-    if cfg.part == "llm" and cfg.export.tp > 1:
-        problems = tp_problems(cfg.export.tp, t.heads, t.kv_heads, t.intermediate, t.vocab)
-        if problems:
-            valid = valid_tp_values(t.heads, t.kv_heads, t.intermediate, t.vocab)
-            raise ConfigError(f"tp {cfg.export.tp} cannot split this model: {'; '.join(problems)}",
-                              fix=f"use one of tp = {', '.join(map(str, valid))}", key="export.tp")
-    if cfg.part == "llm" and cfg.llm_holds_patches:
-        wrap = family.vision_wrap_tokens  # vision start/end around the merged image tokens
-        need = cfg.llm_holds_patches // dims.vision.merge_unit + wrap
-        if cfg.export.prefill_len < need:
-            raise ConfigError(
-                f"prefill_len {cfg.export.prefill_len} cannot hold the {need - wrap} visual tokens of "
-                f"max_patches {cfg.llm_holds_patches} (plus {wrap} around them)",
-                fix=f"raise export.prefill_len to at least {-(-need // 16) * 16}, or lower export.max_patches",
-                key="export.prefill_len")
-    if cfg.part == "visual":
-        v = dims.vision
-        if cfg.export.max_patches % v.merge_unit:
-            raise ConfigError(f"max_patches {cfg.export.max_patches} is not a multiple of the merge unit {v.merge_unit}",
-                              fix=f"use a multiple of {16 * v.merge_unit // 4}", key="export.max_patches")
-    if cfg.declared_patch_dim and cfg.declared_patch_dim != dims.vision.patch_dim:
-        raise ConfigError(f"frontend.shape.pixel_values declares patches of {cfg.declared_patch_dim} values, the "
-                          f"checkpoint's are {dims.vision.patch_dim}",
-                          fix=f"write frontend.shape.pixel_values: [{cfg.export.max_patches}, {dims.vision.patch_dim}]",
-                          key="frontend.shape.pixel_values")
-    declared = cfg.declared_fullatt_blocks
-    if declared is not None and tuple(declared) != tuple(dims.vision.fullatt_blocks):
-        raise ConfigError(f"backend.compile.fullatt_block_indexes is {list(declared)}, but the checkpoint's "
-                          f"config.json makes blocks {list(dims.vision.fullatt_blocks)} attend over whole frames",
-                          fix=f"write backend.compile.fullatt_block_indexes: {list(dims.vision.fullatt_blocks)} "
-                              "(or remove it: qvlc reads it from config.json)",
-                          key="backend.compile.fullatt_block_indexes")

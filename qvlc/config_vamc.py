@@ -19,6 +19,11 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+NATIVE_ONLY = ("validate",)
+VAMC_EQUIVALENT = {"part": "frontend.model_kwargs.build_visual", "model": "frontend.checkpoint",
+                   "export": "frontend.shape / frontend.model_kwargs.tp / backend.dtype", "output": "workspace.path"}
+
+
 def from_vamc(raw: dict[str, Any]) -> dict[str, Any]:
     """Map the vamc-style layout used by existing Qwen2-VL deployment repos onto the native schema."""
     flat = _flatten(raw)
@@ -29,8 +34,21 @@ def from_vamc(raw: dict[str, Any]) -> dict[str, Any]:
         return flat.get(key)
 
     build_visual = take("frontend.model_kwargs.build_visual")
+    if build_visual is not None and not isinstance(build_visual, bool):
+        raise ConfigError(f"expected true or false, got {build_visual!r}",
+                          fix="write frontend.model_kwargs.build_visual: true (visual part) or false (LLM part)",
+                          key="frontend.model_kwargs.build_visual")
     part = "visual" if build_visual else "llm"
     native: dict[str, Any] = {"name": take("name"), "part": part, "model": {}, "export": {}, "output": {}}
+    for section in NATIVE_ONLY:  # native sections with no vamc equivalent are understood as they are
+        if section in raw:
+            native[section] = raw[section]
+            used.update(k for k in flat if k == section or k.startswith(section + "."))
+    clash = [k for k in ("part", "model", "export", "output") if k in raw]
+    if clash:
+        raise ConfigError(f"native key {clash[0]!r} inside a vamc-style config (one with a frontend: block)",
+                          fix=f"use the vamc key ({VAMC_EQUIVALENT[clash[0]]}) or write a native config without "
+                              "frontend:", key=clash[0])
     if (ck := take("frontend.checkpoint")) is not None:
         native["model"]["checkpoint"] = ck
     ids = take("frontend.shape.input_ids")

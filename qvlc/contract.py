@@ -7,16 +7,14 @@ A leaf module: export writes these types, validation checks graphs against them,
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import types
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qvlc.errors import QvlcError
+from qvlc.errors import IntegrityError, QvlcError
 from qvlc.precision import Precision
+from qvlc.typed_json import from_json, to_json
 
 MANIFEST = "manifest.json"
 PARITY_JSON = "parity.json"
@@ -203,7 +201,7 @@ class Manifest:
     files: tuple[FileRecord, ...] = ()
 
     def to_dict(self) -> dict:
-        d = _to_json(self)
+        d = to_json(self)
         for key in ("llm", "tp", "visual"):
             if d[key] is None:
                 del d[key]
@@ -214,13 +212,13 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = MANIFEST) -> "Manifest":
-        return _from_json(cls, data, where)
+        return from_json(cls, data, where)
 
     def graph(self, file: str) -> GraphRecord:
         for g in self.graphs:
             if g.file == file:
                 return g
-        raise QvlcError(f"{MANIFEST} lists no graph {file!r}", fix="recompile the artifact", key=file)
+        raise IntegrityError(f"{MANIFEST} lists no graph {file!r}", fix="recompile the artifact", key=file)
 
 
 def read_manifest(folder: Path) -> Manifest:
@@ -232,8 +230,31 @@ def read_manifest(folder: Path) -> Manifest:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QvlcError(f"{path} is not valid JSON ({exc})", fix="recompile the artifact", key=str(path)) from exc
+        raise IntegrityError(f"{path} is not valid JSON ({exc})", fix="recompile the artifact", key=str(path)) from exc
     return Manifest.from_dict(data, str(path))
+
+
+def graph_io(path: Path, file: str = "", rank: int = 0) -> GraphRecord:
+    """Names, static shapes and dtypes of a graph's inputs and outputs, and its node count (reads no weights).
+    A symbolic dimension is recorded as -1 (qvlc graphs have none; the contract check then reports it)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for a damaged file
+        raise IntegrityError(f"{path} is not a readable ONNX graph ({type(exc).__name__})",
+                             fix="recompile the artifact", key=str(path)) from exc
+
+    def describe(values) -> tuple[TensorSig, ...]:
+        out = []
+        for v in values:
+            tt = v.type.tensor_type
+            out.append(TensorSig(v.name, tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim),
+                                 onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name))
+        return tuple(out)
+
+    return GraphRecord(file or Path(path).name, rank, describe(model.graph.input), describe(model.graph.output),
+                       len(model.graph.node))
 
 
 def read_part_manifest(folder: Path, part: str, key: str | None = None) -> Manifest:
@@ -248,67 +269,3 @@ def read_part_manifest(folder: Path, part: str, key: str | None = None) -> Manif
         raise QvlcError(f"{folder} is a {m.part!r} artifact, not a {part!r} one",
                         fix=f"give the folder compiled with `part: {part}`", key=key)
     return m
-
-
-def _to_json(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_json(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, Precision):
-        return value.value
-    if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
-    return value
-
-
-def _from_json(typ: Any, data: Any, where: str) -> Any:
-    """Build ``typ`` from parsed JSON, checking every field's type; QvlcError names the first bad field."""
-    def bad(expected: str) -> QvlcError:
-        return QvlcError(f"{where}: expected {expected}, got {json.dumps(data)[:80]}",
-                         fix="the manifest was edited or damaged: recompile the artifact", key=where)
-
-    origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin in (typing.Union, types.UnionType):
-        if data is None and type(None) in args:
-            return None
-        return _from_json(next(a for a in args if a is not type(None)), data, where)
-    if dataclasses.is_dataclass(typ):
-        if not isinstance(data, dict):
-            raise bad(f"an object ({typ.__name__})")
-        hints = typing.get_type_hints(typ)
-        kwargs = {}
-        for f in fields(typ):
-            if f.name in data:
-                kwargs[f.name] = _from_json(hints[f.name], data[f.name], f"{where}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise QvlcError(f"{where} has no field {f.name!r}",
-                                fix="the manifest is damaged or from an older qvlc: recompile the artifact",
-                                key=f"{where}.{f.name}")
-        return typ(**kwargs)
-    if origin is tuple:
-        if not isinstance(data, list):
-            raise bad("a list")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(data))
-        if len(data) != len(args):
-            raise bad(f"a list of {len(args)}")
-        return tuple(_from_json(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
-    if typ is Precision:
-        try:
-            return Precision(data)
-        except ValueError:
-            raise bad(f"one of {[p.value for p in Precision]}") from None
-    if typ is dict:
-        if not isinstance(data, dict):
-            raise bad("an object")
-        return data
-    if typ is float:
-        if isinstance(data, bool) or not isinstance(data, (int, float)):
-            raise bad("a number")
-        return float(data)
-    if typ in (int, str, bool):
-        if not isinstance(data, typ) or (typ is int and isinstance(data, bool)):
-            raise bad(f"a {typ.__name__}")
-        return data
-    raise TypeError(f"contract type {typ!r} has no reader")  # a bug in this file

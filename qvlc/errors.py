@@ -1,10 +1,28 @@
-"""The one exception type users see: it names the problem and the fix."""
+"""The exceptions users see: each names the problem and the fix, and carries the exit code the CLI returns.
+
+| code | meaning |
+|---|---|
+| 0 | success |
+| 1 | parity failed, or an artifact failed its integrity check (a file or the manifest differs from what was written) |
+| 2 | bad input: config, checkpoint, artifact path, image, video, prompt, or a compile of the same name running |
+| 3 | the environment failed: disk full, read-only filesystem, permission denied, out of memory |
+| 4 | an internal error (a bug in qvlc): one line on stderr, the traceback in a log file |
+| 130 / 143 | interrupted by SIGINT / SIGTERM; whatever was being written is removed |
+"""
 
 from __future__ import annotations
 
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INPUT = 2
+EXIT_ENVIRONMENT = 3
+EXIT_INTERNAL = 4
+
 
 class QvlcError(Exception):
-    """A user-facing error. ``key`` names the config key or input at fault, ``fix`` says what to do."""
+    """A user-facing error. ``key`` names the config key, file or input at fault, ``fix`` says what to do."""
+
+    exit_code = EXIT_INPUT
 
     def __init__(self, problem: str, *, fix: str = "", key: str = "") -> None:
         self.problem = problem
@@ -23,8 +41,32 @@ class ConfigError(QvlcError):
 
 
 class CheckpointError(QvlcError):
-    """A checkpoint folder that is missing, incomplete, or not Qwen2-VL."""
+    """A checkpoint folder that is missing, incomplete, damaged or of no family qvlc knows."""
 
 
 class ParityError(QvlcError):
     """One or more graphs disagree with the oracle beyond tolerance."""
+
+    exit_code = EXIT_FAILED
+
+
+class IntegrityError(QvlcError):
+    """An artifact whose files or manifest are not what the compile wrote (damaged, edited, truncated), or whose
+    parity failed when it was compiled."""
+
+    exit_code = EXIT_FAILED
+
+
+class EnvironmentFailure(QvlcError):
+    """The machine refused: disk full, read-only filesystem, permission denied."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived; raised from the signal handler so every ``finally`` cleans up on the way out.
+    A BaseException, like KeyboardInterrupt, so no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signum)

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 from qvlc import __version__
-from qvlc.artifacts import discard, library_versions, make_staging, publish, refuse_existing, write_manifest
+from qvlc.artifacts import CompileLock, checked_artifact, discard, keep_failed, library_versions, make_staging, \
+    publish, refuse_existing, write_manifest
 from qvlc.config import Config, Part, config_from_dict
-from qvlc.contract import Manifest, SourceRecord, WeightFileRecord, read_manifest
+from qvlc.contract import Manifest, SourceRecord, WeightFileRecord
 from qvlc.errors import ParityError, QvlcError
 from qvlc.export.onnx_export import ExportResult
 from qvlc.models.common.checkpoint import LoadedCheckpoint, load_checkpoint, load_vision_tower, sha256_file, \
@@ -114,7 +115,6 @@ def compile_artifact(cfg: Config, force: bool = False, progress: Progress | None
     """
     progress = progress or NullProgress()
     timings: dict[str, float] = {}
-    final = cfg.artifact_dir
 
     def timed(name: str):
         @contextlib.contextmanager
@@ -125,6 +125,12 @@ def compile_artifact(cfg: Config, force: bool = False, progress: Progress | None
             timings[name] = time.perf_counter() - t0
         return run()
 
+    with CompileLock(cfg.artifact_dir):
+        return _compile_locked(cfg, force, timed, timings)
+
+
+def _compile_locked(cfg: Config, force: bool, timed, timings: dict[str, float]) -> CompileResult:
+    final = cfg.artifact_dir
     with timed("check"):
         refuse_existing(final, force)
         plan = check(cfg)
@@ -142,9 +148,7 @@ def compile_artifact(cfg: Config, force: bool = False, progress: Progress | None
         with timed("manifest"):
             write_manifest(stage, manifest(plan, exported, report))
         if report is not None and not report.passed:
-            failed = final.parent / f"{final.name}.failed"
-            discard(failed)
-            stage.rename(failed)
+            failed = keep_failed(stage, final)
             raise ParityError(f"{len(report.failures)} parity check(s) failed:\n  - " +
                               "\n  - ".join(report.failures),
                               fix=f"see {failed / 'parity.md'}; nothing was written to {final}")
@@ -162,7 +166,7 @@ def validate_artifact(folder: Path, progress: Progress | None = None) -> ParityR
     Reads the resolved config from the manifest; writes nothing into the artifact.
     """
     progress = progress or NullProgress()
-    m = read_manifest(folder)
+    m = checked_artifact(folder, None, str(folder), hashes=True)  # the full sha256 is cheap next to validation
     cfg = config_from_dict(m.config)
     with progress.stage("check"):
         plan = check(cfg)

@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvlc.config import Config, check_against_model
+from qvlc.config import Config
+from qvlc.config_checks import check_against_model
 from qvlc.contract import LlmSpec, VisualSpec
 from qvlc.models import inspect_checkpoint, tiny_family
+from qvlc.models.common.checkpoint import check_weight_shapes, read_config_json
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
 
@@ -42,4 +44,5 @@ def check(cfg: Config) -> Plan:
         folder = Path(cfg.model.checkpoint).expanduser()
     family, dims = inspect_checkpoint(folder)
     check_against_model(cfg, dims, family)
+    check_weight_shapes(folder, family, read_config_json(folder))
     return Plan(cfg, folder, family, dims)

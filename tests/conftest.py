@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -41,3 +42,19 @@ def copy_artifact(tmp_path):
         return dst
 
     return copy
+
+
+@pytest.fixture
+def reseal():
+    """reseal(folder): record an artifact's edited files in its manifest (and the manifest's digest), as if the
+    compile had written them: the integrity check then passes and the value checks must catch the change."""
+    from qvlc.artifacts import write_manifest
+    from qvlc.contract import Manifest
+
+    def seal(folder: Path, edit=None) -> None:
+        data = json.loads((folder / "manifest.json").read_text())
+        if edit is not None:
+            edit(data)
+        write_manifest(folder, Manifest.from_dict(data))
+
+    return seal

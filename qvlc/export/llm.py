@@ -69,6 +69,13 @@ def export_rank(job: RankJob, text_model, lm_head) -> RankResult:
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
+def _worker_init() -> None:
+    """Ctrl-C reaches the whole process group: the parent alone reports it (and terminates the pool)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _export_rank_in_worker(job: RankJob) -> RankResult:
     """Worker entry: read only this rank's weight slices from the checkpoint files (no model is loaded)."""
     text_model, lm_head = lazy_text_model(job.checkpoint)
@@ -114,7 +121,7 @@ def export_llm(plan: Plan, ck: LoadedCheckpoint | None, stage: Path) -> ExportRe
     workers = min(e.workers, e.tp)
     if workers > 1:
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, maxtasksperchild=1) as pool:
+        with ctx.Pool(workers, initializer=_worker_init, maxtasksperchild=1) as pool:
             ranks = pool.map(_export_rank_in_worker, jobs, chunksize=1)
     else:
         ranks = [export_rank(job, text_model, lm_head) for job in jobs]

@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from qvlc.contract import GraphRecord, GraphSig, LlmSpec, TensorSig, TpRecord, VisualSpec
+from qvlc.contract import GraphRecord, GraphSig, LlmSpec, TpRecord, VisualSpec, graph_io
 from qvlc.parallel import allreduce
 
 INLINE_BELOW = 1024  # bytes; smaller initializers stay inside the .onnx file
@@ -143,23 +143,6 @@ def check_graph(path: Path) -> None:
     """onnx.checker on the file path (needed past 2 GB), with qvlc.AllReduce registered."""
     allreduce.register_onnx_schema()
     onnx.checker.check_model(str(path))
-
-
-def graph_io(path: Path, file: str = "", rank: int = 0) -> GraphRecord:
-    """Names, static shapes and dtypes of a graph's inputs and outputs, and its node count (reads no weights).
-    A symbolic dimension is recorded as -1 (qvlc graphs have none; the contract check then reports it)."""
-    model = onnx.load(str(path), load_external_data=False)
-
-    def describe(values) -> tuple[TensorSig, ...]:
-        out = []
-        for v in values:
-            tt = v.type.tensor_type
-            out.append(TensorSig(v.name, tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim),
-                                 onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name))
-        return tuple(out)
-
-    return GraphRecord(file or Path(path).name, rank, describe(model.graph.input), describe(model.graph.output),
-                       len(model.graph.node))
 
 
 def finish_graphs(stage: Path, folder: Path, names: Sequence[str], rank: int) -> list[GraphRecord]:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qvlc.contract import PREPROCESS, Manifest, read_part_manifest
+from qvlc.artifacts import checked_artifact
+from qvlc.contract import PREPROCESS, Manifest
 from qvlc.errors import QvlcError
 from qvlc.host.preprocess import ImageLike, PreprocessConfig, image_to_patches, video_to_patches
 from qvlc.models import family as family_of
@@ -136,12 +137,15 @@ class VlmPipeline:
     Raises QvlcError when the folders are not an LLM and a visual artifact of the same checkpoint.
     """
 
-    def __init__(self, llm_dir: Path | str, visual_dir: Path | str, checkpoint: Path | str | None = None) -> None:
+    def __init__(self, llm_dir: Path | str, visual_dir: Path | str, checkpoint: Path | str | None = None,
+                 verify_hashes: bool | None = None) -> None:
+        """Both artifacts are checked before use (``qvlc.artifacts.checked_artifact``): manifest digest, every
+        file's size, sha256 when ``verify_hashes`` (default: artifacts up to 4 GB), and a parity that passed."""
         from qvlc.models.common.tokenizer import load_processor
 
         self.llm_dir, self.visual_dir = Path(llm_dir), Path(visual_dir)
-        llm_m = read_part_manifest(self.llm_dir, "llm", "LLM_DIR")
-        vis_m = read_part_manifest(self.visual_dir, "visual", "VISUAL_DIR")
+        llm_m = checked_artifact(self.llm_dir, "llm", "LLM_DIR", verify_hashes)
+        vis_m = checked_artifact(self.visual_dir, "visual", "VISUAL_DIR", verify_hashes)
         self.spec, self.visual_spec = llm_m.llm, vis_m.visual
         self.family = family_of(llm_m.family)
         pre = self.visual_dir / PREPROCESS

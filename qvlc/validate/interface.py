@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qvlc.contract import GraphSig
-from qvlc.export.onnx_export import graph_io
+from qvlc.contract import GraphSig, graph_io
 from qvlc.validate.metrics import ParityReport
 
 

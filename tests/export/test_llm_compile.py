@@ -39,8 +39,8 @@ def test_parity_passes_with_every_case(fp32):
 def test_artifact_layout_and_contract(fp32):
     folder = fp32.folder
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["embed_tokens.bin", "llm_decode.onnx", "llm_prefill.onnx", "llm_weights.data",
-                     "manifest.json", "parity.json", "parity.md"]
+    assert names == [".qvlc-artifact", "embed_tokens.bin", "llm_decode.onnx", "llm_prefill.onnx", "llm_weights.data",
+                     "manifest.json", "manifest.sha256", "parity.json", "parity.md"]
     m = json.loads((folder / "manifest.json").read_text())
     graphs = {g["file"]: g for g in m["graphs"]}
     pre, dec = graphs["llm_prefill.onnx"], graphs["llm_decode.onnx"]
@@ -103,9 +103,12 @@ def _perturb(folder, tensor_suffix: str, delta: float) -> None:
     data.flush()
 
 
-def test_one_perturbed_weight_is_caught(fp32, copy_artifact):
+def test_one_perturbed_weight_is_caught(fp32, copy_artifact, reseal):
     folder = copy_artifact(fp32.folder)
     _perturb(folder, "layers.1.mlp.down_proj.weight_t", 1e-2)
+    with pytest.raises(QvlcError, match="llm_weights.data: sha256 differs"):  # the integrity check sees it first
+        validate_artifact(folder)
+    reseal(folder)  # a consistent artifact with a wrong weight: parity must see it
     report = validate_artifact(folder)
     assert not report.passed
     failed = {(c.graph, c.output) for c in report.checks if not c.passed}
@@ -194,16 +197,18 @@ def test_staging_of_a_killed_compile_is_removed_next_time(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".art.staging-{int(dead.stdout)}-abc"
     stale.mkdir()
+    (stale / ".qvlc-artifact").write_text("")
+    foreign = tmp_path / f".art.staging-{int(dead.stdout)}-def"  # same pattern, but not qvlc's: never touched
+    foreign.mkdir()
     live = tmp_path / f".art.staging-{1}-xyz"  # pid 1 is alive: never touched
     live.mkdir()
+    (live / ".qvlc-artifact").write_text("")
     mine = make_staging(tmp_path / "art")
-    assert not stale.exists() and live.exists() and mine.exists()
+    assert not stale.exists() and foreign.exists() and live.exists() and mine.exists()
 
 
-def test_validate_refuses_a_different_checkpoint(fp32, copy_artifact):
+def test_validate_refuses_a_different_checkpoint(fp32, copy_artifact, reseal):
     folder = copy_artifact(fp32.folder)
-    m = json.loads((folder / "manifest.json").read_text())
-    m["source"]["weights"][0]["sha256"] = "0" * 64
-    (folder / "manifest.json").write_text(json.dumps(m))
+    reseal(folder, lambda m: m["source"]["weights"][0].update(sha256="0" * 64))
     with pytest.raises(QvlcError, match="not the one"):
         validate_artifact(folder)

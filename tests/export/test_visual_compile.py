@@ -66,7 +66,7 @@ def test_compile_passes_parity(built, dtype):
     cases = {c.case for c in r.report.checks}
     assert cases == {"small_image", "odd_grid", "extreme_aspect", "two_images", "video_t2", "heavy_padding"}
     assert {p.name for p in r.folder.iterdir()} == {VISUAL, VISUAL_WEIGHTS, PREPROCESS, "manifest.json",
-                                                   "parity.json", "parity.md"}
+                                                   "manifest.sha256", ".qvlc-artifact", "parity.json", "parity.md"}
     assert r.export.bytes_written == sum((r.folder / f).stat().st_size for f in (VISUAL, VISUAL_WEIGHTS, PREPROCESS))
 
 

@@ -25,6 +25,10 @@ VISUAL_PREFIXES = ("visual.", "model.visual.")  # released checkpoints / transfo
 
 def require_folder(folder: Path) -> Path:
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{str(folder)!r} is a file; a checkpoint is a folder",
+                              fix="give the folder that holds config.json and the *.safetensors files",
+                              key="model.checkpoint")
     if not folder.is_dir():
         raise CheckpointError(
             f"checkpoint folder {str(folder)!r} does not exist",
@@ -75,6 +79,61 @@ def weight_files(folder: Path) -> list[Path]:
         fix="qvlc reads safetensors checkpoints; re-save the model with save_pretrained(safe_serialization=True)",
         key="model.checkpoint",
     )
+
+
+def _header(path: Path) -> dict:
+    """The JSON header of a safetensors file; CheckpointError when the file is cut short or not safetensors."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise CheckpointError(f"{path} is not a complete safetensors file ({size} bytes)",
+                                  fix="download the file again", key="model.checkpoint")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} has a damaged safetensors header ({exc})", fix="download the file again",
+                                  key="model.checkpoint") from exc
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path} holds {size} bytes but its header describes {8 + n + end}: the file is "
+                              "truncated or damaged", fix="download the file again", key="model.checkpoint")
+    return {k: t for k, t in header.items() if k != "__metadata__"}
+
+
+def check_weight_shapes(folder: Path, family: "Family", config: dict) -> None:
+    """Every weight file complete, and every tensor the model needs present with its shape (read from the
+    safetensors headers and a meta-device model: no weight is read)."""
+    import torch
+
+    found: dict[str, list[int]] = {}
+    for file in weight_files(folder):
+        found.update({k: t["shape"] for k, t in _header(file).items()})
+    with torch.device("meta"):
+        model = family.hf_class("model")(family.hf_class("config")(**config))
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for name, p in model.state_dict().items():
+        names = [name, released_name(name)]
+        have = next((found[n] for n in names if n in found), None)
+        if have is None:
+            if tied and name == "lm_head.weight":
+                continue
+            raise CheckpointError(f"{folder} has no tensor {names[-1]!r}", fix="use a complete checkpoint of this "
+                                  "model (every file listed in its index)", key="model.checkpoint")
+        if list(have) != list(p.shape):
+            raise CheckpointError(f"{folder}: tensor {names[-1]!r} has shape {list(have)}, config.json implies "
+                                  f"{list(p.shape)}", fix="use the config.json that ships with these weights",
+                                  key="model.checkpoint")
+
+
+def released_name(name: str) -> str:
+    """transformers 4.57 module names → the key names of the released checkpoints (what save_pretrained writes)."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    return name
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from qvlc.models.common.checkpoint import released_name
+
 if TYPE_CHECKING:
     from qvlc.models.common.family import Family
 
@@ -121,15 +123,6 @@ def tiny_checkpoint(overrides: dict | None = None, seed: int = TINY_SEED, family
     return folder
 
 
-def _released_name(name: str) -> str:
-    """transformers 4.57 module names → the key names of the released checkpoints (what save_pretrained writes)."""
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model."):]
-    if name.startswith("model.visual."):
-        return name[len("model."):]
-    return name
-
-
 @torch.no_grad()
 def write_random_checkpoint_streaming(config: dict, folder: Path, seed: int, dtype: torch.dtype = torch.bfloat16,
                                       shard_bytes: int = 2 << 30, family: "Family | None" = None,
@@ -154,7 +147,7 @@ def write_random_checkpoint_streaming(config: dict, folder: Path, seed: int, dty
     if cfg.tie_word_embeddings:
         params = [(n, p) for n, p in params if n != "lm_head.weight"]
     if vision_only:
-        params = [(n, p) for n, p in params if _released_name(n).startswith("visual.")]
+        params = [(n, p) for n, p in params if released_name(n).startswith("visual.")]
     with _written_atomically(folder) as staging:
         shards: list[list[str]] = [[]]
         size = 0
@@ -181,8 +174,8 @@ def write_random_checkpoint_streaming(config: dict, folder: Path, seed: int, dty
                     x = 1.0 + x * 0.1
                 else:
                     x = x * 0.02
-                tensors[_released_name(name)] = x.to(dtype)
-                weight_map[_released_name(name)] = file
+                tensors[released_name(name)] = x.to(dtype)
+                weight_map[released_name(name)] = file
             save_file(tensors, str(staging / file), metadata={"format": "pt"})
             del tensors
         (staging / "model.safetensors.index.json").write_text(json.dumps(

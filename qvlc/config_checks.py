@@ -1,0 +1,72 @@
+"""The config against the checkpoint's config.json and this machine, still before any weight is read: tp against
+the heads, lengths against the model's position limit, declared vamc values against the checkpoint, and an
+estimate of the memory the compile and its validation need."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qvlc.config import Config, Part
+from qvlc.errors import ConfigError
+from qvlc.memory import check_memory
+from qvlc.models.common.tp import tp_problems, valid_tp_values
+
+if TYPE_CHECKING:
+    from qvlc.models.common.dims import ModelDims
+    from qvlc.models.common.family import Family
+
+
+def check_against_model(cfg: Config, dims: "ModelDims", family: "Family", memory: bool = True) -> None:
+    """Every check that needs config.json (and, with ``memory``, this machine's memory)."""
+    _tp(cfg, dims)
+    _lengths(cfg, dims, family)
+    _declared(cfg, dims)
+    if memory:
+        check_memory(cfg, dims)
+
+
+def _tp(cfg: Config, dims: "ModelDims") -> None:
+    t = dims.text
+    if cfg.part == Part.LLM and cfg.export.tp > 1:
+        problems = tp_problems(cfg.export.tp, t.heads, t.kv_heads, t.intermediate, t.vocab)
+        if problems:
+            valid = valid_tp_values(t.heads, t.kv_heads, t.intermediate, t.vocab)
+            raise ConfigError(f"tp {cfg.export.tp} cannot split this model: {'; '.join(problems)}",
+                              fix=f"use one of tp = {', '.join(map(str, valid))}", key="export.tp")
+
+
+def _lengths(cfg: Config, dims: "ModelDims", family: "Family") -> None:
+    e, limit = cfg.export, dims.text.max_positions
+    if cfg.part == Part.LLM:
+        for key, value in (("export.max_context", e.max_context), ("export.prefill_len", e.prefill_len)):
+            if value > limit:
+                raise ConfigError(f"{value} is beyond the checkpoint's max_position_embeddings {limit}",
+                                  fix=f"use {key.split('.')[1]} <= {limit // 16 * 16}", key=key)
+    if cfg.part == Part.LLM and cfg.llm_holds_patches:
+        wrap = family.vision_wrap_tokens  # vision start/end around the merged image tokens
+        need = cfg.llm_holds_patches // dims.vision.merge_unit + wrap
+        if e.prefill_len < need:
+            raise ConfigError(
+                f"prefill_len {e.prefill_len} cannot hold the {need - wrap} visual tokens of "
+                f"max_patches {cfg.llm_holds_patches} (plus {wrap} around them)",
+                fix=f"raise export.prefill_len to at least {-(-need // 16) * 16}, or lower export.max_patches",
+                key="export.prefill_len")
+    if cfg.part == Part.VISUAL and e.max_patches % dims.vision.merge_unit:
+        v = dims.vision
+        raise ConfigError(f"max_patches {e.max_patches} is not a multiple of the merge unit {v.merge_unit}",
+                          fix=f"use a multiple of {16 * v.merge_unit // 4}", key="export.max_patches")
+
+
+def _declared(cfg: Config, dims: "ModelDims") -> None:
+    if cfg.declared_patch_dim and cfg.declared_patch_dim != dims.vision.patch_dim:
+        raise ConfigError(f"frontend.shape.pixel_values declares patches of {cfg.declared_patch_dim} values, the "
+                          f"checkpoint's are {dims.vision.patch_dim}",
+                          fix=f"write frontend.shape.pixel_values: [{cfg.export.max_patches}, {dims.vision.patch_dim}]",
+                          key="frontend.shape.pixel_values")
+    declared = cfg.declared_fullatt_blocks
+    if declared is not None and tuple(declared) != tuple(dims.vision.fullatt_blocks):
+        raise ConfigError(f"backend.compile.fullatt_block_indexes is {list(declared)}, but the checkpoint's "
+                          f"config.json makes blocks {list(dims.vision.fullatt_blocks)} attend over whole frames",
+                          fix=f"write backend.compile.fullatt_block_indexes: {list(dims.vision.fullatt_blocks)} "
+                              "(or remove it: qvlc reads it from config.json)",
+                          key="backend.compile.fullatt_block_indexes")
