@@ -6,7 +6,6 @@ from typing import Any
 
 from qvlc.errors import ConfigError
 
-
 _VAMC_DTYPES = {"float16": "fp16", "fp16": "fp16", "half": "fp16", "float32": "fp32", "fp32": "fp32", "float": "fp32"}
 
 

@@ -13,14 +13,28 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 from qvlc import __version__
-from qvlc.artifacts import CompileLock, checked_artifact, discard, keep_failed, library_versions, make_staging, \
-    publish, refuse_existing, write_manifest
+from qvlc.artifacts import (
+    CompileLock,
+    checked_artifact,
+    discard,
+    keep_failed,
+    library_versions,
+    make_staging,
+    publish,
+    refuse_existing,
+    write_manifest,
+)
 from qvlc.config import Config, Part, config_from_dict
 from qvlc.contract import Manifest, SourceRecord, WeightFileRecord
 from qvlc.errors import ParityError, QvlcError
 from qvlc.export.onnx_export import ExportResult
-from qvlc.models.common.checkpoint import LoadedCheckpoint, load_checkpoint, load_vision_tower, sha256_file, \
-    weight_files
+from qvlc.models.common.checkpoint import (
+    LoadedCheckpoint,
+    load_checkpoint,
+    load_vision_tower,
+    sha256_file,
+    weight_files,
+)
 from qvlc.models.common.tiny import TINY_SEED
 from qvlc.plan import Plan, check
 from qvlc.validate.metrics import ParityReport

@@ -6,13 +6,27 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvlc.artifacts import discard
-from qvlc.contract import DECODE, EMBED, PREFILL, WEIGHTS, GraphRecord, RankRecord, TpRecord, rank_dirs
-from qvlc.export.onnx_export import ExportResult, export_graph, finish_graphs, write_shared
+from qvlc.contract import (
+    DECODE,
+    EMBED,
+    PREFILL,
+    WEIGHTS,
+    GraphRecord,
+    RankRecord,
+    TpRecord,
+    rank_dirs,
+)
+from qvlc.export.onnx_export import (
+    ExportResult,
+    export_graph,
+    finish_graphs,
+    write_shared,
+)
 from qvlc.host.embeddings import write_embed_table
 from qvlc.models import family as family_of
 from qvlc.models.common.checkpoint import LoadedCheckpoint
@@ -128,7 +142,7 @@ def export_llm(plan: Plan, ck: LoadedCheckpoint | None, stage: Path) -> ExportRe
     for r in ranks:
         result.add(r.stats, r.graphs)
         result.worker_peak_rss_mb = max(result.worker_peak_rss_mb, r.peak_rss_mb if workers > 1 else 0.0)
-    discard(stage / "_work")
+    shutil.rmtree(stage / "_work", ignore_errors=True)  # the onnxsim work files, inside our staging folder
     if e.tp > 1:
         result.tp = tp_record(plan, ranks)
     return result

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import shutil
 from pathlib import Path
 
-from qvlc.artifacts import discard
 from qvlc.contract import PREPROCESS, VISUAL, VISUAL_WEIGHTS
 from qvlc.errors import CheckpointError
-from qvlc.export.onnx_export import ExportResult, export_graph, finish_graphs, write_shared
+from qvlc.export.onnx_export import (
+    ExportResult,
+    export_graph,
+    finish_graphs,
+    write_shared,
+)
 from qvlc.host.preprocess import PREPROCESSOR_CONFIG_NAME, PreprocessConfig
 from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.models.common.dims import VisionDims
@@ -55,6 +60,6 @@ def export_visual(plan: Plan, ck: LoadedCheckpoint, stage: Path) -> ExportResult
     stats = write_shared([graph], stage, VISUAL_WEIGHTS)
     del graph
     gc.collect()
-    discard(stage / "_work")
+    shutil.rmtree(stage / "_work", ignore_errors=True)  # the onnxsim work files, inside our staging folder
     result.add(stats, finish_graphs(stage, stage, [VISUAL], rank=0))
     return result

@@ -13,7 +13,12 @@ import numpy as np
 from qvlc.artifacts import checked_artifact
 from qvlc.contract import PREPROCESS, Manifest
 from qvlc.errors import QvlcError
-from qvlc.host.preprocess import ImageLike, PreprocessConfig, image_to_patches, video_to_patches
+from qvlc.host.preprocess import (
+    ImageLike,
+    PreprocessConfig,
+    image_to_patches,
+    video_to_patches,
+)
 from qvlc.models import family as family_of
 from qvlc.models import inspect_checkpoint, tiny_family
 from qvlc.runtime.llm import LlmRuntime, Media

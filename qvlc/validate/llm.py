@@ -27,7 +27,12 @@ from qvlc.models.common.tp import RankLayout, rank_layout
 from qvlc.plan import Plan
 from qvlc.runtime.llm import KvState, LlmRuntime, Window
 from qvlc.validate.interface import check_interface
-from qvlc.validate.llm_cases import LlmCase, build_cases, build_generation_cases, with_image_rows
+from qvlc.validate.llm_cases import (
+    LlmCase,
+    build_cases,
+    build_generation_cases,
+    with_image_rows,
+)
 from qvlc.validate.metrics import ParityReport, TokenCheck
 
 

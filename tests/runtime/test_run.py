@@ -172,17 +172,16 @@ def test_cli_run_streams_text_and_summary(folders, pipelines, image_file, images
     assert f"{len(want.tokens)} tokens" in res.output and "tokens/s" in res.output and "first token" in res.output
 
 
-def _mismatched_visual(folder: Path, copy_artifact) -> Path:
+def _mismatched_visual(folder: Path, copy_artifact, reseal) -> Path:
+    """A consistent visual artifact (its manifest resealed) of another checkpoint."""
     dst = copy_artifact(folder)
-    m = json.loads((dst / "manifest.json").read_text())
-    m["source"]["weights"][0]["sha256"] = "0" * 64
-    (dst / "manifest.json").write_text(json.dumps(m))
+    reseal(dst, lambda m: m["source"]["weights"][0].update(sha256="0" * 64))
     return dst
 
 
 @pytest.mark.parametrize("bad", ["missing_image", "unreadable_image", "no_manifest", "swapped", "other_checkpoint",
                                  "long_prompt"])
-def test_cli_run_bad_input_exits_2(folders, image_file, tmp_path, copy_artifact, bad):
+def test_cli_run_bad_input_exits_2(folders, image_file, tmp_path, copy_artifact, reseal, bad):
     llm, vis = folders["fp32"]
     image, prompt, want = str(image_file), PROMPT, "fix:"
     if bad == "missing_image":
@@ -195,7 +194,7 @@ def test_cli_run_bad_input_exits_2(folders, image_file, tmp_path, copy_artifact,
     elif bad == "swapped":
         llm, vis, want = vis, llm, "not a 'llm' one"
     elif bad == "other_checkpoint":
-        vis, want = _mismatched_visual(vis, copy_artifact), "different checkpoints"
+        vis, want = _mismatched_visual(vis, copy_artifact, reseal), "different checkpoints"
     else:
         prompt, want = "many words " * 200, "export.prefill_len"
     res = CliRunner().invoke(app, ["run", str(llm), str(vis), "--image", image, "--prompt", prompt])

@@ -8,7 +8,13 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from qvlc.host.vision import fit_grids, padded_patches, segment_mask, vision_attention_mask, vision_cos_sin
+from qvlc.host.vision import (
+    fit_grids,
+    padded_patches,
+    segment_mask,
+    vision_attention_mask,
+    vision_cos_sin,
+)
 
 
 def window_index(grids: npt.ArrayLike, merge_size: int, window: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,12 +14,17 @@ The merged rows leave in window order; the host restores the prompt order. Paddi
 from __future__ import annotations
 
 import torch
-
 from torch import nn
+
 from qvlc.models.common.dims import VisionDims
 from qvlc.models.common.family import chunk_widths
 from qvlc.models.common.layers import Linear, RMSNorm
-from qvlc.models.common.vision import PatchMerger, VisionAttention, activation, patch_embed
+from qvlc.models.common.vision import (
+    PatchMerger,
+    VisionAttention,
+    activation,
+    patch_embed,
+)
 
 NORM_EPS = 1e-6  # transformers hard-codes eps=1e-6 for the vision RMSNorms
 

@@ -38,7 +38,11 @@ class Qwen2VL(Family):
         return visual_signature(spec)
 
     def vision_feeds(self, spec: VisualSpec, pixel_values: np.ndarray, grids: np.ndarray) -> VisionFeeds:
-        from qvlc.host.vision import padded_patches, vision_attention_mask, vision_cos_sin
+        from qvlc.host.vision import (
+            padded_patches,
+            vision_attention_mask,
+            vision_cos_sin,
+        )
 
         dt = spec.dtype.numpy
         cos, sin = vision_cos_sin(grids, spec.head_dim, spec.merge_size, spec.max_patches, spec.rope_theta, dt)

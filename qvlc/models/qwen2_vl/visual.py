@@ -23,7 +23,12 @@ from torch import nn
 from qvlc.models.common.dims import VisionDims
 from qvlc.models.common.family import chunk_widths
 from qvlc.models.common.layers import LayerNorm, Linear
-from qvlc.models.common.vision import PatchMerger, VisionAttention, activation, patch_embed
+from qvlc.models.common.vision import (
+    PatchMerger,
+    VisionAttention,
+    activation,
+    patch_embed,
+)
 
 
 class VisionMlp(nn.Module):
