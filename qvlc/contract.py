@@ -163,6 +163,7 @@ class GraphRecord:
     inputs: tuple[TensorSig, ...]
     outputs: tuple[TensorSig, ...]
     nodes: int
+    opset: int = 0  # the graph's own ai.onnx opset, as written (what export.opset asked for)
 
 
 @dataclass(frozen=True)
@@ -253,8 +254,9 @@ def graph_io(path: Path, file: str = "", rank: int = 0) -> GraphRecord:
                                  onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name))
         return tuple(out)
 
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return GraphRecord(file or Path(path).name, rank, describe(model.graph.input), describe(model.graph.output),
-                       len(model.graph.node))
+                       len(model.graph.node), opset)
 
 
 def read_part_manifest(folder: Path, part: str, key: str | None = None) -> Manifest:

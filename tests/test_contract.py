@@ -98,3 +98,9 @@ def test_llm_interface_against_another_shape(llm):
     failed = {(c.graph, c.output) for c in report.checks if not c.passed}
     assert ("prefill", "inputs_embeds") in failed and ("decode", "past_key_values") in failed
     assert ("prefill", "logits") not in failed
+
+
+def test_manifest_records_the_opset_the_graphs_have(compiled):
+    r = compiled("contract_opset21", prefill_len=64, max_context=96, opset=21, validate={"enabled": False})
+    m = read_manifest(r.folder)
+    assert m.config["export"]["opset"] == 21 and {g.opset for g in m.graphs} == {21}
