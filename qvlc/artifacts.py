@@ -241,13 +241,8 @@ def signature_problems(folder: Path, m: Manifest) -> list[str]:
 HASH_BY_DEFAULT_BYTES = 4 << 30  # sha256 runs at ~1.7 GB/s here: up to 4 GB costs ~2.5 s before a run
 
 
-def checked_artifact(folder: Path, part: str | None, key: str, hashes: bool | None = None) -> Manifest:
-    """What `run` and `validate` use: the manifest (digest checked) of a ``part`` artifact (None: either part)
-    whose files all have
-    their recorded sizes — and sha256 when ``hashes`` (default: when the artifact is at most 4 GB) — and whose
-    parity did not fail. IntegrityError listing every problem otherwise."""
-    from qvlc.contract import read_part_manifest
-
+def require_artifact(folder: Path, key: str) -> Path:
+    """A folder with a manifest.json; QvlcError (bad input) when the path is not an artifact at all."""
     folder = Path(folder)
     if not folder.is_dir():
         raise QvlcError(f"artifact folder {str(folder)!r} does not exist",
@@ -255,6 +250,17 @@ def checked_artifact(folder: Path, part: str | None, key: str, hashes: bool | No
     if not (folder / MANIFEST).is_file():
         raise QvlcError(f"{folder} has no {MANIFEST}, so it is not a finished artifact",
                         fix="give the folder of a finished `qvlc compile`", key=key)
+    return folder
+
+
+def checked_artifact(folder: Path, part: str | None, key: str, hashes: bool | None = None) -> Manifest:
+    """What `run` and `validate` use: the manifest (digest checked) of a ``part`` artifact (None: either part)
+    whose files all have their recorded sizes — and sha256 when ``hashes`` (default: when the artifact is at most
+    4 GB) — whose graphs match the manifest's interfaces, and whose parity did not fail. IntegrityError listing
+    every problem otherwise."""
+    from qvlc.contract import read_part_manifest
+
+    folder = require_artifact(folder, key)
     problems = manifest_problems(folder)
     if problems:
         raise IntegrityError("; ".join(problems), fix="recompile the artifact (or restore it from a copy)", key=key)
@@ -281,13 +287,7 @@ class VerifyResult:
 def verify(folder: Path) -> VerifyResult:
     """The manifest's own digest, then every file's size and sha256 against it, files it does not know, and
     whether the artifact's parity failed at compile time."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise QvlcError(f"artifact folder {str(folder)!r} does not exist", fix="give the folder of a `qvlc compile`",
-                        key=str(folder))
-    if not (folder / MANIFEST).is_file():
-        raise QvlcError(f"{folder} has no {MANIFEST}, so it is not a finished artifact",
-                        fix="give the folder of a finished `qvlc compile`", key=str(folder))
+    folder = require_artifact(folder, str(folder))
     problems = manifest_problems(folder)
     if problems:
         return VerifyResult(0, problems)

@@ -27,9 +27,15 @@ def _config(tmp_path: Path, name: str = "slow", **validate) -> Path:
     return path
 
 
+def _default_signals() -> None:
+    """A job started in the background (CI runners, nohup) inherits SIGINT ignored, and Python then keeps it
+    ignored; give the compile the disposition an interactive shell gives it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(cfg: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([*QVLC, "compile", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, preexec_fn=_default_signals)
 
 
 def _wait_for_staging(out: Path, timeout: float = 60) -> None:
