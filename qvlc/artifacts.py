@@ -38,8 +38,15 @@ FAILED_SUFFIX = ".failed"
 
 
 def is_ours(folder: Path) -> bool:
-    """A folder qvlc created (a staging folder, an artifact, a ``.failed`` folder)."""
-    return (Path(folder) / MARKER).is_file()
+    """A folder qvlc created (a staging folder, an artifact, a ``.failed`` folder): it carries the marker, or is a
+    0.1 artifact (no marker yet) whose manifest.json names a qvlc version."""
+    folder = Path(folder)
+    if (folder / MARKER).is_file():
+        return True
+    try:
+        return '"qvlc_version"' in (folder / MANIFEST).read_text(errors="replace")[:200]
+    except OSError:
+        return False
 
 
 def refuse_existing(final: Path, force: bool) -> None:

@@ -55,9 +55,18 @@ class ExportConfig:
     simplify: bool = False  # run onnxsim on the exported graphs, then validate what it produced
 
 
+class OracleKind(str, Enum):
+    STREAMED = "streamed"  # transformers' own layers, one layer's weights in memory at a time
+    MEMORY = "memory"  # the whole transformers model loaded (small models)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class ValidateConfig:
     enabled: bool = True
+    oracle: OracleKind = OracleKind.STREAMED  # llm: how the fp32 oracle holds its weights
     decode_steps: int = 8  # decode steps carried through the KV cache per case
     generate_tokens: int = 16  # greedy tokens compared with transformers generate
 
@@ -104,7 +113,7 @@ class Config:
         else:
             for key in ("prefill_len", "max_context", "tp", "workers"):
                 del d["export"][key]
-            for key in ("decode_steps", "generate_tokens"):
+            for key in ("decode_steps", "generate_tokens", "oracle"):
                 del d["validate"][key]
         return d
 

@@ -62,12 +62,14 @@ class CompileResult:
 
 
 def load(plan: Plan) -> LoadedCheckpoint | None:
-    """The transformers model in fp32: the oracle, and the owner of the weights exported from views.
+    """The transformers model in fp32, when the part's oracle holds it in memory: the visual tower, or the whole
+    model for an LLM validated with ``validate.oracle: memory``.
 
-    An LLM compile without validation does not need it: its export reads each rank's slices straight from the
-    checkpoint files, so a model too large for this machine in fp32 (7B: ~33 GB) still compiles.
+    Otherwise nothing is loaded: the LLM export reads each rank's slices straight from the checkpoint files, and
+    the streamed oracle reads one layer at a time, so a model too large for this machine in fp32 (7B: ~33 GB)
+    still compiles.
     """
-    if plan.cfg.part == Part.LLM and not plan.cfg.validate.enabled:
+    if plan.cfg.part == Part.LLM and not (plan.cfg.validate.enabled and plan.cfg.validate.oracle == "memory"):
         return None
     return load_oracle(plan)
 
@@ -190,6 +192,6 @@ def validate_artifact(folder: Path, progress: Progress | None = None) -> ParityR
                             fix="point model.checkpoint at the original checkpoint, or recompile the artifact",
                             key="model.checkpoint")
     with progress.stage("load"):
-        ck = load_oracle(plan)
+        ck = load(plan)
     with progress.stage("validate"):
         return validate(plan, ck, Path(folder))

@@ -14,10 +14,17 @@ def session_options(weights_dir: Path | None = None) -> ort.SessionOptions:
     - weight prepacking off: it keeps yet another packed copy (visual session 6.5 → 3.0 GB; LLM prefill
       7.6 → 7.2 GB);
     - memory pattern off: with it the arena grows with the prompt length, and a second visual call allocated a
-      fresh block for the whole plan (visual peak ~13 → 8.9 GB; calls also ran faster, 45 s vs 57 s).
+      fresh block for the whole plan (visual peak ~13 → 8.9 GB; calls also ran faster, 45 s vs 57 s);
+    - graph optimizations off (0.2): constant folding is what turns the fp16 weights into resident fp32 copies
+      (the CPU provider casts fp16 MatMuls to fp32). Without it the casts run per call on one weight at a time
+      and the session reads the weights file as it goes: 2B prefill at S = 2048 peaks at 5.1 GiB instead of
+      8.1 GiB in a memory cgroup, at the same speed (40.7 vs 41.0 s per call); the Qwen2.5-VL-7B visual graph
+      at N = 5120 is attention-bound either way (8.2 vs 8.5 GiB, 86 vs 100 s). Measured with
+      `../shared/tools/memcap 24 python <script>` (README, issue notes).
     """
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.add_session_config_entry("session.disable_prepacking", "1")
     so.enable_mem_pattern = False
     if weights_dir is not None:

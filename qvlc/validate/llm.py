@@ -1,141 +1,63 @@
-"""Parity of the LLM graphs against the unmodified transformers model (fp32).
+"""Parity of the LLM graphs against transformers' own text model (fp32), in one pass per phase.
 
-The ONNX side goes through the same host path a deployment uses: ``embed_tokens.bin`` (in the export dtype), image
-and video rows scattered into their pad positions, the family's NumPy ``get_rope_index`` and M-RoPE cos/sin, left
-padding to S, and the KV cache carried between ONNX Runtime calls. The oracle gets the same tokens and vision rows,
-with positions from transformers' own ``get_rope_index``, so the host rope code is checked too.
+1. **Graphs.** Every prompt goes through the host path a deployment uses (``embed_tokens.bin`` in the export
+   dtype, image and video rows scattered in, the family's NumPy ``get_rope_index`` and M-RoPE, left padding to
+   S) into the prefill graph; then the decode graph generates greedily, carrying the KV cache, for
+   ``max(decode_steps, generate_tokens - 1)`` steps. Only one graph's sessions are alive at a time.
+2. **Oracle.** Each prompt at its real length plus the tokens the graphs generated runs once, teacher-forced,
+   through transformers' own modules (``qvlc.validate.oracle``: streamed one layer at a time by default), with
+   positions from transformers' own ``get_rope_index`` — so the host rope code is checked too.
+3. **Compare.** Prefill logits and KV, every decode step's logits and new KV, and greedy agreement: at every
+   position the oracle's argmax must be the token the graphs generated next. The first position where it is not
+   is the step where free-running generation would part from ``transformers.generate``: the same verdict, in one
+   oracle pass. With tp > 1 every rank's slice is compared with the matching slice of the oracle, and the
+   recombined result with the unsplit (tp = 1) deployment module on the same tokens.
 
-Checks, in order: graph interfaces (names → shapes → dtypes against the family's signatures), prefill logits and
-KV on several prompts, decode steps teacher-forced on the oracle's greedy token, and free-running greedy
-generation against ``transformers.generate``. With tp > 1 every rank's slice is compared with the matching slice
-of the oracle, and the recombined result with the oracle and with the unsplit (tp = 1) deployment module.
+Graph interfaces (names → shapes → dtypes against the family's signatures) are checked first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import gc
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qvlc.contract import LlmSpec, rank_dirs
+from qvlc.contract import rank_dirs
 from qvlc.host.rope import decode_position
-from qvlc.models.common.checkpoint import LoadedCheckpoint
-from qvlc.models.common.family import Family
+from qvlc.models.common.checkpoint import LoadedCheckpoint, load_vision_tower
+from qvlc.models.common.lazy import lazy_text_model
 from qvlc.models.common.tp import RankLayout, rank_layout
 from qvlc.plan import Plan
-from qvlc.runtime.llm import KvState, LlmRuntime, Window
+from qvlc.runtime.llm import LlmRuntime, Window
 from qvlc.validate.interface import check_interface
-from qvlc.validate.llm_cases import (
-    LlmCase,
-    build_cases,
-    build_generation_cases,
-    with_image_rows,
-)
+from qvlc.validate.llm_cases import LlmCase, build_cases, with_image_rows
 from qvlc.validate.metrics import ParityReport, TokenCheck
+from qvlc.validate.oracle import InMemoryOracle, OracleInput, OracleOutput, StreamedOracle
 
 
-def _grids(grids: np.ndarray | None) -> torch.Tensor | None:
-    return None if grids is None or not len(grids) else torch.from_numpy(np.asarray(grids))
+@dataclass
+class GraphRun:
+    """What the graphs computed for one prompt (per rank): the oracle is compared with this afterwards."""
+
+    case: LlmCase
+    window: Window
+    tokens: list[int] = field(default_factory=list)  # generated greedily: g_0 from prefill, g_k from decode k-1
+    logits: list[list[np.ndarray]] = field(default_factory=list)  # per step (prefill, decode 0 …), per rank
+    kv: list[list[np.ndarray]] = field(default_factory=list)  # per step, per rank: [L,2,kvH,T,D] (real positions)
+    unsplit_logits: list[np.ndarray] = field(default_factory=list)  # tp > 1: the tp = 1 module on the same tokens
 
 
-# ---------------------------------------------------------------------------------------------- oracle
-
-
-class Oracle:
-    """The unmodified transformers model in fp32, driven step by step with explicit positions."""
-
-    def __init__(self, ck: LoadedCheckpoint, family: Family) -> None:
-        self.ck, self.family = ck, family
-        self.model = ck.model
-        self.embed_tokens = ck.text_model.embed_tokens
-
-    def embeds(self, ids: np.ndarray, case: LlmCase) -> torch.Tensor:
-        tokens = self.ck.dims.tokens
-        with torch.no_grad():
-            e = self.embed_tokens(torch.from_numpy(ids)[None]).clone()
-            for token, rows in ((tokens.image, case.media.image_embeds), (tokens.video, case.media.video_embeds)):
-                if rows is not None:
-                    e[0, torch.from_numpy(ids == token)] = torch.from_numpy(rows)
-        return e
-
-    @torch.no_grad()
-    def prefill(self, ids: np.ndarray, mask: np.ndarray, case: LlmCase):
-        ids_t, mask_t = torch.from_numpy(ids)[None], torch.from_numpy(mask)[None]
-        m = case.media
-        pos, delta = self.model.model.get_rope_index(
-            input_ids=ids_t, image_grid_thw=_grids(m.images), video_grid_thw=_grids(m.videos),
-            attention_mask=mask_t, **self.family.oracle_video_kwargs(m.second_per_grid_ts))
-        out = self.model(inputs_embeds=self.embeds(ids, case), attention_mask=mask_t, position_ids=pos,
-                         use_cache=True, logits_to_keep=1)  # [S, vocab] fp32 logits would be 1.2 GB at 2B, S=2048
-        return out.logits[0, -1].numpy(), out.past_key_values, int(delta.reshape(-1)[0])
-
-    @torch.no_grad()
-    def decode(self, token: int, mask: np.ndarray, position: int, cache, cache_position: int):
-        emb = self.embed_tokens(torch.tensor([[token]]))
-        pos = torch.full((3, 1, 1), position, dtype=torch.long)
-        out = self.model(inputs_embeds=emb, attention_mask=torch.from_numpy(mask)[None], position_ids=pos,
-                         past_key_values=cache, cache_position=torch.tensor([cache_position]), use_cache=True)
-        return out.logits[0, -1].numpy(), out.past_key_values
-
-    @torch.no_grad()
-    def image_embeds(self, case: LlmCase) -> np.ndarray:
-        feats = self.model.model.get_image_features(torch.from_numpy(case.pixel_values),
-                                                    torch.from_numpy(case.media.image_grids))
-        return torch.cat(list(feats)).numpy()
-
-    @torch.no_grad()
-    def generate(self, case: LlmCase, n: int) -> list[int]:
-        ids = torch.from_numpy(case.ids)[None]
-        kwargs = {}
-        if case.pixel_values is not None:
-            # transformers 4.57 generate(inputs_embeds=...) ignores image grids for M-RoPE (rope_deltas stays 0),
-            # so image prompts are generated from pixels, the path users run.
-            kwargs = {"pixel_values": torch.from_numpy(case.pixel_values),
-                      "image_grid_thw": torch.from_numpy(case.media.image_grids)}
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0, **kwargs)
-        return out[0, ids.shape[1]:].tolist()
-
-
-def _cache_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache.key_cache[layer], cache.value_cache[layer]
-
-
-def oracle_kv(cache, layers: int) -> np.ndarray:
-    """transformers cache → [L, 2, kvH, T, D]."""
-    return np.stack([np.stack([t[0].numpy() for t in _cache_kv(cache, i)]) for i in range(layers)])
-
-
-# ---------------------------------------------------------------------------------------------- checks
-
-
-def _kv_slices(layouts: list[RankLayout]) -> list[slice]:
-    return [slice(lay.kv_head_start, lay.kv_head_start + lay.kv_heads) for lay in layouts]
-
-
-def _compare_step(report: ParityReport, graph: str, case: str, runtime: LlmRuntime, outs, ref_logits: np.ndarray,
-                  ref_kv: np.ndarray, positions: np.ndarray, layouts: list[RankLayout]) -> np.ndarray:
-    """Logits and KV, per rank (tp > 1) and recombined. ``ref_kv``/rank KV: [L,2,kvH,T,D] over ``positions``."""
-    logits = runtime.logits_of(outs)
-    report.add(graph, case, "logits", ref_logits, logits)
-    kv_ranks = [o["present_key_values"][:, :, 0][..., positions, :] for o in outs]
-    if len(outs) > 1:
-        for r, (lay, kv, sl) in enumerate(zip(layouts, kv_ranks, _kv_slices(layouts))):
-            report.add(graph, case, f"rank{r}.logits",
-                       ref_logits[lay.vocab_start:lay.vocab_start + lay.vocab], outs[r]["logits"].reshape(-1))
-            report.add(graph, case, f"rank{r}.present_key_values", ref_kv[:, :, sl], kv)
-    # Recombined KV: each kv head once, from the first rank that holds it.
-    heads: dict[int, np.ndarray] = {}
-    for lay, kv in zip(layouts, kv_ranks):
-        for j in range(lay.kv_heads):
-            heads.setdefault(lay.kv_head_start + j, kv[:, :, j])
-    merged = np.stack([heads[j] for j in sorted(heads)], axis=2)
-    report.add(graph, case, "present_key_values", ref_kv, merged)
-    return logits
+def check_interfaces(plan: Plan, folder: Path, report: ParityReport) -> bool:
+    sigs = plan.family.llm_signatures(plan.llm_spec)
+    ok = True
+    for r, d in enumerate(rank_dirs(folder, plan.cfg.export.tp)):
+        for name, sig in sigs.items():
+            graph = name.removesuffix(".onnx").removeprefix("llm_") + (f"[rank{r}]" if plan.cfg.export.tp > 1 else "")
+            ok &= check_interface(report, graph, d / name, sig)
+    return ok
 
 
 class TorchGraph:
@@ -157,109 +79,134 @@ def llm_runtime(plan: Plan, folder: Path, graphs: tuple | None = None) -> LlmRun
     return LlmRuntime(folder, spec, plan.family, v.merge_size, v.tokens_per_second, graphs)
 
 
-def unsplit_runtime(plan: Plan, ck: LoadedCheckpoint, folder: Path) -> LlmRuntime:
-    """The tp = 1 deployment module (eager torch, the export dtype) behind the same host loop as the ranks."""
+def unsplit_runtime(plan: Plan, ck: LoadedCheckpoint | None, folder: Path) -> LlmRuntime:
+    """The tp = 1 deployment module (eager torch, the export dtype) behind the same host loop as the ranks, built
+    from the loaded model or, without one, from the checkpoint files."""
+    text_model, lm_head = (ck.text_model, ck.lm_head) if ck is not None else lazy_text_model(plan.checkpoint)
     sigs = plan.family.llm_signatures(replace(plan.llm_spec, tp=1, kv_heads_per_rank=plan.dims.text.kv_heads))
     graphs, stack = [], None
     for name, sig in sigs.items():
-        module, stack = plan.family.llm_graph(name, ck.text_model, ck.lm_head, plan.dims,
-                                              rank_layout(plan.dims.text, 1, 0), plan.cfg.export.dtype.torch, stack)
+        module, stack = plan.family.llm_graph(name, text_model, lm_head, plan.dims, rank_layout(plan.dims.text, 1, 0),
+                                              plan.cfg.export.dtype.torch, stack)
         graphs.append(TorchGraph(module, sig.input_names, sig.output_names))
     return llm_runtime(plan, folder, tuple(graphs))
 
 
-@dataclass
-class _Prefilled:
-    """A prompt after phase 1: what the decode phase continues from, on both sides."""
-
-    case: LlmCase
-    state: KvState  # ONNX side (all ranks)
-    unsplit_state: KvState | None  # the tp = 1 module, when tp > 1
-    cache: object | None  # the oracle's transformers cache (teacher-forced cases)
-    logits: np.ndarray  # what the next token is chosen from: the oracle's (teacher-forced) or ours (generation)
-    window: Window  # the host's prompt window (ONNX side)
-    ref_delta: int = 0  # transformers' rope_delta (oracle side)
-    expected: list[int] | None = None  # transformers generate (generation cases)
-
-
-def check_interfaces(plan: Plan, folder: Path, report: ParityReport) -> bool:
-    sigs = plan.family.llm_signatures(plan.llm_spec)
-    ok = True
-    for r, d in enumerate(rank_dirs(folder, plan.cfg.export.tp)):
-        for name, sig in sigs.items():
-            graph = name.removesuffix(".onnx").removeprefix("llm_") + (f"[rank{r}]" if plan.cfg.export.tp > 1 else "")
-            ok &= check_interface(report, graph, d / name, sig)
-    return ok
+def vision_rows(plan: Plan, ck: LoadedCheckpoint | None, cases: list[LlmCase]) -> list[LlmCase]:
+    """Cases given as pixels get their image rows from transformers' vision tower (loaded only for this)."""
+    todo = [c for c in cases if c.pixel_values is not None]
+    if not todo:
+        return cases
+    tower = ck.visual if ck is not None else load_vision_tower(plan.checkpoint, plan.family, plan.dims).visual
+    with torch.no_grad():
+        rows = {c.name: tower(torch.from_numpy(c.pixel_values), grid_thw=torch.from_numpy(c.media.image_grids))
+                .numpy() for c in todo}
+    del tower
+    gc.collect()
+    return [with_image_rows(c, rows[c.name]) if c.name in rows else c for c in cases]
 
 
-def validate_llm(plan: Plan, ck: LoadedCheckpoint, folder: Path, report: ParityReport, seed: int = 0) -> None:
-    """Phase 1 prefills every prompt and keeps each one's KV state; the prefill sessions are then released and
-    phase 2 runs every decode step. Only one graph's sessions are alive at a time, which bounds peak memory
-    (on CPU, ONNX Runtime holds fp32 casts of fp16 weights: ~7.6 GB per 2B session)."""
+def run_graphs(plan: Plan, folder: Path, cases: list[LlmCase], steps: int, unsplit: LlmRuntime | None) -> list[GraphRun]:
+    """Phase 1: every prefill, then (prefill sessions released) every prompt's greedy decode."""
+    runtime, S = llm_runtime(plan, folder), plan.cfg.export.prefill_len
+    runs, states = [], []
+    for case in cases:
+        w = runtime.prompt_window(case.ids, case.media)
+        outs = runtime.prefill(w.embeds, w.positions, w.mask)
+        real = np.flatnonzero(w.mask)
+        run = GraphRun(case, w, logits=[[o["logits"].reshape(-1) for o in outs]],
+                       kv=[[o["present_key_values"][:, :, 0][..., real, :] for o in outs]])
+        if unsplit is not None:
+            run.unsplit_logits.append(unsplit.logits_of(unsplit.prefill(w.embeds, w.positions, w.mask)))
+            states.append((runtime.snapshot(), unsplit.snapshot()))
+        else:
+            states.append((runtime.snapshot(), None))
+        runs.append(run)
+    runtime.release_prefill()
+    for run, (state, unsplit_state) in zip(runs, states):
+        runtime.restore(state)
+        if unsplit is not None:
+            unsplit.restore(unsplit_state)
+        for step in range(steps + 1):
+            token = int(np.argmax(np.concatenate(run.logits[-1])))
+            run.tokens.append(token)
+            if step == steps:
+                break
+            embed = runtime.embed.lookup(np.array([token]))[0]
+            position = decode_position(S, step, run.window.delta)  # the host's rule
+            outs = runtime.decode(embed, position)
+            run.logits.append([o["logits"].reshape(-1) for o in outs])
+            run.kv.append([o["present_key_values"][:, :, 0] for o in outs])
+            if unsplit is not None:
+                run.unsplit_logits.append(unsplit.logits_of(unsplit.decode(embed, position)))
+    return runs
+
+
+def oracle_inputs(runs: list[GraphRun], image_token: int, video_token: int) -> list[OracleInput]:
+    """Each prompt at its real length, then the tokens the graphs fed to their decode steps."""
+    out = []
+    for run in runs:
+        m, ids, tk = run.case.media, run.case.ids, run.tokens
+        rows = {image_token: m.image_embeds, video_token: m.video_embeds}
+        out.append(OracleInput(np.concatenate([ids, tk[:-1]]).astype(np.int64), rows, m.images, m.videos,
+                               m.second_per_grid_ts, len(ids)))
+    return out
+
+
+def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: ParityReport, seed: int = 0) -> None:
+    """Graphs first (their sessions released), then the oracle in one pass, then every comparison."""
     if not check_interfaces(plan, folder, report):
         report.notes.append("value checks skipped: a graph interface does not match the contract")
         return
-    dims, spec, v = plan.dims, plan.llm_spec, plan.cfg.validate
-    runtime = llm_runtime(plan, folder)
-    oracle = Oracle(ck, plan.family)
-    # With tp > 1 the recombined ranks are also compared with the unsplit module: same dtype, same host path,
-    # so any difference beyond summation order comes from the split itself.
+    v, dims, spec = plan.cfg.validate, plan.dims, plan.llm_spec
+    steps = max(v.decode_steps, v.generate_tokens - 1)
+    embed_std = float(lazy_text_model(plan.checkpoint)[0].embed_tokens.weight.narrow(0, 0, 4096).float().std())
+    cases = vision_rows(plan, ck, build_cases(dims, spec.prefill_len, seed, embed_std))
     unsplit = unsplit_runtime(plan, ck, folder) if spec.tp > 1 else None
+    runs = run_graphs(plan, folder, cases, steps, unsplit)
+    del unsplit
+    gc.collect()
+    oracle = InMemoryOracle(plan.family, ck.model, dims) if ck is not None else \
+        StreamedOracle(plan.family, plan.checkpoint, dims)
+    inputs = oracle_inputs(runs, dims.tokens.image, dims.tokens.video)
     layouts = [rank_layout(dims.text, spec.tp, r) for r in range(spec.tp)]
-    embed_std = float(ck.text_model.embed_tokens.weight.std())
-    S, L = spec.prefill_len, dims.text.layers
-
-    prefilled: list[_Prefilled] = []
-    for case in build_cases(dims, S, seed, embed_std):
-        w = runtime.prompt_window(case.ids, case.media)
-        ref_logits, cache, ref_delta = oracle.prefill(w.ids, w.mask, case)
-        if w.delta != ref_delta:
-            report.fail("host", case.name, "rope_delta", f"host rope_delta {w.delta} != transformers {ref_delta}")
-        outs = runtime.prefill(w.embeds, w.positions, w.mask)
-        real = np.flatnonzero(w.mask)
-        got = _compare_step(report, "prefill", case.name, runtime, outs, ref_logits,
-                            oracle_kv(cache, L)[..., real, :], real, layouts)
-        unsplit_state = None
-        if unsplit is not None:
-            report.add("prefill vs tp=1", case.name, "logits", unsplit.logits_of(
-                unsplit.prefill(w.embeds, w.positions, w.mask)), got)
-            unsplit_state = unsplit.snapshot()
-        prefilled.append(_Prefilled(case, runtime.snapshot(), unsplit_state, cache, ref_logits, w, ref_delta))
-    for case in build_generation_cases(dims, S, seed):
-        w = runtime.prompt_window(case.ids, with_image_rows(case, oracle.image_embeds(case)).media
-                                  if case.pixel_values is not None else case.media)
-        logits = runtime.logits_of(runtime.prefill(w.embeds, w.positions, w.mask))
-        prefilled.append(_Prefilled(case, runtime.snapshot(), None, None, logits, w,
-                                    expected=oracle.generate(case, v.generate_tokens)))
-    runtime.release_prefill()
-    for p in prefilled:
-        _continue(p, runtime, unsplit, oracle, report, layouts, spec, v.decode_steps, v.generate_tokens, L)
+    for run, ref in zip(runs, oracle.run(inputs)):
+        compare_run(report, run, ref, layouts, spec.prefill_len, v.decode_steps, v.generate_tokens, spec.dtype)
+    report.notes.append(f"oracle: {type(oracle).__name__}; each prompt then {steps} greedy decode steps of the "
+                        "graphs, the oracle teacher-forced on the tokens the graphs chose")
 
 
-def _continue(p: "_Prefilled", runtime: LlmRuntime, unsplit: LlmRuntime | None, oracle: Oracle,
-              report: ParityReport, layouts: list[RankLayout], spec: LlmSpec, decode_steps: int,
-              generate_tokens: int, layers: int) -> None:
-    """Phase 2 for one prompt: free-running greedy generation, or teacher-forced decode steps."""
-    S = spec.prefill_len
-    runtime.restore(p.state)
-    if p.expected is not None:
-        got_tokens = runtime.greedy(p.logits, p.window.delta, generate_tokens)
-        report.tokens.append(TokenCheck("prefill+decode", p.case.name, p.expected, got_tokens,
-                                        required=spec.dtype == "fp32"))
-        return
-    if unsplit is not None:
-        unsplit.restore(p.unsplit_state)
-    token, ref_logits, cache, full_mask = int(np.argmax(p.logits)), p.logits, p.cache, p.window.mask.copy()
-    for step in range(decode_steps):
-        full_mask = np.concatenate([full_mask, [1]])
-        ref_logits, cache = oracle.decode(token, full_mask, S + step + p.ref_delta, cache, S + step)
-        embed = runtime.embed.lookup(np.array([token]))[0]
-        position = decode_position(S, step, p.window.delta)  # the host's rule
-        outs = runtime.decode(embed, position)
-        new_kv = oracle_kv(cache, layers)[..., -1:, :]
-        got = _compare_step(report, "decode", f"{p.case.name}/step{step}", runtime, outs, ref_logits, new_kv,
-                            np.array([0]), layouts)
-        if unsplit is not None:
-            ref = unsplit.logits_of(unsplit.decode(embed, position))
-            report.add("decode vs tp=1", f"{p.case.name}/step{step}", "logits", ref, got)
-        token = int(np.argmax(ref_logits))
+def compare_run(report: ParityReport, run: GraphRun, ref: OracleOutput, layouts: list[RankLayout], S: int,
+                decode_steps: int, generate_tokens: int, dtype) -> None:
+    name, n = run.case.name, len(run.case.ids)
+    if run.window.delta + S != ref.delta + n:
+        report.fail("host", name, "rope_delta", f"host rope_delta {run.window.delta} (padded to {S}) is not "
+                                                f"transformers' {ref.delta} (unpadded, {n} tokens)")
+    _compare_step(report, "prefill", name, run.logits[0], run.kv[0], ref.logits[0], ref.kv[..., :n, :], layouts)
+    if run.unsplit_logits:
+        report.add("prefill vs tp=1", name, "logits", run.unsplit_logits[0], np.concatenate(run.logits[0]))
+    for k in range(1, len(run.logits)):
+        case = f"{name}/step{k - 1}"
+        _compare_step(report, "decode", case, run.logits[k], run.kv[k], ref.logits[k], ref.kv[..., n + k - 1:n + k, :],
+                      layouts)
+        if run.unsplit_logits:
+            report.add("decode vs tp=1", case, "logits", run.unsplit_logits[k], np.concatenate(run.logits[k]))
+    expected = [int(np.argmax(x)) for x in ref.logits[:generate_tokens]]
+    report.tokens.append(TokenCheck("prefill+decode", name, expected, run.tokens[:generate_tokens],
+                                    required=dtype == "fp32"))
+
+
+def _compare_step(report: ParityReport, graph: str, case: str, logits: list[np.ndarray], kv: list[np.ndarray],
+                  ref_logits: np.ndarray, ref_kv: np.ndarray, layouts: list[RankLayout]) -> None:
+    """Logits and KV, per rank (tp > 1) and recombined. ``ref_kv`` and each rank's ``kv``: [L,2,kvH,T,D]."""
+    report.add(graph, case, "logits", ref_logits, np.concatenate(logits))
+    if len(logits) > 1:
+        for r, (lay, lg, k) in enumerate(zip(layouts, logits, kv)):
+            report.add(graph, case, f"rank{r}.logits", ref_logits[lay.vocab_start:lay.vocab_start + lay.vocab], lg)
+            report.add(graph, case, f"rank{r}.present_key_values",
+                       ref_kv[:, :, lay.kv_head_start:lay.kv_head_start + lay.kv_heads], k)
+    heads: dict[int, np.ndarray] = {}  # recombined KV: each kv head once, from the first rank that holds it
+    for lay, k in zip(layouts, kv):
+        for j in range(lay.kv_heads):
+            heads.setdefault(lay.kv_head_start + j, k[:, :, j])
+    report.add(graph, case, "present_key_values", ref_kv, np.stack([heads[j] for j in sorted(heads)], axis=2))

@@ -58,7 +58,9 @@ def _rows(rng, ids: np.ndarray, token: int, hidden: int, std: float) -> np.ndarr
 
 
 def build_cases(dims: ModelDims, prefill_len: int, seed: int, embed_std: float) -> list[LlmCase]:
-    """Prompts of different lengths with image and video spans; all but the full one are left-padded to S."""
+    """Prompts of different lengths with image and video spans; all but the full one are left-padded to S. The
+    image of ``one_image_half`` comes as pixels (its rows from the transformers vision tower, the path users run);
+    the other vision rows are random at the embedding table's scale."""
     rng = np.random.default_rng(seed)
     S, m, H, tk = prefill_len, dims.vision.merge_size, dims.text.hidden, dims.tokens
     cases = [LlmCase("text_short", np.array(_text(rng, max(8, S // 4), dims)), Media())]
@@ -74,20 +76,13 @@ def build_cases(dims: ModelDims, prefill_len: int, seed: int, embed_std: float) 
         media = Media(images, _rows(rng, ids, tk.image, H, embed_std), videos if len(videos) else None,
                       _rows(rng, ids, tk.video, H, embed_std),
                       (VIDEO_SECOND_PER_GRID,) * len(videos) if len(videos) else None)
-        cases.append(LlmCase(name, ids, media))
+        pixels = None
+        if name == "one_image_half":
+            patches = g1[0] * g1[1] * g1[2]
+            pixels = rng.uniform(-1.8, 2.1, size=(patches, dims.vision.patch_dim)).astype(np.float32)  # normalized
+            media = replace(media, image_embeds=None)
+        cases.append(LlmCase(name, ids, media, pixels))
     return cases
-
-
-def build_generation_cases(dims: ModelDims, prefill_len: int, seed: int) -> list[LlmCase]:
-    """A text prompt and an image prompt whose image rows come from the transformers vision tower."""
-    rng = np.random.default_rng(seed + 1)
-    S, m = prefill_len, dims.vision.merge_size
-    text = LlmCase("generate_text", np.array(_text(rng, max(8, S // 3), dims)), Media())
-    grid = _grid_for(max(2, S // 8), 1.0, m)
-    ids = np.array(_prompt(rng, dims, [(grid, dims.tokens.image)], S // 2))
-    patches = grid[0] * grid[1] * grid[2]
-    pixels = rng.uniform(-1.8, 2.1, size=(patches, dims.vision.patch_dim)).astype(np.float32)  # normalized range
-    return [text, LlmCase("generate_image", ids, Media(np.array([grid], dtype=np.int64)), pixels)]
 
 
 def with_image_rows(case: LlmCase, rows: np.ndarray | None) -> LlmCase:

@@ -30,9 +30,9 @@ def test_parity_passes_with_every_case(fp32):
     assert r.passed, r.failures
     cases = {c.case.split("/")[0] for c in r.checks}
     assert {"text_short", "one_image_half", "two_images_full", "image_and_video"} <= cases
-    assert sum(1 for c in r.checks if c.graph == "decode" and c.output == "logits") == 4 * 8
+    assert sum(1 for c in r.checks if c.graph == "decode" and c.output == "logits") == 4 * 15  # max(decode_steps 8, 16 - 1)
     assert [(t.case, t.matched, len(t.expected)) for t in r.tokens] == \
-        [("generate_text", 16, 16), ("generate_image", 16, 16)]
+        [(n, 16, 16) for n in ("text_short", "one_image_half", "two_images_full", "image_and_video")]
     assert max(c.metrics["max_abs"] for c in r.checks) < 1e-4
 
 
@@ -117,10 +117,14 @@ def test_one_perturbed_weight_is_caught(fp32, copy_artifact, reseal):
 
 
 def test_failed_parity_publishes_nothing(tmp_path, monkeypatch):
-    import qvlc.validate.llm as vllm
+    from qvlc.runtime.llm import LlmRuntime
 
-    real = vllm.LlmRuntime.logits_of
-    monkeypatch.setattr(vllm.LlmRuntime, "logits_of", lambda self, outs: real(self, outs) * 1.01)
+    real = LlmRuntime.prefill
+
+    def off_by_one_percent(self, *args):
+        return [{**o, "logits": o["logits"] * 1.01} for o in real(self, *args)]
+
+    monkeypatch.setattr(LlmRuntime, "prefill", off_by_one_percent)
     cfg = config_from_dict({"name": "bad", "part": "llm", "export": {"prefill_len": S, "max_context": C},
                             "validate": {"decode_steps": 1, "generate_tokens": 2}, "output": {"dir": str(tmp_path)}})
     with pytest.raises(ParityError) as info:

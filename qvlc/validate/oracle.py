@@ -1,0 +1,177 @@
+"""The LLM oracle: transformers' own text modules in fp32, run teacher-forced on whole token sequences.
+
+Two implementations of one interface, ``run(sequences) -> [OracleOutput]``:
+
+- ``StreamedOracle`` (the default): transformers' own decoder-layer, norm and rotary classes (unmodified), with
+  each layer's weights read from the checkpoint files when that layer runs and released after, layer-major over
+  every sequence — so each layer is read once and the oracle's memory is one layer (plus the hidden states and
+  the KV it records). The embedding rows and lm_head are read in blocks.
+- ``InMemoryOracle``: the whole transformers model, loaded (small models; a test shows both agree).
+
+A sequence is a prompt at its real length (no padding) followed by the tokens the graphs generated; the oracle
+returns the logits at the positions that predict each generated token and the KV of every position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qvlc.models.common.dims import ModelDims
+from qvlc.models.common.family import Family
+from qvlc.models.common.lazy import lazy_text_model
+
+LOGIT_BLOCK = 16384  # vocabulary rows of lm_head read at a time (7B: 235 MB in fp32)
+
+
+@dataclass
+class OracleInput:
+    ids: np.ndarray  # int64 [T]: prompt (real tokens) + the continuation tokens
+    rows: dict[int, np.ndarray]  # pad token → its vision rows [k, H] float32, scattered in order
+    image_grids: np.ndarray | None
+    video_grids: np.ndarray | None
+    second_per_grid_ts: tuple[float, ...] | None
+    prompt_len: int  # n: positions n-1 … T-1 predict the generated tokens
+
+
+@dataclass
+class OracleOutput:
+    logits: np.ndarray  # [T - n + 1, V] fp32: at positions n-1 … T-1
+    kv: np.ndarray  # [L, 2, kvH, T, D] fp32
+    delta: int  # transformers' rope_delta for the prompt
+
+
+class _Recorder:
+    """A transformers Cache stand-in: keeps the keys and values a layer computes (after rotary)."""
+
+    def __init__(self) -> None:
+        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        self.kv = (key_states, value_states)
+        return key_states, value_states
+
+
+def _causal(t: int) -> torch.Tensor:
+    """transformers' eager causal mask: 0 where a query may attend, the fp32 minimum elsewhere."""
+    return torch.full((t, t), torch.finfo(torch.float32).min).triu(1)[None, None]
+
+
+class _Shell:
+    """transformers' classes for a checkpoint, instantiated on the meta device (no weights, no memory): the
+    source of the decoder-layer class, ``get_rope_index`` and the rotary embedding."""
+
+    def __init__(self, family: Family, folder: Path) -> None:
+        config = family.hf_class("config").from_pretrained(folder)
+        config._attn_implementation = "eager"
+        config.text_config._attn_implementation = "eager"
+        with torch.device("meta"):
+            self.model = family.hf_class("model")(config)
+        self.text_config = config.text_config
+        self.family = family
+        lm = self.model.model.language_model
+        self.rotary = type(lm.rotary_emb)(config=self.text_config)  # on the CPU: its inv_freq is computed here
+        self.layer_cls, self.norm_cls = type(lm.layers[0]), type(lm.norm)
+
+    @torch.no_grad()
+    def positions(self, seq: OracleInput) -> tuple[torch.Tensor, int]:
+        """transformers' own M-RoPE positions of the prompt, then the continuation at n + k + delta."""
+        n = seq.prompt_len
+        ids = torch.from_numpy(seq.ids[:n])[None]
+        grids = {k: None if g is None or not len(g) else torch.from_numpy(np.asarray(g))
+                 for k, g in (("image_grid_thw", seq.image_grids), ("video_grid_thw", seq.video_grids))}
+        pos, delta = self.model.model.get_rope_index(input_ids=ids, attention_mask=torch.ones_like(ids), **grids,
+                                                     **self.family.oracle_video_kwargs(seq.second_per_grid_ts))
+        delta = int(delta.reshape(-1)[0])
+        tail = torch.arange(n, len(seq.ids)) + delta
+        return torch.cat([pos, tail.view(1, 1, -1).expand(3, 1, -1)], dim=2), delta
+
+
+class StreamedOracle:
+    """One decoder layer in memory at a time (see the module docstring)."""
+
+    def __init__(self, family: Family, folder: Path, dims: ModelDims) -> None:
+        self.shell, self.dims = _Shell(family, folder), dims
+        self.text, self.head = lazy_text_model(folder)
+
+    def _read(self, tree, name: str) -> torch.Tensor:
+        node = tree
+        for part in name.split("."):
+            node = getattr(node, part)
+        return node.narrow(0, 0, node.shape[0]).float()
+
+    def _module(self, cls, *args, tree) -> torch.nn.Module:
+        with torch.device("meta"):
+            module = cls(*args)
+        module = module.to_empty(device="cpu").eval()
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.copy_(self._read(tree, name))
+        return module
+
+    def _embed(self, seqs: list[OracleInput]) -> list[torch.Tensor]:
+        table = self._read(self.text, "embed_tokens.weight")
+        out = []
+        for seq in seqs:
+            h = table[torch.from_numpy(seq.ids)].clone()
+            for token, rows in seq.rows.items():
+                if rows is not None:
+                    h[torch.from_numpy(seq.ids == token)] = torch.from_numpy(rows)
+            out.append(h[None])
+        del table
+        return out
+
+    @torch.no_grad()
+    def run(self, seqs: list[OracleInput]) -> list[OracleOutput]:
+        pos = [self.shell.positions(s) for s in seqs]
+        hidden = self._embed(seqs)
+        rope = [self.shell.rotary(h, p) for h, (p, _) in zip(hidden, pos)]
+        kv: list[list[np.ndarray]] = [[] for _ in seqs]
+        for i in range(self.dims.text.layers):
+            layer = self._module(self.shell.layer_cls, self.shell.text_config, i, tree=self.text.layers[i])
+            for j, h in enumerate(hidden):
+                rec = _Recorder()
+                t = h.shape[1]
+                hidden[j] = layer(h, attention_mask=_causal(t), position_ids=pos[j][0], past_key_values=rec,
+                                  use_cache=True, cache_position=torch.arange(t), position_embeddings=rope[j])[0]
+                kv[j].append(np.stack([x[0].numpy() for x in rec.kv]))
+            del layer
+        norm = self._module(self.shell.norm_cls, self.dims.text.hidden, self.dims.text.rms_eps, tree=self.text.norm)
+        last = [norm(h[0, s.prompt_len - 1:]) for h, s in zip(hidden, seqs)]
+        logits = [np.zeros((len(x), self.dims.text.vocab), np.float32) for x in last]
+        w = self.head.weight
+        for a in range(0, w.shape[0], LOGIT_BLOCK):
+            block = w.narrow(0, a, min(LOGIT_BLOCK, w.shape[0] - a)).float()
+            for out, x in zip(logits, last):
+                out[:, a:a + len(block)] = (x @ block.T).numpy()
+        return [OracleOutput(lg, np.stack(k), d) for lg, k, (_, d) in zip(logits, kv, pos)]
+
+
+class InMemoryOracle:
+    """The whole transformers model (already loaded), on each sequence in turn: for small models, and as the
+    reference the streamed oracle is tested against."""
+
+    def __init__(self, family: Family, model: torch.nn.Module, dims: ModelDims) -> None:
+        self.family, self.model, self.dims = family, model, dims
+        self.shell = _Shell.__new__(_Shell)
+        self.shell.model, self.shell.family = model, family
+
+    @torch.no_grad()
+    def run(self, seqs: list[OracleInput]) -> list[OracleOutput]:
+        embed = self.model.model.language_model.embed_tokens
+        out = []
+        for seq in seqs:
+            pos, delta = _Shell.positions(self.shell, seq)
+            h = embed(torch.from_numpy(seq.ids)[None]).clone()
+            for token, rows in seq.rows.items():
+                if rows is not None:
+                    h[0, torch.from_numpy(seq.ids == token)] = torch.from_numpy(rows)
+            res = self.model(inputs_embeds=h, position_ids=pos, use_cache=True)  # 4.57: no logits_to_keep here
+            cache = res.past_key_values
+            kv = np.stack([np.stack([cache.layers[i].keys[0].numpy(), cache.layers[i].values[0].numpy()])
+                           for i in range(self.dims.text.layers)])
+            out.append(OracleOutput(res.logits[0, seq.prompt_len - 1:].numpy(), kv, delta))
+        return out
