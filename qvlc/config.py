@@ -66,7 +66,7 @@ class OracleKind(str, Enum):
 @dataclass(frozen=True)
 class ValidateConfig:
     enabled: bool = True
-    oracle: OracleKind = OracleKind.STREAMED  # llm: how the fp32 oracle holds its weights
+    oracle: OracleKind = OracleKind.STREAMED  # how the fp32 oracle holds its weights
     decode_steps: int = 8  # decode steps carried through the KV cache per case
     generate_tokens: int = 16  # greedy tokens compared with transformers generate
 
@@ -113,7 +113,7 @@ class Config:
         else:
             for key in ("prefill_len", "max_context", "tp", "workers"):
                 del d["export"][key]
-            for key in ("decode_steps", "generate_tokens", "oracle"):
+            for key in ("decode_steps", "generate_tokens"):
                 del d["validate"][key]
         return d
 

@@ -1,12 +1,14 @@
 """What a compile (and its validation) will need in memory, estimated from the dims and shapes before any weight
 is read, against what this machine (or its memory cgroup) allows.
 
-The coefficients come from measured peaks on this kind of machine (README "Measured"): the fp32 transformers
-oracle holds every parameter in 4 bytes; an ONNX Runtime CPU session of an fp16 graph ~4.5 bytes per parameter
-(it casts the weights to fp32); x1.35 on those covers the rest (Python, torch and ORT arenas, KV snapshots);
-attention scores are fp32 [heads, T, T] a few times over. Checked against measured peaks: 2B LLM at S = 2048
-estimated 23.7 GB (measured 23.06 GB), at S = 512 22.6 GB (17.9 GB); 2B and Qwen2.5-VL-7B visual at N = 5120
-14.5 GB (12.3 GB); Qwen2-VL-7B LLM tp = 4 without validation 6.2 GB (4.4 GB). It errs high, never low.
+The coefficients come from measured peaks on this kind of machine (README "Measured"). LLM validation runs in
+phases one after the other (graphs; the streamed oracle, one fp32 layer at a time plus the embedding table and
+the KV it records; the vision tower for a prompt given as pixels) and the largest counts; ONNX Runtime sessions
+hold the fp16 weights once (no constant folding) — with tp > 1 the unsplit tp = 1 module beside them. The
+in-memory oracle (``validate.oracle: memory``) holds every parameter in fp32. The visual export holds the fp32
+tower (~10 bytes a parameter at its peak); its validation an ORT session (~4.5 bytes a parameter) and the
+graph's N×N attention, with the streamed oracle's one block beside it. x1.35 on those covers the rest
+(Python, torch and ORT arenas); attention scores are fp32 [heads, T, T] a few times over. It errs high.
 ``QVLC_MEMORY_LIMIT_GB`` replaces the detected limit (a bigger swap-backed machine, or tests).
 """
 
@@ -56,19 +58,36 @@ def estimate(cfg: "Config", dims: "ModelDims") -> Estimate:
     e, dt = cfg.export, cfg.export.dtype.bytes
     parts: dict[str, float] = {}
     if cfg.part == "llm":
-        graph = text_params(dims)
+        graph, t = text_params(dims), dims.text
         if cfg.validate.enabled:
-            s, t = e.prefill_len, dims.text
-            parts["fp32 oracle"] = (graph + dims.text.vocab * dims.text.hidden + vision_params(dims)) * 4
-            parts["ONNX Runtime session"] = graph * ORT_BYTES_PER_PARAM
-            parts["attention"] = t.heads * s * s * 4 * 3 * 2  # graph and oracle, fp32 scores
+            s = e.prefill_len
+            if cfg.validate.oracle == "memory":
+                parts["fp32 oracle"] = (graph + t.vocab * t.hidden + vision_params(dims)) * 4
+                parts["ONNX Runtime sessions"] = graph * dt
+            else:  # the phases run one after the other; the largest one counts
+                kv = 4 * t.layers * 2 * t.kv_heads * (s + 16) * t.head_dim * 4
+                phases = {"ONNX Runtime sessions (fp16 weights read from the file)": graph * dt * (2 if e.tp > 1
+                                                                                                 else 1),
+                          "streamed oracle (one layer, the embedding table, KV)": graph / t.layers * 4
+                          + t.vocab * t.hidden * 4 + kv,
+                          "fp32 vision tower (image rows of one prompt)": vision_params(dims) * 4}
+                name = max(phases, key=phases.get)
+                parts[name] = phases[name]
+            parts["attention"] = t.heads * s * s * 4 * 3  # fp32 scores of one graph call
         else:
             parts["one rank's weights"] = graph / e.tp * dt * 1.3
     else:
-        n, v = e.max_patches, dims.vision
-        parts["fp32 vision tower"] = vision_params(dims) * 10 if not cfg.validate.enabled else vision_params(dims) * 4
+        n, v, p = e.max_patches, dims.vision, vision_params(dims)
+        export = p * 10  # the fp32 tower (read from bf16) and the exporter's copies
+        if cfg.validate.enabled and cfg.validate.oracle == "memory":
+            parts["fp32 vision tower"], parts["ONNX Runtime session"] = p * 4, p * ORT_BYTES_PER_PARAM
+        elif cfg.validate.enabled:  # the tower is let go after the export; the streamed oracle holds one block
+            session = p * ORT_BYTES_PER_PARAM
+            key = "export (fp32 tower)" if export > session else "ONNX Runtime session"
+            parts[key] = max(export, session)
+        else:
+            parts["export (fp32 tower)"] = export
         if cfg.validate.enabled:
-            parts["ONNX Runtime session"] = vision_params(dims) * ORT_BYTES_PER_PARAM
             parts["attention"] = v.heads * n * n * 4 * 4 + 2 * n * n
     total = sum(v for k, v in parts.items() if k != "attention") * OVERHEAD + parts.get("attention", 0.0)
     return Estimate(total, parts)

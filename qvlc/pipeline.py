@@ -7,6 +7,8 @@ Nothing here prints: progress goes through the ``Progress`` the caller passes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from qvlc.artifacts import (
     refuse_existing,
     write_manifest,
 )
-from qvlc.config import Config, Part, config_from_dict
+from qvlc.config import Config, OracleKind, Part, config_from_dict
 from qvlc.contract import Manifest, SourceRecord, WeightFileRecord
 from qvlc.errors import ParityError, QvlcError
 from qvlc.export.onnx_export import ExportResult
@@ -62,12 +64,12 @@ class CompileResult:
 
 
 def load(plan: Plan) -> LoadedCheckpoint | None:
-    """The transformers model in fp32, when the part's oracle holds it in memory: the visual tower, or the whole
-    model for an LLM validated with ``validate.oracle: memory``.
+    """The transformers model in fp32 when something holds it: the visual export (it reads the tower's weights
+    from it), and the in-memory oracle (``validate.oracle: memory``: the whole model for the LLM).
 
     Otherwise nothing is loaded: the LLM export reads each rank's slices straight from the checkpoint files, and
     the streamed oracle reads one layer at a time, so a model too large for this machine in fp32 (7B: ~33 GB)
-    still compiles.
+    still compiles and validates.
     """
     if plan.cfg.part == Part.LLM and not (plan.cfg.validate.enabled and plan.cfg.validate.oracle == "memory"):
         return None
@@ -103,6 +105,14 @@ def validate(plan: Plan, ck: LoadedCheckpoint, folder: Path) -> ParityReport:
 
         validate_visual(plan, ck, folder, report)
     return report
+
+
+def release_memory() -> None:
+    """Collect, then hand freed heap pages back to the OS (glibc keeps them otherwise: measured, the export of a
+    2B LLM left ~3 GB resident that the validation's sessions then had to sit beside)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def source_record(plan: Plan) -> SourceRecord:
@@ -156,6 +166,9 @@ def _compile_locked(cfg: Config, force: bool, timed, timings: dict[str, float]) 
             ck = load(plan)
         with timed("export" + (" + simplify" if cfg.export.simplify else "")):
             exported = export(plan, ck, stage)
+        if cfg.validate.oracle == OracleKind.STREAMED:
+            ck = None  # the model the export read from is not the oracle: let it go before validation
+        release_memory()
         report = None
         if cfg.validate.enabled:
             with timed("validate"):
@@ -192,6 +205,6 @@ def validate_artifact(folder: Path, progress: Progress | None = None) -> ParityR
                             fix="point model.checkpoint at the original checkpoint, or recompile the artifact",
                             key="model.checkpoint")
     with progress.stage("load"):
-        ck = load(plan)
+        ck = load(plan) if cfg.validate.oracle == OracleKind.MEMORY else None
     with progress.stage("validate"):
         return validate(plan, ck, Path(folder))

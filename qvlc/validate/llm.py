@@ -27,7 +27,7 @@ import torch
 
 from qvlc.contract import rank_dirs
 from qvlc.host.rope import decode_position
-from qvlc.models.common.checkpoint import LoadedCheckpoint, load_vision_tower
+from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.models.common.lazy import lazy_text_model
 from qvlc.models.common.tp import RankLayout, rank_layout
 from qvlc.plan import Plan
@@ -36,6 +36,7 @@ from qvlc.validate.interface import check_interface
 from qvlc.validate.llm_cases import LlmCase, build_cases, with_image_rows
 from qvlc.validate.metrics import ParityReport, TokenCheck
 from qvlc.validate.oracle import InMemoryOracle, OracleInput, OracleOutput, StreamedOracle
+from qvlc.validate.vision_oracle import StreamedVisionOracle
 
 
 @dataclass
@@ -93,17 +94,21 @@ def unsplit_runtime(plan: Plan, ck: LoadedCheckpoint | None, folder: Path) -> Ll
 
 
 def vision_rows(plan: Plan, ck: LoadedCheckpoint | None, cases: list[LlmCase]) -> list[LlmCase]:
-    """Cases given as pixels get their image rows from transformers' vision tower (loaded only for this)."""
+    """Cases given as pixels get their image rows from transformers' vision tower: the loaded one, or streamed
+    one block at a time."""
     todo = [c for c in cases if c.pixel_values is not None]
     if not todo:
         return cases
-    tower = ck.visual if ck is not None else load_vision_tower(plan.checkpoint, plan.family, plan.dims).visual
-    with torch.no_grad():
-        rows = {c.name: tower(torch.from_numpy(c.pixel_values), grid_thw=torch.from_numpy(c.media.image_grids))
-                .numpy() for c in todo}
-    del tower
-    gc.collect()
-    return [with_image_rows(c, rows[c.name]) if c.name in rows else c for c in cases]
+    if ck is not None:
+        with torch.no_grad():
+            rows = [ck.visual(torch.from_numpy(c.pixel_values), grid_thw=torch.from_numpy(c.media.image_grids))
+                    .numpy() for c in todo]
+    else:
+        rows = StreamedVisionOracle(plan.family, plan.checkpoint, plan.dims).run(
+            [(c.pixel_values, c.media.image_grids) for c in todo])
+        gc.collect()
+    got = dict(zip((c.name for c in todo), rows))
+    return [with_image_rows(c, got[c.name]) if c.name in got else c for c in cases]
 
 
 def run_graphs(plan: Plan, folder: Path, cases: list[LlmCase], steps: int, unsplit: LlmRuntime | None) -> list[GraphRun]:

@@ -31,6 +31,7 @@ from qvlc.plan import Plan
 from qvlc.runtime.visual import VisualRuntime
 from qvlc.validate.interface import check_interface
 from qvlc.validate.metrics import ParityReport
+from qvlc.validate.vision_oracle import StreamedVisionOracle
 
 GRAPH = "visual"
 MAX_ASPECT = 200  # smart_resize's limit on the longer side over the shorter one
@@ -130,7 +131,8 @@ def oracle(ck: LoadedCheckpoint, case: VisualCase) -> np.ndarray:
     return ck.visual(torch.from_numpy(case.pixel_values), grid_thw=torch.from_numpy(case.grids)).numpy()
 
 
-def validate_visual(plan: Plan, ck: LoadedCheckpoint, stage: Path, report: ParityReport, seed: int = 0) -> None:
+def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report: ParityReport,
+                    seed: int = 0) -> None:
     """Record every interface and value check of ``stage/visual.onnx`` in ``report``."""
     spec = plan.visual_spec
     if not check_interface(report, GRAPH, stage / VISUAL, plan.family.visual_signature(spec)):
@@ -139,6 +141,13 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint, stage: Path, report: Parit
     runtime = VisualRuntime(stage, spec, plan.family)
     offsets = np.cumsum([0, *spec.chunk_widths])
     cases = build_cases(spec, PreprocessConfig.from_json((stage / PREPROCESS).read_text()), seed)
+    if ck is None:  # streamed: transformers' tower over every case at once, one block's weights at a time
+        streamed = StreamedVisionOracle(plan.family, plan.checkpoint, plan.dims)
+        refs = dict(zip((c.name for c in cases), streamed.run([(c.pixel_values, c.grids) for c in cases])))
+        del streamed
+    else:
+        refs = {c.name: oracle(ck, c) for c in cases}
+        report.notes.append("oracle: the loaded transformers vision tower")
     for i, run in enumerate(pack_runs(cases, spec.max_patches)):
         total = sum(c.patches for c in run)
         report.notes.append(f"graph call {i}: " + ", ".join(f"{c.name} (grids {c.grids.tolist()})" for c in run) +
@@ -149,7 +158,7 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint, stage: Path, report: Parit
         for case in run:
             rows = slice(start, start + case.patches // spec.merge_unit)
             start = rows.stop
-            ref = oracle(ck, case)
+            ref = refs[case.name]
             got = runtime.embeddings(feeds, outs, rows).astype(np.float32)
             for name, a, b in zip(spec.output_names, offsets[:-1], offsets[1:]):
                 report.add(GRAPH, case.name, name, ref[:, a:b], got[:, a:b])

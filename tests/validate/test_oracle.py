@@ -100,3 +100,25 @@ def test_a_graph_diverging_at_token_k_is_reported_at_k(tmp_path, monkeypatch, k)
     with pytest.raises(ParityError) as info:
         compile_artifact(cfg)
     assert f"greedy tokens diverge at step {k} of 8" in str(info.value)
+
+
+def test_streamed_vision_tower_equals_the_loaded_one(tiny):
+    """Every case in one forward of transformers' own tower, each block read once, equals the loaded tower run on
+    each case alone (images, a video, grids with part-filled windows)."""
+    from qvlc.models.common.checkpoint import load_vision_tower
+    from qvlc.validate.vision_oracle import StreamedVisionOracle
+
+    fam, folder, dims, _ = tiny
+    rng = np.random.default_rng(1)
+    cases = []
+    for grids in ([[1, 6, 10]], [[2, 4, 4], [1, 2, 8]], [[1, 2, 30]]):
+        g = np.array(grids)
+        cases.append((rng.standard_normal((int(g.prod(axis=1).sum()), dims.vision.patch_dim)).astype(np.float32), g))
+    oracle = StreamedVisionOracle(fam, folder, dims)
+    got = oracle.run(cases)
+    tower = load_vision_tower(folder).visual
+    with torch.no_grad():
+        for (pixels, grids), x in zip(cases, got):
+            np.testing.assert_allclose(x, tower(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grids)).numpy(),
+                                       atol=1e-6, rtol=1e-6)
+    assert [b.loads for b in oracle.tower.blocks] == [1] * dims.vision.depth

@@ -100,3 +100,14 @@ def lazy_text_model(folder: Path) -> tuple[Tree, Tree]:
     head_name = "lm_head.weight" if "lm_head.weight" in weights else f"{prefix}embed_tokens.weight"
     head._insert(["weight"], LazyTensor(folder, weights[head_name], head_name))
     return text, head
+
+
+def lazy_vision_tower(folder: Path) -> Tree:
+    """The vision tower's tensors (``visual.*`` or ``model.visual.*``) as a tree, read only when narrowed."""
+    folder = Path(folder)
+    tree = Tree()
+    for name, file in _weight_map(folder).items():
+        for prefix in ("visual.", "model.visual."):
+            if name.startswith(prefix):
+                tree._insert(name[len(prefix):].split("."), LazyTensor(folder, file, name))
+    return tree
