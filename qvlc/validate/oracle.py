@@ -76,18 +76,23 @@ class _Shell:
         self.rotary = type(lm.rotary_emb)(config=self.text_config)  # on the CPU: its inv_freq is computed here
         self.layer_cls, self.norm_cls = type(lm.layers[0]), type(lm.norm)
 
-    @torch.no_grad()
     def positions(self, seq: OracleInput) -> tuple[torch.Tensor, int]:
-        """transformers' own M-RoPE positions of the prompt, then the continuation at n + k + delta."""
-        n = seq.prompt_len
-        ids = torch.from_numpy(seq.ids[:n])[None]
-        grids = {k: None if g is None or not len(g) else torch.from_numpy(np.asarray(g))
-                 for k, g in (("image_grid_thw", seq.image_grids), ("video_grid_thw", seq.video_grids))}
-        pos, delta = self.model.model.get_rope_index(input_ids=ids, attention_mask=torch.ones_like(ids), **grids,
-                                                     **self.family.oracle_video_kwargs(seq.second_per_grid_ts))
-        delta = int(delta.reshape(-1)[0])
-        tail = torch.arange(n, len(seq.ids)) + delta
-        return torch.cat([pos, tail.view(1, 1, -1).expand(3, 1, -1)], dim=2), delta
+        return positions(self.model, self.family, seq)
+
+
+@torch.no_grad()
+def positions(model: torch.nn.Module, family: Family, seq: OracleInput) -> tuple[torch.Tensor, int]:
+    """transformers' own M-RoPE positions of the prompt (``model.model.get_rope_index``: it reads only the config,
+    so a meta-device model serves), then the continuation at n + k + delta."""
+    n = seq.prompt_len
+    ids = torch.from_numpy(seq.ids[:n])[None]
+    grids = {k: None if g is None or not len(g) else torch.from_numpy(np.asarray(g))
+             for k, g in (("image_grid_thw", seq.image_grids), ("video_grid_thw", seq.video_grids))}
+    pos, delta = model.model.get_rope_index(input_ids=ids, attention_mask=torch.ones_like(ids), **grids,
+                                            **family.oracle_video_kwargs(seq.second_per_grid_ts))
+    delta = int(delta.reshape(-1)[0])
+    tail = torch.arange(n, len(seq.ids)) + delta
+    return torch.cat([pos, tail.view(1, 1, -1).expand(3, 1, -1)], dim=2), delta
 
 
 class StreamedOracle:
@@ -156,15 +161,13 @@ class InMemoryOracle:
 
     def __init__(self, family: Family, model: torch.nn.Module, dims: ModelDims) -> None:
         self.family, self.model, self.dims = family, model, dims
-        self.shell = _Shell.__new__(_Shell)
-        self.shell.model, self.shell.family = model, family
 
     @torch.no_grad()
     def run(self, seqs: list[OracleInput]) -> list[OracleOutput]:
         embed = self.model.model.language_model.embed_tokens
         out = []
         for seq in seqs:
-            pos, delta = _Shell.positions(self.shell, seq)
+            pos, delta = positions(self.model, self.family, seq)
             h = embed(torch.from_numpy(seq.ids)[None]).clone()
             for token, rows in seq.rows.items():
                 if rows is not None:
