@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvlc.contract import MANIFEST, FileRecord, Manifest, read_manifest
+from qvlc.contract import MANIFEST, FileRecord, GraphSig, Manifest, read_manifest
 from qvlc.errors import IntegrityError, QvlcError
 from qvlc.models.common.checkpoint import sha256_file
 
@@ -225,20 +225,26 @@ def file_problems(folder: Path, manifest: Manifest, hashes: bool = True) -> list
     return problems + [f"{rel}: not in the manifest" for rel in extra]
 
 
+def declared_graphs(folder: Path, family, llm=None, visual=None) -> list[tuple[str, Path, GraphSig]]:
+    """(label, file, signature the family declares) of every graph an artifact with this spec holds: the one
+    list both validation and ``checked_artifact`` check the files against."""
+    from qvlc.contract import VISUAL, rank_dirs
+
+    if llm is not None:
+        ranked = llm.tp > 1
+        return [(name.removesuffix(".onnx").removeprefix("llm_") + (f"[rank{r}]" if ranked else ""), d / name, sig)
+                for r, d in enumerate(rank_dirs(folder, llm.tp)) for name, sig in family.llm_signatures(llm).items()]
+    return [("visual", Path(folder) / VISUAL, family.visual_signature(visual))] if visual is not None else []
+
+
 def signature_problems(folder: Path, m: Manifest) -> list[str]:
     """Each graph's actual interface against the one its family declares for the manifest's spec: a manifest
     whose shapes disagree with the graphs is refused before a runtime feeds them."""
-    from qvlc.contract import VISUAL, graph_io, rank_dirs
+    from qvlc.contract import graph_io
     from qvlc.models import family
 
-    fam = family(m.family)
-    if m.llm is not None:
-        sigs = fam.llm_signatures(m.llm)
-        files = [(d / name, sig) for d in rank_dirs(folder, m.llm.tp) for name, sig in sigs.items()]
-    else:
-        files = [(folder / VISUAL, fam.visual_signature(m.visual))] if m.visual is not None else []
     problems = []
-    for path, sig in files:
+    for _, path, sig in declared_graphs(folder, family(m.family), m.llm, m.visual):
         io = graph_io(path)
         problems += [f"{path.relative_to(folder)}: {name}: {what}" for name, what in sig.mismatches(io.inputs,
                                                                                                    io.outputs)]

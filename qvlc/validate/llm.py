@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qvlc.contract import rank_dirs
+from qvlc.artifacts import declared_graphs
 from qvlc.host.rope import decode_position
 from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.models.common.lazy import lazy_text_model
@@ -52,12 +52,9 @@ class GraphRun:
 
 
 def check_interfaces(plan: Plan, folder: Path, report: ParityReport) -> bool:
-    sigs = plan.family.llm_signatures(plan.llm_spec)
     ok = True
-    for r, d in enumerate(rank_dirs(folder, plan.cfg.export.tp)):
-        for name, sig in sigs.items():
-            graph = name.removesuffix(".onnx").removeprefix("llm_") + (f"[rank{r}]" if plan.cfg.export.tp > 1 else "")
-            ok &= check_interface(report, graph, d / name, sig)
+    for graph, path, sig in declared_graphs(folder, plan.family, llm=plan.llm_spec):
+        ok &= check_interface(report, graph, path, sig)
     return ok
 
 

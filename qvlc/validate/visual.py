@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qvlc.contract import PREPROCESS, VISUAL, VisualSpec
+from qvlc.artifacts import declared_graphs
+from qvlc.contract import PREPROCESS, VisualSpec
 from qvlc.host.preprocess import PreprocessConfig, image_to_patches, video_to_patches
 from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.plan import Plan
@@ -135,7 +136,8 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
                     seed: int = 0) -> None:
     """Record every interface and value check of ``stage/visual.onnx`` in ``report``."""
     spec = plan.visual_spec
-    if not check_interface(report, GRAPH, stage / VISUAL, plan.family.visual_signature(spec)):
+    (graph, path, sig), = declared_graphs(stage, plan.family, visual=spec)
+    if not check_interface(report, graph, path, sig):
         report.notes.append("value checks skipped: the graph interface does not match the contract")
         return
     runtime = VisualRuntime(stage, spec, plan.family)
