@@ -24,18 +24,9 @@ from qvlc.models import inspect_checkpoint, tiny_family
 from qvlc.runtime.llm import LlmRuntime, Media
 from qvlc.runtime.media import Video, load_image
 from qvlc.runtime.visual import VisualRuntime
+from qvlc.validate.metrics import token_agreement  # noqa: F401  (qvlc run's fp16 agreement, re-exported)
 
 TokenCallback = Callable[[int, str], None]
-
-
-def token_agreement(expected: Sequence[int], got: Sequence[int]) -> int:
-    """Length of the common prefix of two token sequences: how many greedy tokens agree before the first split."""
-    n = 0
-    for a, b in zip(expected, got):
-        if a != b:
-            break
-        n += 1
-    return n
 
 
 def resolve_checkpoint(manifest: Manifest, override: Path | str | None = None) -> Path:

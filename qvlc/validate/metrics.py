@@ -12,6 +12,16 @@ from qvlc.contract import PARITY_JSON, PARITY_MD
 from qvlc.precision import Precision, Tolerance
 
 
+def token_agreement(expected, got) -> int:
+    """Length of the common prefix of two token sequences: how many greedy tokens agree before the first split."""
+    n = 0
+    for a, b in zip(expected, got):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
     """max abs, mean abs, relative L2 and cosine similarity of ``out`` against ``ref`` (computed in fp64)."""
     r = np.asarray(ref, dtype=np.float64).ravel()
@@ -53,12 +63,7 @@ class TokenCheck:
 
     @property
     def matched(self) -> int:
-        n = 0
-        for a, b in zip(self.expected, self.got):
-            if a != b:
-                break
-            n += 1
-        return n
+        return token_agreement(self.expected, self.got)
 
     @property
     def passed(self) -> bool:
