@@ -62,3 +62,17 @@ class PrintProgress:
         self.timings[name] = time.perf_counter() - t0
         print(f"  {name}: {self.timings[name]:.1f} s (peak RSS so far {rss_gb(resource.RUSAGE_SELF):.2f} GB)",
               flush=True)
+
+
+def print_parity(report) -> None:
+    """The parity verdict, the worst figures per graph and the greedy agreement, as each benchmark prints them."""
+    if report is None:
+        return
+    s = report.summary()
+    print(f"parity: {'PASS' if s['passed'] else 'FAIL'} ({s['checks']} checks); worst per graph:")
+    for graph, w in s["worst_per_graph"].items():
+        print(f"  {graph:<16} max_abs {w['max_abs']:.3e}  rel_l2 {w['rel_l2']:.3e}  min cosine {w['min_cosine']:.6f}")
+    for t in s["tokens"]:
+        print(f"  greedy {t['case']}: {t['matched']}/{t['of']} tokens agree with the oracle")
+    for note in report.notes:
+        print(f"  note: {note}")

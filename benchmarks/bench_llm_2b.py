@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import ARTIFACTS, PrintProgress, ensure_checkpoint, rss_gb
+from _common import ARTIFACTS, PrintProgress, ensure_checkpoint, print_parity, rss_gb
 
 
 def main() -> int:
@@ -66,13 +66,7 @@ def main() -> int:
     ws = result.export.write_seconds
     print(f"disk writes: {ws:.1f} s of the {export_s:.1f} s export stage ({written / 1e6 / max(ws, 1e-9):.0f} MB/s "
           f"while writing, fsync included; {written / 1e6 / export_s:.0f} MB/s over the whole export stage)")
-    if result.report is not None:
-        s = result.report.summary()
-        print(f"parity: {'PASS' if s['passed'] else 'FAIL'} ({s['checks']} checks); worst per graph:")
-        for graph, w in s["worst_per_graph"].items():
-            print(f"  {graph:<8} max_abs {w['max_abs']:.3e}  rel_l2 {w['rel_l2']:.3e}  min cosine {w['min_cosine']:.6f}")
-        for t in s["tokens"]:
-            print(f"  greedy {t['case']}: {t['matched']}/{t['of']} tokens agree with transformers generate")
+    print_parity(result.report)
     return 0
 
 

@@ -1,13 +1,14 @@
-"""Benchmark: tensor-parallel export of a random-weight Qwen2-VL-7B LLM part (real shapes) at tp = 4, fp16.
+"""Benchmark: compile and prove a random-weight Qwen2-VL-7B LLM part (real shapes) at tp = 4, fp16.
 
-    .venv/bin/python benchmarks/bench_llm_7b_tp4.py [--workdir bench_out] [--workers 1] [--prefill-len 2048]
-                                                    [--max-context 4096]
+    ../shared/tools/memcap 16 .venv/bin/python benchmarks/bench_llm_7b_tp4.py [--workdir bench_out]
+        [--workers 1] [--prefill-len 2048] [--max-context 4096] [--no-validate]
 
 The checkpoint (bf16, 16.6 GB, sharded like the released one) is written once by a streaming writer that never
-holds the model. Validation is off: the fp32 oracle of 7B needs ~33 GB, more than this 24 GiB machine has, so
-this run measures the export of the ranks, each built from only its own slices read from the checkpoint files
-(in this process, or in --workers spawned processes). Prints time per stage, peak RSS (this process and the
-largest worker) and bytes per rank.
+holds the model. Each rank is exported from only its own slices read from the checkpoint files (in this process,
+or in --workers spawned processes); validation (on unless --no-validate) runs the rank graphs with their AllReduce
+points summed and the streamed fp32 oracle, one decoder layer in memory at a time. Prints time per stage, peak
+RSS (this process and the largest worker), bytes per rank and the parity verdict; run it under memcap for the
+memory cgroup's peak.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import ARTIFACTS, PrintProgress, rss_gb
+from _common import ARTIFACTS, PrintProgress, print_parity, rss_gb
 
 
 def ensure_7b(workdir: Path, seed: int) -> Path:
@@ -44,12 +45,14 @@ def main() -> int:
     ap.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--max-context", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-validate", action="store_true")
     args = ap.parse_args()
 
     from qvlc.config import config_from_dict
     from qvlc.pipeline import compile_artifact
 
     checkpoint = ensure_7b(args.workdir, args.seed)
+    validate = not args.no_validate
     name = f"bench_llm_7b_{args.prefill_len}_{args.max_context}_tp4_fp16_w{args.workers}"
     out = args.workdir / ARTIFACTS
     shutil.rmtree(out / name, ignore_errors=True)
@@ -57,7 +60,7 @@ def main() -> int:
         "name": name, "part": "llm", "model": {"checkpoint": str(checkpoint)},
         "export": {"dtype": "fp16", "prefill_len": args.prefill_len, "max_context": args.max_context, "tp": 4,
                    "workers": args.workers},
-        "validate": {"enabled": False}, "output": {"dir": str(out)},
+        "validate": {"enabled": validate}, "output": {"dir": str(out)},
     })
     rss_before = rss_gb(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
@@ -65,7 +68,7 @@ def main() -> int:
     wall = time.perf_counter() - t0
     m = json.loads((result.folder / "manifest.json").read_text())
     print("\n== qwen2-vl-7b LLM part, tp = 4 (random weights, real shapes; 28 heads, 4 kv heads) ==")
-    print(f"config: S={args.prefill_len} C={args.max_context} fp16 workers={args.workers} validate=off")
+    print(f"config: S={args.prefill_len} C={args.max_context} fp16 workers={args.workers} validate={validate}")
     for stage, seconds in result.timings.items():
         print(f"  {stage:<20} {seconds:8.1f} s")
     print(f"  {'total':<20} {wall:8.1f} s")
@@ -80,6 +83,7 @@ def main() -> int:
     ws = result.export.write_seconds
     print(f"bytes written: {result.export.bytes_written / 1e9:.2f} GB; {ws:.1f} s spent writing "
           f"({result.export.bytes_written / 1e6 / max(ws, 1e-9):.0f} MB/s while writing)")
+    print_parity(result.report)
     return 0
 
 

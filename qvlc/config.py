@@ -52,6 +52,7 @@ class ExportConfig:
     workers: int = 1  # llm, tp > 1: ranks exported by this many parallel processes
     max_patches: int = 256  # visual: N, static patch count (multiple of 16)
     chunk_width: int = 640  # visual: width of each image_embeds_i output
+    attention_block: int = 1024  # visual: query rows per attention block (0: all N rows at once)
     simplify: bool = False  # run onnxsim on the exported graphs, then validate what it produced
 
 
@@ -108,6 +109,7 @@ class Config:
             del d[key]
         if self.part == "llm":
             del d["export"]["chunk_width"]
+            del d["export"]["attention_block"]
             if not self.llm_holds_patches:
                 del d["export"]["max_patches"]
         else:
@@ -295,6 +297,8 @@ def check_values(cfg: Config) -> None:
                                       "export.max_context", key=key)
     else:
         _multiple_of_16(e.max_patches, "export.max_patches")
+        if e.attention_block:
+            _multiple_of_16(e.attention_block, "export.attention_block")
         if e.tp != 1:
             raise ConfigError(f"tp {e.tp} given for the visual part, which is never split across ranks",
                               fix="remove export.tp from the visual config (or set it to 1)", key="export.tp")

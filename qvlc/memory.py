@@ -3,11 +3,13 @@ is read, against what this machine (or its memory cgroup) allows.
 
 The coefficients come from measured peaks on this kind of machine (README "Measured"). LLM validation runs in
 phases one after the other (graphs; the streamed oracle, one fp32 layer at a time plus the embedding table and
-the KV it records; the vision tower for a prompt given as pixels) and the largest counts; ONNX Runtime sessions
-hold the fp16 weights once (no constant folding) — with tp > 1 the unsplit tp = 1 module beside them. The
+the KV it records; the vision tower for a prompt given as pixels) and the largest counts. ONNX Runtime maps the
+weights file (no constant folding, no prepacking): those pages are the kernel's to reclaim, so what must stay is
+one rank's share (ranks run one after another) plus the fp32 cast of the largest weight, lm_head's slice — and,
+for a small model with tp > 1, the unsplit tp = 1 module beside them (``UNSPLIT_MAX_BYTES``). The
 in-memory oracle (``validate.oracle: memory``) holds every parameter in fp32. The visual export holds the fp32
 tower (~10 bytes a parameter at its peak); its validation an ORT session (~4.5 bytes a parameter) and the
-graph's N×N attention, with the streamed oracle's one block beside it. x1.35 on those covers the rest
+graph's attention (one block of ``export.attention_block`` query rows × N), with the streamed oracle's one block beside it. x1.35 on those covers the rest
 (Python, torch and ORT arenas); attention scores are fp32 [heads, T, T] a few times over. It errs high.
 ``QVLC_MEMORY_LIMIT_GB`` replaces the detected limit (a bigger swap-backed machine, or tests).
 """
@@ -28,6 +30,13 @@ if TYPE_CHECKING:
 GB = 1e9
 OVERHEAD = 1.35
 ORT_BYTES_PER_PARAM = 4.5
+
+# With tp > 1, LLM validation's tp = 1 comparison runs the unsplit deployment module in eager torch, in the
+# export dtype, beside the rank sessions. It isolates a tensor-parallel error from an export error, on models whose unsplit weights are small:
+# above this size it would hold the whole model in memory (7B fp16: 14 GB) and torch computes fp16 on CPU at
+# ~1 GFLOP/s here (a 7B prefill at S = 2048 would take hours). Every rank's logit slice and KV heads, and the
+# recombined result, are compared with the fp32 oracle either way — at the same tolerance.
+UNSPLIT_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -66,8 +75,10 @@ def estimate(cfg: "Config", dims: "ModelDims") -> Estimate:
                 parts["ONNX Runtime sessions"] = graph * dt
             else:  # the phases run one after the other; the largest one counts
                 kv = 4 * t.layers * 2 * t.kv_heads * (s + 16) * t.head_dim * 4
-                phases = {"ONNX Runtime sessions (fp16 weights read from the file)": graph * dt * (2 if e.tp > 1
-                                                                                                 else 1),
+                unsplit = graph * dt if e.tp > 1 and graph * dt <= UNSPLIT_MAX_BYTES else 0
+                sessions = graph * dt / e.tp + t.vocab / e.tp * t.hidden * 4 + unsplit
+                phases = {"ONNX Runtime sessions (one rank's weights mapped from the file, lm_head's fp32 cast)":
+                          sessions,
                           "streamed oracle (one layer, the embedding table, KV)": graph / t.layers * 4
                           + t.vocab * t.hidden * 4 + kv,
                           "fp32 vision tower (image rows of one prompt)": vision_params(dims) * 4}
@@ -87,8 +98,9 @@ def estimate(cfg: "Config", dims: "ModelDims") -> Estimate:
             parts[key] = max(export, session)
         else:
             parts["export (fp32 tower)"] = export
-        if cfg.validate.enabled:
-            parts["attention"] = v.heads * n * n * 4 * 4 + 2 * n * n
+        if cfg.validate.enabled:  # fp32 scores of one block of query rows (export.attention_block), the masks
+            rows = e.attention_block if 0 < e.attention_block < n else n
+            parts["attention"] = v.heads * rows * n * 4 * 4 + 2 * n * n
     total = sum(v for k, v in parts.items() if k != "attention") * OVERHEAD + parts.get("attention", 0.0)
     return Estimate(total, parts)
 

@@ -71,8 +71,11 @@ def load(plan: Plan) -> LoadedCheckpoint | None:
     the streamed oracle reads one layer at a time, so a model too large for this machine in fp32 (7B: ~33 GB)
     still compiles and validates.
     """
-    if plan.cfg.part == Part.LLM and not (plan.cfg.validate.enabled and plan.cfg.validate.oracle == "memory"):
+    in_memory = plan.cfg.validate.enabled and plan.cfg.validate.oracle == "memory"
+    if plan.cfg.part == Part.LLM and not in_memory:
         return None
+    if plan.cfg.part == Part.VISUAL and not in_memory:  # only the export reads it: the tower in the export dtype
+        return load_vision_tower(plan.checkpoint, plan.family, plan.dims, plan.cfg.export.dtype.torch)
     return load_oracle(plan)
 
 

@@ -10,8 +10,9 @@
 3. **Compare.** Prefill logits and KV, every decode step's logits and new KV, and greedy agreement: at every
    position the oracle's argmax must be the token the graphs generated next. The first position where it is not
    is the step where free-running generation would part from ``transformers.generate``: the same verdict, in one
-   oracle pass. With tp > 1 every rank's slice is compared with the matching slice of the oracle, and the
-   recombined result with the unsplit (tp = 1) deployment module on the same tokens.
+   oracle pass. With tp > 1 every rank's slice is compared with the matching slice of the oracle, and — for a
+   model whose unsplit weights fit ``UNSPLIT_MAX_BYTES`` — the recombined result with the unsplit (tp = 1)
+   deployment module on the same tokens.
 
 Graph interfaces (names → shapes → dtypes against the family's signatures) are checked first.
 """
@@ -27,6 +28,7 @@ import torch
 
 from qvlc.artifacts import declared_graphs
 from qvlc.host.rope import decode_position
+from qvlc.memory import UNSPLIT_MAX_BYTES, text_params
 from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.models.common.lazy import lazy_text_model
 from qvlc.models.common.tp import RankLayout, rank_layout
@@ -164,7 +166,16 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     steps = max(v.decode_steps, v.generate_tokens - 1)
     embed_std = float(lazy_text_model(plan.checkpoint)[0].embed_tokens.weight.narrow(0, 0, 4096).float().std())
     cases = vision_rows(plan, ck, build_cases(dims, spec.prefill_len, seed, embed_std))
-    unsplit = unsplit_runtime(plan, ck, folder) if spec.tp > 1 else None
+    unsplit = None
+    if spec.tp > 1:
+        size = text_params(dims) * spec.dtype.bytes
+        if size <= UNSPLIT_MAX_BYTES:
+            unsplit = unsplit_runtime(plan, ck, folder)
+        else:
+            report.notes.append(f"the tp = 1 comparison was not run: the unsplit module would hold "
+                                f"{size / 1e9:.1f} GB of {spec.dtype.value} weights in torch (it runs for models "
+                                f"up to {UNSPLIT_MAX_BYTES / 1e9:.1f} GB); every rank's slices and the "
+                                "recombined result are compared with the fp32 oracle")
     runs = run_graphs(plan, folder, cases, steps, unsplit)
     del unsplit
     gc.collect()

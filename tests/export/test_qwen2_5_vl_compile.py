@@ -28,6 +28,24 @@ def test_visual_passes_with_window_cases(compiled, dtype):
     assert inputs == ["pixel_values", "attention_mask", "window_attention_mask", "cos", "sin"]
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_visual_attention_in_blocks_passes(compiled, family):
+    """export.attention_block 48 on N = 256: every vision block's attention is 6 softmaxes over 48 (last: 16)
+    query rows in the graph, and the artifact passes the same parity as the one-block graph."""
+    import onnx
+
+    r = compiled(f"blocked_visual_{family}", part="visual", checkpoint=f"tiny:{family}", dtype="fp16",
+                 max_patches=256, attention_block=48)
+    assert r.report.passed, r.report.failures
+    graph = onnx.load(str(r.folder / "visual.onnx"), load_external_data=False).graph
+    from qvlc.models import family as family_of
+    from qvlc.models.common.tiny import tiny_checkpoint
+
+    config = json.loads((tiny_checkpoint(family=family_of(family)) / "config.json").read_text())
+    depth = config["vision_config"]["depth"]
+    assert sum(n.op_type == "Softmax" for n in graph.node) == 6 * depth
+
+
 @pytest.mark.parametrize("tp,dtype", [(1, "fp32"), (2, "fp16")])
 def test_llm_passes(compiled, tp, dtype):
     r = compiled(f"q25_llm_tp{tp}_{dtype}", checkpoint=CK, dtype=dtype, tp=tp, prefill_len=128, max_context=192)

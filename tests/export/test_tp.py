@@ -95,6 +95,19 @@ def test_recombined_ranks_equal_the_unsplit_graphs(tp1, tp2):
         np.testing.assert_allclose(lb, la, atol=1e-5)
 
 
+def test_large_models_skip_the_unsplit_module_and_say_so(tp2, monkeypatch):
+    """Above UNSPLIT_MAX_BYTES (a 7B's unsplit fp16 module is 14 GB, and torch computes fp16 at ~1 GFLOP/s on
+    CPU) the tp = 1 comparison is not run; the report says so, and every rank is still checked slice by slice."""
+    import qvlc.validate.llm as validate_llm
+
+    monkeypatch.setattr(validate_llm, "UNSPLIT_MAX_BYTES", 0)
+    report = validate_artifact(tp2.folder)
+    assert report.passed, report.failures
+    assert not [c for c in report.checks if c.graph.endswith("vs tp=1")]
+    assert {"rank0.logits", "rank1.present_key_values", "logits"} <= {c.output for c in report.checks}
+    assert any("tp = 1 comparison was not run" in n for n in report.notes)
+
+
 def test_swapped_rank_weights_are_caught(tp2, copy_artifact, reseal):
     folder = copy_artifact(tp2.folder)
     w0, w1 = folder / "rank0" / "llm_weights.data", folder / "rank1" / "llm_weights.data"

@@ -45,10 +45,11 @@ def family_ck(request):
 
 
 @torch.no_grad()
-def run_family(fam, ck, pixels: torch.Tensor, grids, n: int, dtype=torch.float32, chunk=24) -> torch.Tensor:
+def run_family(fam, ck, pixels: torch.Tensor, grids, n: int, dtype=torch.float32, chunk=24,
+               attention_block=0) -> torch.Tensor:
     """The family's host inputs → its deployment module → real rows in prompt order, fp32."""
     spec = fam.visual_spec(ck.dims, n, chunk, Precision.FP32 if dtype == torch.float32 else Precision.FP16)
-    module = fam.visual_graph(ck.visual, ck.dims, chunk, dtype)
+    module = fam.visual_graph(ck.visual, ck.dims, chunk, dtype, attention_block)
     vf = fam.vision_feeds(spec, pixels.numpy(), np.array(grids))
     sig = fam.visual_signature(spec)
     outs = module(*(torch.from_numpy(vf.feeds[name]) for name in sig.input_names))
@@ -65,6 +66,19 @@ def test_family_matches_transformers_fp32(family_ck, case):
     out = run_family(fam, ck, pixels, grids, n=128)
     assert ref.abs().max() > 0.1  # random biases/norms: a wiring bug would move these numbers
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [16, 48])
+def test_attention_in_blocks_of_query_rows_is_the_same_attention(family_ck, block):
+    """export.attention_block: 128 patches attended 16 or 48 query rows at a time (the last block shorter, blocks
+    cutting through images and windows) give what one block gives, and transformers' rows."""
+    fam, ck = family_ck
+    grids = {**GRIDS, **ODD_GRIDS}["odd_video_and_image"]
+    pixels = patches(grids, ck.dims.vision.patch_dim)
+    whole = run_family(fam, ck, pixels, grids, n=128)
+    blocked = run_family(fam, ck, pixels, grids, n=128, attention_block=block)
+    torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(blocked, reference(ck, pixels, grids), atol=1e-6, rtol=1e-5)
 
 
 def test_family_fp16_close_to_transformers(family_ck):

@@ -79,7 +79,10 @@ class Family:
         stack = stack or TextStack(text_model, lm_head, dims.text, layout, dtype)
         return GRAPH_MODULES[file](stack), stack
 
-    def visual_graph(self, hf_visual: Any, dims: ModelDims, chunk_width: int, dtype: "torch.dtype") -> Any:
+    def visual_graph(self, hf_visual: Any, dims: ModelDims, chunk_width: int, dtype: "torch.dtype",
+                     attention_block: int = 0) -> Any:
+        """The visual deployment module; ``attention_block`` > 0: attention computed that many query rows at a
+        time (``export.attention_block``)."""
         raise NotImplementedError
 
     # -- graph signatures -----------------------------------------------------------------------------------

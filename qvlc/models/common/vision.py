@@ -16,10 +16,15 @@ VISUAL_INPUTS = ("pixel_values", "attention_mask", "cos", "sin")
 
 
 class VisionAttention(nn.Module):
-    """qkv → rotary (fp32) → scores under a bool mask (fp32 softmax) → proj. x [N, C], allowed bool [1, N, N]."""
+    """qkv → rotary (fp32) → scores under a bool mask (fp32 softmax) → proj. x [N, C], allowed bool [1, N, N].
 
-    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype) -> None:
+    ``block`` > 0 computes the attention ``block`` query rows at a time (each row's softmax is over all N keys, so
+    the result is the same): the [heads, N, N] fp32 scores never exist at once — at N = 5120 with 16 heads they
+    are 1.7 GB per tensor, several times over in a runtime's softmax chain."""
+
+    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype, block: int = 0) -> None:
         super().__init__()
+        self.block = block
         self.heads, self.head_dim = vision.heads, vision.head_dim
         self.scale = vision.head_dim**-0.5
         self.qkv = Linear.of(hf.qkv, dtype)
@@ -32,12 +37,16 @@ class VisionAttention(nn.Module):
         # into q here, on [H, N, Dv], instead of on the [H, N, N] scores (one N² pass less per layer).
         q = ((q.float() * cos + rotate_half(q.float()) * sin) * self.scale).to(x.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
-        scores = torch.matmul(q, k.transpose(1, 2))
-        # where() on fp32 scores: a masked entry is exactly excluded, whatever the activation dtype.
-        scores = torch.where(allowed, scores.float(), torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1).to(x.dtype)
-        out = torch.matmul(probs, v).transpose(0, 1).reshape(n, self.heads * self.head_dim)
-        return self.proj(out)
+        rows = self.block if 0 < self.block < n else n
+        blocks = []
+        for a in range(0, n, rows):
+            b = min(rows, n - a)
+            scores = torch.matmul(q[:, a:a + b], k.transpose(1, 2))
+            # where() on fp32 scores: a masked entry is exactly excluded, whatever the activation dtype.
+            scores = torch.where(allowed[:, a:a + b], scores.float(), torch.finfo(torch.float32).min)
+            blocks.append(torch.matmul(torch.softmax(scores, dim=-1).to(x.dtype), v))
+        out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        return self.proj(out.transpose(0, 1).reshape(n, self.heads * self.head_dim))
 
 
 class PatchMerger(nn.Module):

@@ -42,11 +42,12 @@ class GatedMlp(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype, full: bool) -> None:
+    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype, full: bool,
+                 attention_block: int = 0) -> None:
         super().__init__()
         self.full = full  # attends per frame; otherwise per window
         self.norm1 = RMSNorm(hf.norm1.weight, NORM_EPS, dtype)
-        self.attn = VisionAttention(hf.attn, vision, dtype)
+        self.attn = VisionAttention(hf.attn, vision, dtype, attention_block)
         self.norm2 = RMSNorm(hf.norm2.weight, NORM_EPS, dtype)
         self.mlp = GatedMlp(hf.mlp, vision, dtype)
 
@@ -59,11 +60,13 @@ class VisualGraph(nn.Module):
     """pixel_values [N, patch_dim] (window order), attention_mask and window_attention_mask bool [1, N, N],
     cos/sin [N, Dv] (window order) → image_embeds_0 … image_embeds_{k-1} [N / merge_unit, chunk widths]."""
 
-    def __init__(self, hf_visual: nn.Module, vision: VisionDims, chunk_width: int, dtype: torch.dtype) -> None:
+    def __init__(self, hf_visual: nn.Module, vision: VisionDims, chunk_width: int, dtype: torch.dtype,
+                 attention_block: int = 0) -> None:
         super().__init__()
         self.patch_embed = patch_embed(hf_visual, vision, dtype)
         full = set(vision.fullatt_blocks)
-        self.blocks = nn.ModuleList(VisionBlock(b, vision, dtype, i in full) for i, b in enumerate(hf_visual.blocks))
+        self.blocks = nn.ModuleList(VisionBlock(b, vision, dtype, i in full, attention_block)
+                                    for i, b in enumerate(hf_visual.blocks))
         ln_q = RMSNorm(hf_visual.merger.ln_q.weight, NORM_EPS, dtype)
         self.merger = PatchMerger(hf_visual.merger, vision, dtype, norm=ln_q)
         self.widths = chunk_widths(vision.out_hidden, chunk_width)

@@ -43,10 +43,10 @@ class VisionMlp(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype) -> None:
+    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype, attention_block: int = 0) -> None:
         super().__init__()
         self.norm1 = LayerNorm(hf.norm1)
-        self.attn = VisionAttention(hf.attn, vision, dtype)
+        self.attn = VisionAttention(hf.attn, vision, dtype, attention_block)
         self.norm2 = LayerNorm(hf.norm2)
         self.mlp = VisionMlp(hf.mlp, vision, dtype)
 
@@ -59,10 +59,11 @@ class VisualGraph(nn.Module):
     """pixel_values [N, patch_dim], attention_mask bool [1, N, N] (True = may attend), cos/sin [N, Dv]
     → image_embeds_0 … image_embeds_{k-1} [N / merge_unit, chunk widths] (export dtype)."""
 
-    def __init__(self, hf_visual: nn.Module, vision: VisionDims, chunk_width: int, dtype: torch.dtype) -> None:
+    def __init__(self, hf_visual: nn.Module, vision: VisionDims, chunk_width: int, dtype: torch.dtype,
+                 attention_block: int = 0) -> None:
         super().__init__()
         self.patch_embed = patch_embed(hf_visual, vision, dtype)
-        self.blocks = nn.ModuleList(VisionBlock(b, vision, dtype) for b in hf_visual.blocks)
+        self.blocks = nn.ModuleList(VisionBlock(b, vision, dtype, attention_block) for b in hf_visual.blocks)
         self.merger = PatchMerger(hf_visual.merger, vision, dtype)
         self.widths = chunk_widths(vision.out_hidden, chunk_width)
 
