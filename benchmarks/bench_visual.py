@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_visual.py [--model qwen2_vl_2b|qwen2_5_vl_7b|qwen2_5_vl_3b|qwen2_vl_7b]
                                                 [--workdir bench_out] [--max-patches 5120] [--no-validate]
+                                                [--attention-block 1024]
 
 qwen2_vl_2b (the default) compiles the random 2B checkpoint bench_llm_2b.py shares (built once by a child process).
 Every other model gets a streamed random checkpoint of its vision tower alone (bf16, like the released weights;
@@ -49,6 +50,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--simplify", action="store_true")
     ap.add_argument("--no-validate", action="store_true")
+    ap.add_argument("--attention-block", type=int, default=None, help="export.attention_block (default: qvlc's)")
     args = ap.parse_args()
 
     from qvlc.config import config_from_dict
@@ -64,11 +66,13 @@ def main() -> int:
         "part": "visual",
         "model": {"checkpoint": str(checkpoint)},
         "export": {"dtype": args.dtype, "max_patches": args.max_patches, "chunk_width": args.chunk_width,
-                   "simplify": args.simplify},
+                   "simplify": args.simplify,
+                   **({} if args.attention_block is None else {"attention_block": args.attention_block})},
         "validate": {"enabled": not args.no_validate},
         "output": {"dir": str(args.workdir.resolve() / ARTIFACTS)},
     })
-    print(f"compile {cfg.name} (N={args.max_patches}, {args.dtype}, validate={not args.no_validate})")
+    print(f"compile {cfg.name} (N={args.max_patches}, {args.dtype}, attention_block={cfg.export.attention_block}, "
+          f"validate={not args.no_validate})")
     progress = PrintProgress()
     t0 = time.perf_counter()
     status, written = 0, None

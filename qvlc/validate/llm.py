@@ -38,6 +38,7 @@ from qvlc.validate.interface import check_interface
 from qvlc.validate.llm_cases import LlmCase, build_cases, with_image_rows
 from qvlc.validate.metrics import ParityReport, TokenCheck
 from qvlc.validate.oracle import InMemoryOracle, OracleInput, OracleOutput, StreamedOracle
+from qvlc.validate.ranges import RangeRecorder
 from qvlc.validate.vision_oracle import StreamedVisionOracle
 
 
@@ -153,7 +154,7 @@ def oracle_inputs(runs: list[GraphRun], image_token: int, video_token: int) -> l
         m, ids, tk = run.case.media, run.case.ids, run.tokens
         rows = {image_token: m.image_embeds, video_token: m.video_embeds}
         out.append(OracleInput(np.concatenate([ids, tk[:-1]]).astype(np.int64), rows, m.images, m.videos,
-                               m.second_per_grid_ts, len(ids)))
+                               m.second_per_grid_ts, len(ids), run.case.name))
     return out
 
 
@@ -183,7 +184,10 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
         StreamedOracle(plan.family, plan.checkpoint, dims)
     inputs = oracle_inputs(runs, dims.tokens.image, dims.tokens.video)
     layouts = [rank_layout(dims.text, spec.tp, r) for r in range(spec.tp)]
-    for run, ref in zip(runs, oracle.run(inputs)):
+    ranges = RangeRecorder()
+    refs = oracle.run(inputs, ranges)
+    ranges.to_report(report)
+    for run, ref in zip(runs, refs):
         compare_run(report, run, ref, layouts, spec.prefill_len, v.decode_steps, v.generate_tokens, spec.dtype)
     report.notes.append(f"oracle: {type(oracle).__name__}; each prompt then {steps} greedy decode steps of the "
                         "graphs, the oracle teacher-forced on the tokens the graphs chose")

@@ -77,6 +77,9 @@ class ParityReport:
     checks: list[Check] = field(default_factory=list)
     tokens: list[TokenCheck] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # fp16 ranges seen by the oracle (qvlc.validate.ranges): the hazards, and the peak per kind of tensor
+    hazards: list[dict] = field(default_factory=list)
+    range_peaks: dict[str, dict] = field(default_factory=dict)
 
     @property
     def tolerance(self) -> Tolerance:
@@ -102,6 +105,9 @@ class ParityReport:
                for c in self.checks if not c.passed]
         out += [f"{t.graph}/{t.case}: greedy tokens diverge at step {t.matched} of {len(t.expected)} "
                 f"(expected {t.expected}, got {t.got})" for t in self.tokens if not t.passed]
+        if self.dtype == Precision.FP16:  # an fp16 graph computes inf/nan there, whatever ONNX Runtime shows
+            out += [f"fp16 range/{h['case']}/{h['module']}: {h['kind']} reaches {h['max_abs']:.3g}, beyond fp16's "
+                    f"65504 (keep it in fp32: export.fp32_layers)" for h in self.hazards if h["level"] == "overflow"]
         return out
 
     @property
@@ -136,6 +142,7 @@ class ParityReport:
             "failures": self.failures,
             "checks": [asdict(c) for c in self.checks],
             "tokens": [{**asdict(t), "matched": t.matched, "passed": t.passed} for t in self.tokens],
+            "fp16_ranges": {"hazards": self.hazards, "peaks": self.range_peaks},
             "notes": self.notes,
         }
 
@@ -169,11 +176,30 @@ class ParityReport:
             for tk in self.tokens:
                 res = "pass" if tk.expected == tk.got else ("FAIL" if tk.required else "reported")
                 lines.append(f"| {tk.graph} | {tk.case} | {tk.matched}/{len(tk.expected)} | {res} |")
+        lines += self._ranges_markdown()
         if self.failures:
             lines += ["", "## Failures", ""] + [f"- {f}" for f in self.failures]
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+
+    def _ranges_markdown(self) -> list[str]:
+        if not self.range_peaks:
+            return []
+        verdict = ("an overflow fails an fp16 compile" if self.dtype == Precision.FP16 else
+                   "advice for an fp16 build of this model")
+        lines = ["", "## fp16 ranges", "", f"Largest magnitudes the fp32 oracle met on the validation cases ({verdict}; "
+                 "fp16's largest finite value is 65504, 'near' is above a quarter of it, 'underflow' is more than 1% "
+                 "of a tensor's nonzero values rounding to zero).", "", "| kind | peak | module | case |",
+                 "|---|---|---|---|"]
+        lines += [f"| {k} | {p['max_abs']:.4g} | {p['module']} | {p['case']} |" for k, p in self.range_peaks.items()]
+        if not self.hazards:
+            return lines + ["", "No hazards."]
+        lines += ["", "| hazard | kind | max abs | underflow | module | case |", "|---|---|---|---|---|---|"]
+        lines += [f"| {h['level']} | {h['kind']} | {h['max_abs']:.4g} | {h['underflow_fraction']:.2%} | {h['module']} "
+                  f"| {h['case'] if h['level'] != 'underflow' else h['underflow_case']} |" for h in self.hazards]
+        return lines
 
 
 def _metric_line(m: dict[str, float]) -> str:

@@ -23,6 +23,9 @@ import torch
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
 from qvlc.models.common.lazy import lazy_text_model
+from qvlc.validate.ranges import LINEAR, RangeRecorder, remove
+
+LAYERS = "model.language_model.layers"  # transformers' module names, as the range report gives them
 
 LOGIT_BLOCK = 16384  # vocabulary rows of lm_head read at a time (7B: 235 MB in fp32)
 
@@ -35,6 +38,7 @@ class OracleInput:
     video_grids: np.ndarray | None
     second_per_grid_ts: tuple[float, ...] | None
     prompt_len: int  # n: positions n-1 … T-1 predict the generated tokens
+    name: str = ""  # the validation case (named in the fp16 range report)
 
 
 @dataclass
@@ -130,7 +134,13 @@ class StreamedOracle:
         return out
 
     @torch.no_grad()
-    def run(self, seqs: list[OracleInput]) -> list[OracleOutput]:
+    def run(self, seqs: list[OracleInput], ranges: RangeRecorder | None = None) -> list[OracleOutput]:
+        """``ranges``: record every layer's magnitudes on the way (qvlc.validate.ranges)."""
+        ranges = ranges or RangeRecorder()
+        with ranges.recording():
+            return self._run(seqs, ranges)
+
+    def _run(self, seqs: list[OracleInput], ranges: RangeRecorder) -> list[OracleOutput]:
         pos = [self.shell.positions(s) for s in seqs]
         hidden = self._embed(seqs)
         rope = [self.shell.rotary(h, p) for h, (p, _) in zip(hidden, pos)]
@@ -140,8 +150,10 @@ class StreamedOracle:
             for j, h in enumerate(hidden):
                 rec = _Recorder()
                 t = h.shape[1]
+                handles = ranges.hook(layer, f"{LAYERS}.{i}", [(seqs[j].name, 0, 1)], packed=False)
                 hidden[j] = layer(h, attention_mask=_causal(t), position_ids=pos[j][0], past_key_values=rec,
                                   use_cache=True, cache_position=torch.arange(t), position_embeddings=rope[j])[0]
+                remove(handles)
                 kv[j].append(np.stack([x[0].numpy() for x in rec.kv]))
             del layer
         norm = self._module(self.shell.norm_cls, self.dims.text.hidden, self.dims.text.rms_eps, tree=self.text.norm)
@@ -152,6 +164,8 @@ class StreamedOracle:
             block = w.narrow(0, a, min(LOGIT_BLOCK, w.shape[0] - a)).float()
             for out, x in zip(logits, last):
                 out[:, a:a + len(block)] = (x @ block.T).numpy()
+        for lg, s in zip(logits, seqs):
+            ranges.observe("lm_head", LINEAR, torch.from_numpy(lg), [(s.name, 0, 1)], whole=True)
         return [OracleOutput(lg, np.stack(k), d) for lg, k, (_, d) in zip(logits, kv, pos)]
 
 
@@ -163,7 +177,12 @@ class InMemoryOracle:
         self.family, self.model, self.dims = family, model, dims
 
     @torch.no_grad()
-    def run(self, seqs: list[OracleInput]) -> list[OracleOutput]:
+    def run(self, seqs: list[OracleInput], ranges: RangeRecorder | None = None) -> list[OracleOutput]:
+        ranges = ranges or RangeRecorder()
+        with ranges.recording():
+            return self._run(seqs, ranges)
+
+    def _run(self, seqs: list[OracleInput], ranges: RangeRecorder) -> list[OracleOutput]:
         embed = self.model.model.language_model.embed_tokens
         out = []
         for seq in seqs:
@@ -172,7 +191,11 @@ class InMemoryOracle:
             for token, rows in seq.rows.items():
                 if rows is not None:
                     h[0, torch.from_numpy(seq.ids == token)] = torch.from_numpy(rows)
+            handles = [hd for i, layer in enumerate(self.model.model.language_model.layers)
+                       for hd in ranges.hook(layer, f"{LAYERS}.{i}", [(seq.name, 0, 1)], packed=False)]
             res = self.model(inputs_embeds=h, position_ids=pos, use_cache=True)  # 4.57: no logits_to_keep here
+            remove(handles)
+            ranges.observe("lm_head", LINEAR, res.logits[0, seq.prompt_len - 1:], [(seq.name, 0, 1)], whole=True)
             cache = res.past_key_values
             kv = np.stack([np.stack([cache.layers[i].keys[0].numpy(), cache.layers[i].values[0].numpy()])
                            for i in range(self.dims.text.layers)])

@@ -8,6 +8,7 @@ parts around the blocks (patch embedding, merger: a few MB) are loaded whole; th
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,22 @@ from torch import nn
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
 from qvlc.models.common.lazy import Tree, lazy_vision_tower
+from qvlc.validate.ranges import RangeRecorder, Segments, remove
+
+VISUAL = "model.visual"  # transformers' module names, as the range report gives them
+
+
+def hook_tower(tower: nn.Module, ranges: RangeRecorder, segments: Segments, merge_unit: int,
+               blocks: bool = True) -> list:
+    """Range hooks on a vision tower: the patch embedding (the residual stream's start), the merger's linears
+    (on merged rows) and, with ``blocks``, every block (a streamed tower hooks its blocks as they are built)."""
+    merged = [(c, a // merge_unit, b // merge_unit) for c, a, b in segments]
+    handles = ranges.hook(tower.patch_embed, f"{VISUAL}.patch_embed", segments, packed=True)
+    handles += ranges.hook(tower.merger, f"{VISUAL}.merger", merged, packed=True, residual=False)
+    if blocks:
+        for i, block in enumerate(tower.blocks):
+            handles += ranges.hook(block, f"{VISUAL}.blocks.{i}", segments, packed=True)
+    return handles
 
 
 def _read(tree, name: str) -> torch.Tensor:
@@ -37,17 +54,21 @@ def _fill(module: nn.Module, tree, skip: str | None = None) -> nn.Module:
 class _StreamedBlock(nn.Module):
     """Stands in for block ``i``: builds it (meta → CPU), reads its weights, runs it, lets it go."""
 
-    def __init__(self, cls, config, tree: Tree) -> None:
+    def __init__(self, cls, config, tree: Tree, index: int) -> None:
         super().__init__()
-        self.cls, self.config, self.tree = cls, config, tree
+        self.cls, self.config, self.tree, self.index = cls, config, tree, index
         self.loads = 0
+        self.ranges: tuple[RangeRecorder, Segments] | None = None  # set for a recorded run
 
     def forward(self, *args, **kwargs):
         with torch.device("meta"):
             block = self.cls(self.config)
         block = _fill(block.to_empty(device="cpu").eval(), self.tree)
         self.loads += 1
+        handles = [] if self.ranges is None else self.ranges[0].hook(block, f"{VISUAL}.blocks.{self.index}",
+                                                                     self.ranges[1], packed=True)
         out = block(*args, **kwargs)
+        remove(handles)
         del block
         return out
 
@@ -63,14 +84,30 @@ class StreamedVisionOracle:
         tower.blocks = nn.ModuleList()  # no block is ever materialised here
         tower = _fill(tower.to_empty(device="cpu").eval(), tree)
         tower.rotary_pos_emb = type(tower.rotary_pos_emb)(dims.vision.head_dim // 2)  # its inv_freq, computed
-        tower.blocks = nn.ModuleList(_StreamedBlock(block_cls, config, tree.blocks[i]) for i in range(dims.vision.depth))
+        tower.blocks = nn.ModuleList(_StreamedBlock(block_cls, config, tree.blocks[i], i)
+                                    for i in range(dims.vision.depth))
         self.tower, self.merge_unit = tower, dims.vision.merge_unit
 
     @torch.no_grad()
-    def run(self, cases: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        """(pixel_values [n, patch_dim], grids [k, 3]) per case → its embeddings [n / merge_unit, out_hidden]."""
+    def run(self, cases: list[tuple[np.ndarray, np.ndarray]], names: list[str] | None = None,
+            ranges: RangeRecorder | None = None) -> list[np.ndarray]:
+        """(pixel_values [n, patch_dim], grids [k, 3]) per case → its embeddings [n / merge_unit, out_hidden].
+        With ``ranges``, each block's magnitudes are recorded per case (``names``)."""
         pixels = torch.from_numpy(np.concatenate([p for p, _ in cases]))
         grids = torch.from_numpy(np.concatenate([g for _, g in cases]).astype(np.int64))
-        out = self.tower(pixels, grid_thw=grids).numpy()
+        ends = np.cumsum([len(p) for p, _ in cases])
+        segments = [(n, int(b - len(p)), int(b)) for n, (p, _), b in zip(names or [""] * len(cases), cases, ends)]
+        handles = []
+        if ranges is not None:
+            handles = hook_tower(self.tower, ranges, segments, self.merge_unit, blocks=False)
+            for block in self.tower.blocks:
+                block.ranges = (ranges, segments)
+        try:
+            with ranges.recording() if ranges is not None else contextlib.nullcontext():
+                out = self.tower(pixels, grid_thw=grids).numpy()
+        finally:
+            remove(handles)
+            for block in self.tower.blocks:
+                block.ranges = None
         sizes = [len(p) // self.merge_unit for p, _ in cases]
         return np.split(out, np.cumsum(sizes)[:-1])

@@ -32,7 +32,8 @@ from qvlc.plan import Plan
 from qvlc.runtime.visual import VisualRuntime
 from qvlc.validate.interface import check_interface
 from qvlc.validate.metrics import ParityReport
-from qvlc.validate.vision_oracle import StreamedVisionOracle
+from qvlc.validate.ranges import RangeRecorder, remove
+from qvlc.validate.vision_oracle import StreamedVisionOracle, hook_tower
 
 GRAPH = "visual"
 MAX_ASPECT = 200  # smart_resize's limit on the longer side over the shorter one
@@ -127,9 +128,14 @@ def pack_runs(cases: list[VisualCase], n: int) -> list[list[VisualCase]]:
 
 
 @torch.no_grad()
-def oracle(ck: LoadedCheckpoint, case: VisualCase) -> np.ndarray:
+def oracle(ck: LoadedCheckpoint, case: VisualCase, ranges: RangeRecorder, merge_unit: int) -> np.ndarray:
     """transformers' vision tower in fp32 on the unpadded patches: [patches / merge_unit, out_hidden]."""
-    return ck.visual(torch.from_numpy(case.pixel_values), grid_thw=torch.from_numpy(case.grids)).numpy()
+    handles = hook_tower(ck.visual, ranges, [(case.name, 0, case.patches)], merge_unit)
+    try:
+        with ranges.recording():
+            return ck.visual(torch.from_numpy(case.pixel_values), grid_thw=torch.from_numpy(case.grids)).numpy()
+    finally:
+        remove(handles)
 
 
 def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report: ParityReport,
@@ -143,13 +149,16 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
     runtime = VisualRuntime(stage, spec, plan.family)
     offsets = np.cumsum([0, *spec.chunk_widths])
     cases = build_cases(spec, PreprocessConfig.from_json((stage / PREPROCESS).read_text()), seed)
+    ranges = RangeRecorder(attn_name="attn")
     if ck is None:  # streamed: transformers' tower over every case at once, one block's weights at a time
         streamed = StreamedVisionOracle(plan.family, plan.checkpoint, plan.dims)
-        refs = dict(zip((c.name for c in cases), streamed.run([(c.pixel_values, c.grids) for c in cases])))
+        names = [c.name for c in cases]
+        refs = dict(zip(names, streamed.run([(c.pixel_values, c.grids) for c in cases], names, ranges)))
         del streamed
     else:
-        refs = {c.name: oracle(ck, c) for c in cases}
+        refs = {c.name: oracle(ck, c, ranges, spec.merge_unit) for c in cases}
         report.notes.append("oracle: the loaded transformers vision tower")
+    ranges.to_report(report)
     for i, run in enumerate(pack_runs(cases, spec.max_patches)):
         total = sum(c.patches for c in run)
         report.notes.append(f"graph call {i}: " + ", ".join(f"{c.name} (grids {c.grids.tolist()})" for c in run) +

@@ -1,0 +1,170 @@
+"""fp16 hazards: the largest magnitudes the fp32 oracle meets while it runs the validation cases.
+
+An accelerator computes these graphs in fp16, and real Qwen2-VL / Qwen2.5-VL weights overflow it (transformers
+issue 33294; llama.cpp issue 17534: the down projection of Qwen2.5-VL-3B's vision block 31 reaches -inf). ONNX
+Runtime on CPU does not show it — it runs fp16 MatMuls in fp32 — so parity alone cannot. While the oracle runs
+(``RangeRecorder.watch``), every linear layer's output, the residual stream after every layer (or vision block)
+and the attention scores before softmax are reduced to their largest magnitude, per module and case, and to the
+fraction of their nonzero values that would round to zero in fp16.
+
+- **overflow**: beyond fp16's largest finite value (65504) — the fp16 graph computes inf/nan there. An fp16
+  compile with one fails; an fp32 compile reports it as advice for an fp16 build.
+- **near**: within ``NEAR_FACTOR`` of it (above 65504 / 4): two exponent steps of headroom is less than one
+  unusual input needs (a brighter image, a longer prompt moves the residual stream by this much). Reported.
+- **underflow**: more than ``UNDERFLOW_FRACTION`` of a tensor's nonzero values below half fp16's smallest
+  subnormal (2^-25): they become exact zeros in fp16. Reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from unittest import mock
+
+import torch
+from torch import nn
+
+FP16_MAX = 65504.0
+NEAR_FACTOR = 4.0
+UNDERFLOW_TINY = 2.0**-25
+UNDERFLOW_FRACTION = 0.01
+
+LINEAR, RESIDUAL, SCORES = "linear output", "residual stream", "attention scores"
+
+
+@dataclass
+class RangeStat:
+    module: str  # transformers' module name, e.g. model.language_model.layers.27.mlp.down_proj
+    kind: str  # LINEAR | RESIDUAL | SCORES
+    max_abs: float  # over every case
+    case: str  # the case where max_abs was met
+    underflow: float = 0.0  # worst fraction of nonzero values that round to zero in fp16
+    underflow_case: str = ""
+
+    def level(self) -> str | None:
+        if self.max_abs > FP16_MAX:
+            return "overflow"
+        if self.max_abs > FP16_MAX / NEAR_FACTOR:
+            return "near"
+        if self.underflow > UNDERFLOW_FRACTION:
+            return "underflow"
+        return None
+
+    def to_json(self) -> dict:
+        return {"module": self.module, "kind": self.kind, "max_abs": self.max_abs, "case": self.case,
+                "underflow_fraction": self.underflow, "underflow_case": self.underflow_case,
+                "level": self.level()}
+
+
+Segments = list[tuple[str, int, int]]  # (case, first row, end row) of a packed tensor's leading rows
+
+
+class RangeRecorder:
+    """Collects RangeStats while the oracle runs inside ``recording()``: ``hook(layer, prefix, segments, packed)``
+    on each transformers module as it runs (a decoder layer or a vision block); ``segments`` says which case owns
+    which rows (one case per call for the LLM oracle; the vision oracle packs every case in one call)."""
+
+    def __init__(self, attn_name: str = "self_attn") -> None:
+        self.stats: dict[tuple[str, str], RangeStat] = {}
+        self._scope = None  # (prefix, segments, packed, row offset) of the layer running
+        self._attn_name = attn_name  # the attention module's name inside a layer: self_attn, or attn (vision)
+
+    # -- recording ------------------------------------------------------------------------------------------
+    def observe(self, module: str, kind: str, x: torch.Tensor, segments: Segments, rows_dim: int = 0,
+                whole: bool = False) -> None:
+        """``whole``: the tensor is one case's (segments[0]); otherwise ``segments`` index dimension ``rows_dim``."""
+        x = x.detach()
+        if x.dtype != torch.float32:
+            x = x.float()
+        rows = x.reshape(1, -1) if whole else x.movedim(rows_dim, 0).reshape(x.shape[rows_dim], -1)
+        if whole:
+            segments = [(segments[0][0], 0, 1)]
+        finite = rows > torch.finfo(torch.float32).min / 2  # masked scores carry the fp32 minimum
+        mags = torch.where(finite, rows.abs(), 0.0)
+        peak = mags.amax(dim=1)
+        nonzero = (mags > 0).sum(dim=1)
+        tiny = ((mags > 0) & (mags < UNDERFLOW_TINY)).sum(dim=1)
+        for case, a, b in segments:
+            a, b = min(a, len(peak)), min(b, len(peak))
+            if a >= b:
+                continue
+            m = float(peak[a:b].max())
+            n = int(nonzero[a:b].sum())
+            frac = float(tiny[a:b].sum()) / n if n else 0.0
+            key = (module, kind)
+            stat = self.stats.get(key)
+            if stat is None:
+                self.stats[key] = RangeStat(module, kind, m, case, frac, case)
+                continue
+            if m > stat.max_abs:
+                stat.max_abs, stat.case = m, case
+            if frac > stat.underflow:
+                stat.underflow, stat.underflow_case = frac, case
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Attention scores are seen through ``softmax`` (transformers' eager attention calls it on the scores
+        plus mask): patched once for the oracle's run, attributed to the layer that is running."""
+        real = torch.nn.functional.softmax
+
+        def softmax(x, *args, **kwargs):
+            if self._scope is not None:
+                prefix, segments, packed, offset = self._scope
+                if packed:  # the vision tower: [1, heads, l, l] per frame or window, in row order
+                    owner = next((c for c, a, b in segments if a <= offset[0] < b), segments[-1][0])
+                    offset[0] += x.shape[-2]
+                else:  # the decoder: one sequence, [1, heads, T, T]
+                    owner = segments[0][0]
+                self.observe(f"{prefix}.{self._attn_name}", SCORES, x, [(owner, 0, 1)], 0, whole=True)
+            return real(x, *args, **kwargs)
+
+        with mock.patch.object(torch.nn.functional, "softmax", softmax):
+            yield
+
+    def hook(self, layer: nn.Module, prefix: str, segments: Segments, packed: bool, residual: bool = True) -> list:
+        """Record ``layer``'s linear outputs, its output (the residual stream) and, inside ``recording()``, its
+        attention scores. ``segments``: which case owns which rows of the layer's activations — for the decoder
+        one case per call over all of [1, T, C]; for the vision tower (``packed``) row ranges of the packed
+        [N, C]. ``residual``: the module's output is the residual stream (not for the merger). Returns the hook
+        handles (``remove()`` each when the layer is done)."""
+        whole = not packed
+        handles = []
+        for name, sub in layer.named_modules():
+            if isinstance(sub, (nn.Linear, nn.Conv3d)):  # Conv3d: the patch embedding, a linear map of a patch
+                full = f"{prefix}.{name}"
+                handles.append(sub.register_forward_hook(
+                    lambda m, i, out, full=full: self.observe(full, LINEAR, out, segments, 0, whole)))
+
+        def enter(m, args):
+            self._scope = (prefix, segments, packed, [0])
+
+        def leave(m, args, out):
+            self._scope = None
+            if residual:
+                self.observe(prefix, RESIDUAL, out[0] if isinstance(out, tuple) else out, segments, 0, whole)
+
+        handles.append(layer.register_forward_pre_hook(enter))
+        handles.append(layer.register_forward_hook(leave))
+        return handles
+
+    def to_report(self, report) -> None:
+        """Fill a ParityReport's ``hazards`` and ``range_peaks``."""
+        report.hazards = [s.to_json() for s in self.hazards()]
+        report.range_peaks = {k: p.to_json() for k in (LINEAR, RESIDUAL, SCORES) if (p := self.peak(k)) is not None}
+
+    # -- results --------------------------------------------------------------------------------------------
+    def hazards(self) -> list[RangeStat]:
+        """The stats with a level, worst first (overflow, near, underflow; then by magnitude)."""
+        order = {"overflow": 0, "near": 1, "underflow": 2}
+        found = [s for s in self.stats.values() if s.level() is not None]
+        return sorted(found, key=lambda s: (order[s.level()], -s.max_abs))
+
+    def peak(self, kind: str) -> RangeStat | None:
+        stats = [s for s in self.stats.values() if s.kind == kind]
+        return max(stats, key=lambda s: s.max_abs) if stats else None
+
+
+def remove(handles: list) -> None:
+    for h in handles:
+        h.remove()
