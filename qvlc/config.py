@@ -34,6 +34,7 @@ class Part(str, Enum):
 MIN_OPSET = 18  # the dynamo exporter emits opset 18 and newer
 MAX_OPSET = 23  # newest opset exported and run through ONNX Runtime 1.32 here (tiny LLM: 20, 21, 23)
 MIN_PREFILL = 64  # validation prompts hold image and video spans and text; shorter graphs cannot be proven
+AUTO = "auto"  # export.fp32_layers: auto (the modules the range check flags)
 HIDDEN_FIELDS = ("ignored", "llm_holds_patches", "declared_patch_dim", "declared_fullatt_blocks")
 
 
@@ -53,6 +54,7 @@ class ExportConfig:
     max_patches: int = 256  # visual: N, static patch count (multiple of 16)
     chunk_width: int = 640  # visual: width of each image_embeds_i output
     attention_block: int = 1024  # visual: query rows per attention block (0: all N rows at once)
+    fp32_layers: tuple[str, ...] = ()  # fp16: modules computed in fp32 (transformers names, fnmatch), or ("auto",)
     simplify: bool = False  # run onnxsim on the exported graphs, then validate what it produced
 
 
@@ -121,9 +123,11 @@ class Config:
 
 
 def _plain(value: Any) -> Any:
-    """Enums → their values, recursively (YAML/JSON-ready)."""
+    """Enums → their values, tuples → lists (("auto",) → auto), recursively (YAML/JSON-ready)."""
     if isinstance(value, Enum):
         return value.value
+    if isinstance(value, tuple):
+        return AUTO if value == (AUTO,) else list(value)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
@@ -156,6 +160,16 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"expected an integer, got {value!r}", fix=f"write {key} as a whole number", key=key)
         return value
+    if typ == tuple[str, ...]:  # a list of strings; the single word auto is ("auto",)
+        if value == AUTO:
+            return (AUTO,)
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"expected a list of module names or auto, got {value!r}",
+                              fix=f"write {key}: [model.visual.blocks.31.mlp, ...] or {key}: auto", key=key)
+        if AUTO in value:
+            raise ConfigError("auto cannot be combined with module names", fix=f"write {key}: auto, or only names",
+                              key=key)
+        return tuple(value)
     if typ is str:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"expected a string, got {value!r}", fix=f"quote the value of {key}", key=key)
@@ -299,6 +313,9 @@ def check_values(cfg: Config) -> None:
         _multiple_of_16(e.max_patches, "export.max_patches")
         if e.attention_block:
             _multiple_of_16(e.attention_block, "export.attention_block")
+    if e.fp32_layers and e.dtype != Precision.FP16:
+        raise ConfigError(f"fp32_layers keeps modules in fp32 inside an fp16 graph; this compile is {e.dtype}",
+                          fix="remove export.fp32_layers, or set export.dtype: fp16", key="export.fp32_layers")
         if e.tp != 1:
             raise ConfigError(f"tp {e.tp} given for the visual part, which is never split across ranks",
                               fix="remove export.tp from the visual config (or set it to 1)", key="export.tp")

@@ -21,6 +21,7 @@ def check_against_model(cfg: Config, dims: "ModelDims", family: "Family", memory
     _tp(cfg, dims)
     _lengths(cfg, dims, family)
     _declared(cfg, dims)
+    _fp32_layers(cfg, dims)
     if memory:
         check_memory(cfg, dims)
 
@@ -55,6 +56,29 @@ def _lengths(cfg: Config, dims: "ModelDims", family: "Family") -> None:
         v = dims.vision
         raise ConfigError(f"max_patches {e.max_patches} is not a multiple of the merge unit {v.merge_unit}",
                           fix=f"use a multiple of {16 * v.merge_unit // 4}", key="export.max_patches")
+
+
+def part_units(cfg: Config, dims: "ModelDims") -> list[str]:
+    """The modules of this part an fp32 island can hold (``qvlc.models.common.islands``)."""
+    from qvlc.models.common.islands import text_units, vision_units
+
+    return text_units(dims.text.layers) if cfg.part == Part.LLM else vision_units(dims.vision.depth)
+
+
+def _fp32_layers(cfg: Config, dims: "ModelDims") -> None:
+    from qvlc.config import AUTO
+    from qvlc.models.common.islands import unmatched
+
+    patterns = cfg.export.fp32_layers
+    if not patterns or patterns == (AUTO,):
+        return
+    units = part_units(cfg, dims)
+    bad = unmatched(patterns, units)
+    if bad:
+        raise ConfigError(f"{', '.join(map(repr, bad))} names no module of the {cfg.part} part",
+                          fix=f"use transformers' module names as the parity report's fp16 ranges give them, e.g. "
+                              f"{units[1]!r}, {units[-2]!r} or a pattern such as {units[1].rsplit('.', 2)[0]}.*.mlp",
+                          key="export.fp32_layers")
 
 
 def _declared(cfg: Config, dims: "ModelDims") -> None:

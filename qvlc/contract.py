@@ -186,6 +186,16 @@ class TpRecord:
 
 
 @dataclass(frozen=True)
+class Fp32Record:
+    """export.fp32_layers, resolved: the modules the fp16 graphs compute in fp32 (transformers' names; their weights
+    are stored in fp32) and the first layer or block whose residual stream the graph carries in fp32."""
+
+    units: tuple[str, ...]
+    residual_from: int | None
+    source: str  # "config" (names or patterns given) or "auto" (the modules the range check flagged)
+
+
+@dataclass(frozen=True)
 class Manifest:
     qvlc_version: str
     part: str
@@ -200,10 +210,11 @@ class Manifest:
     tp: TpRecord | None = None
     visual: VisualSpec | None = None
     files: tuple[FileRecord, ...] = ()
+    fp32: Fp32Record | None = None
 
     def to_dict(self) -> dict:
         d = to_json(self)
-        for key in ("llm", "tp", "visual"):
+        for key in ("llm", "tp", "visual", "fp32"):
             if d[key] is None:
                 del d[key]
         return d

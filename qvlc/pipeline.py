@@ -7,6 +7,7 @@ Nothing here prints: progress goes through the ``Progress`` the caller passes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ctypes
 import gc
 import time
@@ -27,7 +28,7 @@ from qvlc.artifacts import (
     write_manifest,
 )
 from qvlc.config import Config, OracleKind, Part, config_from_dict
-from qvlc.contract import Manifest, SourceRecord, WeightFileRecord
+from qvlc.contract import Fp32Record, Manifest, SourceRecord, WeightFileRecord
 from qvlc.errors import ParityError, QvlcError
 from qvlc.export.onnx_export import ExportResult
 from qvlc.models.common.checkpoint import (
@@ -37,6 +38,7 @@ from qvlc.models.common.checkpoint import (
     sha256_file,
     weight_files,
 )
+from qvlc.models.common.islands import Islands
 from qvlc.models.common.tiny import TINY_SEED
 from qvlc.plan import Plan, check
 from qvlc.validate.metrics import ParityReport
@@ -130,7 +132,12 @@ def manifest(plan: Plan, exported: ExportResult, report: ParityReport | None) ->
         ignored_config_keys=tuple(cfg.ignored), source=source_record(plan), libraries=library_versions(),
         graphs=tuple(exported.graphs),
         parity=report.summary() if report else {"passed": None, "skipped": "validate.enabled is false"},
-        llm=exported.llm, tp=exported.tp, visual=exported.visual)
+        llm=exported.llm, tp=exported.tp, visual=exported.visual, fp32=fp32_record(plan))
+
+
+def fp32_record(plan: Plan) -> Fp32Record | None:
+    isl = plan.islands
+    return Fp32Record(isl.units, isl.residual_from, "auto" if plan.auto else "config") if isl else None
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -167,6 +174,12 @@ def _compile_locked(cfg: Config, force: bool, timed, timings: dict[str, float]) 
     try:
         with timed("load"):
             ck = load(plan)
+        if plan.auto and cfg.export.dtype == "fp16":
+            with timed("fp32 probe"):  # export.fp32_layers: auto — the range check on the cases, before the export
+                from qvlc.validate.probe import probe_islands
+
+                plan = dataclasses.replace(plan, auto_islands=probe_islands(
+                    plan, ck if cfg.validate.oracle == OracleKind.MEMORY else None))
         with timed("export" + (" + simplify" if cfg.export.simplify else "")):
             exported = export(plan, ck, stage)
         if cfg.validate.oracle == OracleKind.STREAMED:
@@ -202,6 +215,9 @@ def validate_artifact(folder: Path, progress: Progress | None = None) -> ParityR
     cfg = config_from_dict(m.config)
     with progress.stage("check"):
         plan = check(cfg)
+        if plan.auto:  # what the compile's probe chose, as the manifest records it
+            plan = dataclasses.replace(plan, auto_islands=Islands(m.fp32.units, m.fp32.residual_from) if m.fp32
+                                       else Islands())
         if source_record(plan).weights != m.source.weights:
             raise QvlcError(f"the checkpoint {cfg.model.checkpoint!r} is not the one {folder} was compiled from "
                             f"(its weight files' sha256 differ from the manifest's source.weights)",

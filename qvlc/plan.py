@@ -6,13 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvlc.config import Config
-from qvlc.config_checks import check_against_model
+from qvlc.config import AUTO, Config
+from qvlc.config_checks import check_against_model, part_units
 from qvlc.contract import LlmSpec, VisualSpec
 from qvlc.models import inspect_checkpoint, tiny_family
 from qvlc.models.common.checkpoint import check_weight_shapes, read_config_json
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
+from qvlc.models.common.islands import Islands, islands
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,19 @@ class Plan:
     checkpoint: Path
     family: Family
     dims: ModelDims
+    auto_islands: Islands | None = None  # export.fp32_layers: auto, once the range probe (or a manifest) resolved it
+
+    @property
+    def islands(self) -> Islands:
+        """The modules the fp16 graphs compute in fp32 (export.fp32_layers, resolved against this part's modules)."""
+        patterns = self.cfg.export.fp32_layers
+        if patterns == (AUTO,):
+            return self.auto_islands or Islands()
+        return islands(patterns, part_units(self.cfg, self.dims))
+
+    @property
+    def auto(self) -> bool:
+        return self.cfg.export.fp32_layers == (AUTO,)
 
     @property
     def llm_spec(self) -> LlmSpec:

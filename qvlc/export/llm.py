@@ -31,6 +31,7 @@ from qvlc.host.embeddings import write_embed_table
 from qvlc.models import family as family_of
 from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.models.common.dims import ModelDims
+from qvlc.models.common.islands import Islands
 from qvlc.models.common.lazy import LazyRows, lazy_text_model
 from qvlc.models.common.text import example_inputs
 from qvlc.memory import text_params
@@ -58,6 +59,7 @@ class RankJob:
     max_context: int
     simplify: bool
     stage: Path
+    islands: Islands = Islands()  # export.fp32_layers, resolved
 
 
 @dataclass
@@ -77,7 +79,7 @@ def export_rank(job: RankJob, text_model, lm_head) -> RankResult:
     sigs = fam.llm_signatures(fam.llm_spec(dims, job.prefill_len, job.max_context, job.tp, job.dtype))
     graphs, stack = [], None
     for name in (PREFILL, DECODE):
-        module, stack = fam.llm_graph(name, text_model, lm_head, dims, layout, dtype, stack)
+        module, stack = fam.llm_graph(name, text_model, lm_head, dims, layout, dtype, stack, job.islands)
         graphs.append(export_graph(name, module, example_inputs(sigs[name], dtype), sigs[name], job.opset,
                                    job.simplify, stage / "_work" / f"rank{job.rank}"))
     stats = write_shared(graphs, folder, WEIGHTS)
@@ -135,7 +137,7 @@ def export_llm(plan: Plan, ck: LoadedCheckpoint | None, stage: Path) -> ExportRe
     result.bytes_written += write_embed_table(table, stage / EMBED, e.dtype)
     result.write_seconds += time.perf_counter() - t0
     jobs = [RankJob(plan.checkpoint, plan.family.model_type, plan.dims, r, e.tp, e.dtype, e.opset, e.prefill_len,
-                    e.max_context, e.simplify, stage) for r in range(e.tp)]
+                    e.max_context, e.simplify, stage, plan.islands) for r in range(e.tp)]
     workers = min(e.workers, e.tp)
     # A validation follows in this process: export big models in a child, whose memory all goes back to the OS
     # when it ends (measured, an in-process 2B export left ~5.5 GiB resident beside the validation's sessions).

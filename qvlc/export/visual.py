@@ -53,7 +53,7 @@ def export_visual(plan: Plan, ck: LoadedCheckpoint, stage: Path) -> ExportResult
 
     dtype = e.dtype.torch
     sig = plan.family.visual_signature(plan.visual_spec)
-    module = plan.family.visual_graph(ck.visual, plan.dims, e.chunk_width, dtype, e.attention_block)
+    module = plan.family.visual_graph(ck.visual, plan.dims, e.chunk_width, dtype, e.attention_block, plan.islands)
     graph = export_graph(VISUAL, module, example_inputs(sig, dtype), sig, e.opset, e.simplify, stage / "_work")
     del module
     gc.collect()

@@ -88,7 +88,7 @@ def unsplit_runtime(plan: Plan, ck: LoadedCheckpoint | None, folder: Path) -> Ll
     graphs, stack = [], None
     for name, sig in sigs.items():
         module, stack = plan.family.llm_graph(name, text_model, lm_head, plan.dims, rank_layout(plan.dims.text, 1, 0),
-                                              plan.cfg.export.dtype.torch, stack)
+                                              plan.cfg.export.dtype.torch, stack, plan.islands)
         graphs.append(TorchGraph(module, sig.input_names, sig.output_names))
     return llm_runtime(plan, folder, tuple(graphs))
 
@@ -147,15 +147,22 @@ def run_graphs(plan: Plan, folder: Path, cases: list[LlmCase], steps: int, unspl
     return runs
 
 
+def llm_cases(plan: Plan, ck: LoadedCheckpoint | None, seed: int = 0) -> list[LlmCase]:
+    """The validation prompts, image rows included (from transformers' vision tower)."""
+    embed_std = float(lazy_text_model(plan.checkpoint)[0].embed_tokens.weight.narrow(0, 0, 4096).float().std())
+    return vision_rows(plan, ck, build_cases(plan.dims, plan.llm_spec.prefill_len, seed, embed_std))
+
+
+def oracle_input(case: LlmCase, continuation: list[int], image_token: int, video_token: int) -> OracleInput:
+    """A prompt at its real length, then ``continuation`` (the tokens the graphs fed to their decode steps)."""
+    m, ids = case.media, case.ids
+    rows = {image_token: m.image_embeds, video_token: m.video_embeds}
+    return OracleInput(np.concatenate([ids, continuation]).astype(np.int64), rows, m.images, m.videos,
+                       m.second_per_grid_ts, len(ids), case.name)
+
+
 def oracle_inputs(runs: list[GraphRun], image_token: int, video_token: int) -> list[OracleInput]:
-    """Each prompt at its real length, then the tokens the graphs fed to their decode steps."""
-    out = []
-    for run in runs:
-        m, ids, tk = run.case.media, run.case.ids, run.tokens
-        rows = {image_token: m.image_embeds, video_token: m.video_embeds}
-        out.append(OracleInput(np.concatenate([ids, tk[:-1]]).astype(np.int64), rows, m.images, m.videos,
-                               m.second_per_grid_ts, len(ids), run.case.name))
-    return out
+    return [oracle_input(run.case, run.tokens[:-1], image_token, video_token) for run in runs]
 
 
 def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: ParityReport, seed: int = 0) -> None:
@@ -165,8 +172,7 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
         return
     v, dims, spec = plan.cfg.validate, plan.dims, plan.llm_spec
     steps = max(v.decode_steps, v.generate_tokens - 1)
-    embed_std = float(lazy_text_model(plan.checkpoint)[0].embed_tokens.weight.narrow(0, 0, 4096).float().std())
-    cases = vision_rows(plan, ck, build_cases(dims, spec.prefill_len, seed, embed_std))
+    cases = llm_cases(plan, ck, seed)
     unsplit = None
     if spec.tp > 1:
         size = text_params(dims) * spec.dtype.bytes
@@ -186,7 +192,7 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     layouts = [rank_layout(dims.text, spec.tp, r) for r in range(spec.tp)]
     ranges = RangeRecorder()
     refs = oracle.run(inputs, ranges)
-    ranges.to_report(report)
+    ranges.to_report(report, plan.islands)
     for run, ref in zip(runs, refs):
         compare_run(report, run, ref, layouts, spec.prefill_len, v.decode_steps, v.generate_tokens, spec.dtype)
     report.notes.append(f"oracle: {type(oracle).__name__}; each prompt then {steps} greedy decode steps of the "

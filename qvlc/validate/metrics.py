@@ -107,7 +107,8 @@ class ParityReport:
                 f"(expected {t.expected}, got {t.got})" for t in self.tokens if not t.passed]
         if self.dtype == Precision.FP16:  # an fp16 graph computes inf/nan there, whatever ONNX Runtime shows
             out += [f"fp16 range/{h['case']}/{h['module']}: {h['kind']} reaches {h['max_abs']:.3g}, beyond fp16's "
-                    f"65504 (keep it in fp32: export.fp32_layers)" for h in self.hazards if h["level"] == "overflow"]
+                    f"65504 (keep it in fp32: export.fp32_layers)" for h in self.hazards
+                    if h["level"] == "overflow" and not h.get("fp32")]
         return out
 
     @property
@@ -190,15 +191,17 @@ class ParityReport:
         verdict = ("an overflow fails an fp16 compile" if self.dtype == Precision.FP16 else
                    "advice for an fp16 build of this model")
         lines = ["", "## fp16 ranges", "", f"Largest magnitudes the fp32 oracle met on the validation cases ({verdict}; "
-                 "fp16's largest finite value is 65504, 'near' is above a quarter of it, 'underflow' is more than 1% "
-                 "of a tensor's nonzero values rounding to zero).", "", "| kind | peak | module | case |",
+                 "fp16's largest finite value is 65504, 'near' is above a quarter of it, 'underflow' is more than half "
+                 "of a tensor's nonzero values below fp16's smallest normal number, 6.1e-5).", "", "| kind | peak | module | case |",
                  "|---|---|---|---|"]
         lines += [f"| {k} | {p['max_abs']:.4g} | {p['module']} | {p['case']} |" for k, p in self.range_peaks.items()]
         if not self.hazards:
             return lines + ["", "No hazards."]
-        lines += ["", "| hazard | kind | max abs | underflow | module | case |", "|---|---|---|---|---|---|"]
+        lines += ["", "| hazard | kind | max abs | underflow | module | case | in the fp16 graph |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {h['level']} | {h['kind']} | {h['max_abs']:.4g} | {h['underflow_fraction']:.2%} | {h['module']} "
-                  f"| {h['case'] if h['level'] != 'underflow' else h['underflow_case']} |" for h in self.hazards]
+                  f"| {h['case'] if h['level'] != 'underflow' else h['underflow_case']} | "
+                  f"{'fp32 island' if h.get('fp32') else 'fp16'} |" for h in self.hazards]
         return lines
 
 

@@ -23,7 +23,7 @@ import torch
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
 from qvlc.models.common.lazy import lazy_text_model
-from qvlc.validate.ranges import LINEAR, RangeRecorder, remove
+from qvlc.validate.ranges import LINEAR, LINEAR_IN, RangeRecorder, remove
 
 LAYERS = "model.language_model.layers"  # transformers' module names, as the range report gives them
 
@@ -158,6 +158,8 @@ class StreamedOracle:
             del layer
         norm = self._module(self.shell.norm_cls, self.dims.text.hidden, self.dims.text.rms_eps, tree=self.text.norm)
         last = [norm(h[0, s.prompt_len - 1:]) for h, s in zip(hidden, seqs)]
+        for x, s in zip(last, seqs):
+            ranges.observe("lm_head", LINEAR_IN, x, [(s.name, 0, 1)], whole=True)
         logits = [np.zeros((len(x), self.dims.text.vocab), np.float32) for x in last]
         w = self.head.weight
         for a in range(0, w.shape[0], LOGIT_BLOCK):
@@ -193,6 +195,9 @@ class InMemoryOracle:
                     h[0, torch.from_numpy(seq.ids == token)] = torch.from_numpy(rows)
             handles = [hd for i, layer in enumerate(self.model.model.language_model.layers)
                        for hd in ranges.hook(layer, f"{LAYERS}.{i}", [(seq.name, 0, 1)], packed=False)]
+            n = seq.prompt_len
+            handles.append(self.model.lm_head.register_forward_hook(lambda m, i, o, name=seq.name, n=n: ranges.observe(
+                "lm_head", LINEAR_IN, i[0][0, n - 1:], [(name, 0, 1)], whole=True)))
             res = self.model(inputs_embeds=h, position_ids=pos, use_cache=True)  # 4.57: no logits_to_keep here
             remove(handles)
             ranges.observe("lm_head", LINEAR, res.logits[0, seq.prompt_len - 1:], [(seq.name, 0, 1)], whole=True)

@@ -3,16 +3,21 @@
 An accelerator computes these graphs in fp16, and real Qwen2-VL / Qwen2.5-VL weights overflow it (transformers
 issue 33294; llama.cpp issue 17534: the down projection of Qwen2.5-VL-3B's vision block 31 reaches -inf). ONNX
 Runtime on CPU does not show it — it runs fp16 MatMuls in fp32 — so parity alone cannot. While the oracle runs
-(``RangeRecorder.watch``), every linear layer's output, the residual stream after every layer (or vision block)
-and the attention scores before softmax are reduced to their largest magnitude, per module and case, and to the
-fraction of their nonzero values that would round to zero in fp16.
+(``RangeRecorder.recording``), every linear layer's input and output, the residual stream after every layer (or
+vision block) and the attention scores before softmax are reduced to their largest magnitude, per module and
+case, and to the fraction of their nonzero values below fp16's normal range.
 
 - **overflow**: beyond fp16's largest finite value (65504) — the fp16 graph computes inf/nan there. An fp16
   compile with one fails; an fp32 compile reports it as advice for an fp16 build.
 - **near**: within ``NEAR_FACTOR`` of it (above 65504 / 4): two exponent steps of headroom is less than one
   unusual input needs (a brighter image, a longer prompt moves the residual stream by this much). Reported.
-- **underflow**: more than ``UNDERFLOW_FRACTION`` of a tensor's nonzero values below half fp16's smallest
-  subnormal (2^-25): they become exact zeros in fp16. Reported.
+- **underflow**: more than ``UNDERFLOW_FRACTION`` (half) of a tensor's nonzero values below fp16's smallest normal
+  number (2^-14 ≈ 6.1e-5): there fp16 keeps fewer than 10 significant bits, and below 2^-25 nothing (exact zero).
+  Half, not a few percent: an activation's tail (GELU of a very negative input) is legitimately tiny and barely
+  moves the next MatMul; a tensor whose typical value is subnormal has lost its precision.
+  A massive activation does this to everything else in its row after the next norm: the norm divides by the
+  outlier's size, and the linear after it reads values of ~1e-5 (seen on planted outliers: the lm_head's and the
+  vision merger's inputs). Reported; ``fp32_layers: auto`` keeps the reading module in fp32.
 """
 
 from __future__ import annotations
@@ -25,18 +30,22 @@ from unittest import mock
 import torch
 from torch import nn
 
+from qvlc.models.common.islands import Islands, selects
+
 FP16_MAX = 65504.0
 NEAR_FACTOR = 4.0
-UNDERFLOW_TINY = 2.0**-25
-UNDERFLOW_FRACTION = 0.01
+FP16_MIN_NORMAL = 2.0**-14
+UNDERFLOW_FRACTION = 0.5
 
-LINEAR, RESIDUAL, SCORES = "linear output", "residual stream", "attention scores"
+LINEAR, LINEAR_IN = "linear output", "linear input"
+RESIDUAL, SCORES = "residual stream", "attention scores"
+KINDS = (LINEAR_IN, LINEAR, RESIDUAL, SCORES)
 
 
 @dataclass
 class RangeStat:
     module: str  # transformers' module name, e.g. model.language_model.layers.27.mlp.down_proj
-    kind: str  # LINEAR | RESIDUAL | SCORES
+    kind: str  # one of KINDS
     max_abs: float  # over every case
     case: str  # the case where max_abs was met
     underflow: float = 0.0  # worst fraction of nonzero values that round to zero in fp16
@@ -84,7 +93,7 @@ class RangeRecorder:
         mags = torch.where(finite, rows.abs(), 0.0)
         peak = mags.amax(dim=1)
         nonzero = (mags > 0).sum(dim=1)
-        tiny = ((mags > 0) & (mags < UNDERFLOW_TINY)).sum(dim=1)
+        tiny = ((mags > 0) & (mags < FP16_MIN_NORMAL)).sum(dim=1)
         for case, a, b in segments:
             a, b = min(a, len(peak)), min(b, len(peak))
             if a >= b:
@@ -133,8 +142,12 @@ class RangeRecorder:
         for name, sub in layer.named_modules():
             if isinstance(sub, (nn.Linear, nn.Conv3d)):  # Conv3d: the patch embedding, a linear map of a patch
                 full = f"{prefix}.{name}"
-                handles.append(sub.register_forward_hook(
-                    lambda m, i, out, full=full: self.observe(full, LINEAR, out, segments, 0, whole)))
+
+                def seen(m, i, out, full=full) -> None:  # a forward hook that returns something replaces the output
+                    self.observe(full, LINEAR_IN, i[0], segments, 0, whole)
+                    self.observe(full, LINEAR, out, segments, 0, whole)
+
+                handles.append(sub.register_forward_hook(seen))
 
         def enter(m, args):
             self._scope = (prefix, segments, packed, [0])
@@ -148,10 +161,11 @@ class RangeRecorder:
         handles.append(layer.register_forward_hook(leave))
         return handles
 
-    def to_report(self, report) -> None:
-        """Fill a ParityReport's ``hazards`` and ``range_peaks``."""
-        report.hazards = [s.to_json() for s in self.hazards()]
-        report.range_peaks = {k: p.to_json() for k in (LINEAR, RESIDUAL, SCORES) if (p := self.peak(k)) is not None}
+    def to_report(self, report, islands: Islands = Islands()) -> None:
+        """Fill a ParityReport's ``hazards`` (each marked ``fp32`` when the graph computes it in an fp32 island, so
+        an fp16 graph does not fail on it) and ``range_peaks``."""
+        report.hazards = [{**s.to_json(), "fp32": covered(s, islands)} for s in self.hazards()]
+        report.range_peaks = {k: p.to_json() for k in KINDS if (p := self.peak(k)) is not None}
 
     # -- results --------------------------------------------------------------------------------------------
     def hazards(self) -> list[RangeStat]:
@@ -163,6 +177,15 @@ class RangeRecorder:
     def peak(self, kind: str) -> RangeStat | None:
         stats = [s for s in self.stats.values() if s.kind == kind]
         return max(stats, key=lambda s: s.max_abs) if stats else None
+
+
+def covered(stat: RangeStat, islands: Islands) -> bool:
+    """Whether the fp16 graph computes ``stat``'s tensor in fp32: a module inside an island unit, or a residual
+    stream the graph carries in fp32."""
+    if stat.kind == RESIDUAL and not stat.module.endswith("patch_embed"):
+        index = int(stat.module.rsplit(".", 1)[1])
+        return islands.residual_fp32(index)
+    return any(selects(stat.module, u) for u in islands.units)
 
 
 def remove(handles: list) -> None:

@@ -138,6 +138,24 @@ def oracle(ck: LoadedCheckpoint, case: VisualCase, ranges: RangeRecorder, merge_
         remove(handles)
 
 
+def visual_cases(plan: Plan, seed: int = 0) -> list[VisualCase]:
+    """The validation cases, preprocessed as the artifact will (from the checkpoint's preprocessor config)."""
+    from qvlc.export.visual import preprocess_config
+
+    return build_cases(plan.visual_spec, preprocess_config(plan.checkpoint, plan.dims.vision), seed)
+
+
+def reference_embeddings(plan: Plan, ck: LoadedCheckpoint | None, cases: list[VisualCase],
+                         ranges: RangeRecorder) -> dict[str, np.ndarray]:
+    """transformers' tower on every case: the loaded one (``ck``), or streamed — over every case at once, one
+    block's weights at a time — recording the fp16 ranges either way."""
+    if ck is not None:
+        return {c.name: oracle(ck, c, ranges, plan.visual_spec.merge_unit) for c in cases}
+    streamed = StreamedVisionOracle(plan.family, plan.checkpoint, plan.dims)
+    names = [c.name for c in cases]
+    return dict(zip(names, streamed.run([(c.pixel_values, c.grids) for c in cases], names, ranges)))
+
+
 def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report: ParityReport,
                     seed: int = 0) -> None:
     """Record every interface and value check of ``stage/visual.onnx`` in ``report``."""
@@ -150,15 +168,10 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
     offsets = np.cumsum([0, *spec.chunk_widths])
     cases = build_cases(spec, PreprocessConfig.from_json((stage / PREPROCESS).read_text()), seed)
     ranges = RangeRecorder(attn_name="attn")
-    if ck is None:  # streamed: transformers' tower over every case at once, one block's weights at a time
-        streamed = StreamedVisionOracle(plan.family, plan.checkpoint, plan.dims)
-        names = [c.name for c in cases]
-        refs = dict(zip(names, streamed.run([(c.pixel_values, c.grids) for c in cases], names, ranges)))
-        del streamed
-    else:
-        refs = {c.name: oracle(ck, c, ranges, spec.merge_unit) for c in cases}
+    refs = reference_embeddings(plan, ck, cases, ranges)
+    if ck is not None:
         report.notes.append("oracle: the loaded transformers vision tower")
-    ranges.to_report(report)
+    ranges.to_report(report, plan.islands)
     for i, run in enumerate(pack_runs(cases, spec.max_patches)):
         total = sum(c.patches for c in run)
         report.notes.append(f"graph call {i}: " + ", ".join(f"{c.name} (grids {c.grids.tolist()})" for c in run) +

@@ -16,26 +16,32 @@ from qvlc.models import FAMILIES
 from qvlc.models import family as family_of
 from qvlc.models.common.tiny import tiny_checkpoint
 from qvlc.pipeline import compile_artifact
-from qvlc.validate.ranges import FP16_MAX, LINEAR, SCORES, RangeRecorder
+from qvlc.validate.ranges import FP16_MAX, KINDS, LINEAR, SCORES, RangeRecorder
 
 TARGET = 2e5  # the planted channel's largest output: past fp16's 65504, like the reported vision MLP (~2e5)
 
 
 def _plant(mlp: torch.nn.Module, run) -> str:
-    """Massive activations, as real checkpoints have them: the MLP's input projections x30, then one output row
-    of its last projection scaled until that channel peaks at TARGET on ``run()`` — every weight stays finite in
-    fp16 (the overflow is in the activations, not the storage). Returns the last projection's name."""
+    """A massive activation, as real checkpoints have them: the MLP's input projections x30, then output channel 3
+    of its last projection made to read one intermediate unit (the one with the largest mean activation on
+    ``run()``), scaled so the channel peaks at TARGET. One term, no cancellation: the outlier is as well
+    conditioned as the activation it copies, and every weight stays finite in fp16 (the overflow is in the
+    activations, not the storage). Returns the last projection's name."""
     last = "fc2" if hasattr(mlp, "fc2") else "down_proj"
+    proj = getattr(mlp, last)
     with torch.no_grad():
         for name in ("fc1", "gate_proj", "up_proj"):
             if hasattr(mlp, name):
                 getattr(mlp, name).weight.mul_(30)
         seen = []
-        handle = getattr(mlp, last).register_forward_hook(lambda m, i, out: seen.append(out[..., 3].abs().max()))
+        handle = proj.register_forward_hook(lambda m, i, out: seen.append(i[0].reshape(-1, i[0].shape[-1])))
         run()
         handle.remove()
-        getattr(mlp, last).weight[3] *= TARGET / float(max(seen))
-        assert getattr(mlp, last).weight.abs().max() < 3e4
+        act = torch.cat(seen)
+        unit = int(act.mean(0).abs().argmax())
+        proj.weight[3] = 0.0
+        proj.weight[3, unit] = TARGET / float(act[:, unit].abs().max())
+        assert proj.weight.abs().max() < 3e4
     return last
 
 
@@ -97,7 +103,7 @@ def test_no_outliers_no_hazards(compiled, family):
     for part in ("visual", "llm"):
         r = compiled(f"clean_{family}_{part}", part=part, checkpoint=f"tiny:{family}", dtype="fp16")
         assert r.report.passed and r.report.hazards == []
-        assert set(r.report.range_peaks) == {LINEAR, "residual stream", SCORES}
+        assert set(r.report.range_peaks) == set(KINDS)
         assert all(0 < p["max_abs"] < 100 for p in r.report.range_peaks.values())
 
 
@@ -115,3 +121,59 @@ def test_recorder_attributes_rows_to_cases_and_skips_masked_scores():
     tiny = torch.full((100,), 1e-9)
     rec.observe("u", LINEAR, tiny[None], [("d", 0, 1)])
     assert rec.stats[("u", LINEAR)].level() == "underflow" and FP16_MAX > 1e-9
+
+
+@pytest.mark.parametrize("part", ["visual", "llm"])
+def test_auto_fp32_islands_pass_what_plain_fp16_fails(outliers, part, tmp_path):
+    """export.fp32_layers: auto keeps the flagged MLP, the residual stream from its layer on and the module reading
+    the residual's end in fp32 (weights stored in fp32); the fp16 compile then passes parity and the range check,
+    and the manifest lists the islands."""
+    import onnx
+    from onnx import TensorProto
+
+    family, checkpoint, vision_module, text_module = outliers
+    module = vision_module if part == "visual" else text_module
+    export = {"dtype": "fp16", "fp32_layers": "auto", **({"prefill_len": 128, "max_context": 160}
+                                                        if part == "llm" else {})}
+    r = compile_artifact(config_from_dict({"name": f"{part}_auto", "part": part, "model": {"checkpoint": checkpoint},
+                                           "export": export, "output": {"dir": str(tmp_path)}}))
+    assert r.report.passed, r.report.failures
+    unit = module.rsplit(".", 1)[0]
+    fp32 = json.loads((r.folder / "manifest.json").read_text())["fp32"]
+    head = "model.visual.merger" if part == "visual" else "lm_head"
+    assert fp32["units"] == [unit, head] and fp32["source"] == "auto"
+    assert fp32["residual_from"] == int(unit.split(".")[-2])
+    assert all(h["fp32"] for h in r.report.hazards if h["level"] == "overflow") and r.report.hazards
+    graph = next(r.folder.rglob("*.onnx"))
+    inits = {i.name: i.data_type for i in onnx.load(str(graph), load_external_data=False).graph.initializer}
+    last = module.rsplit(".", 1)[1]
+    island = [t for n, t in inits.items() if f"mlp.{last}.weight" in n and f".{unit.split('.')[-2]}." in n]
+    other = [t for n, t in inits.items() if f"mlp.{last}.weight" in n and f".{unit.split('.')[-2]}." not in n]
+    assert island and set(island) == {TensorProto.FLOAT} and set(other) == {TensorProto.FLOAT16}
+    assert "fp32 island" in (r.folder / "parity.md").read_text()
+
+
+@pytest.mark.parametrize("layers,dtype,fragment", [
+    (["model.language_model.layers.9.mlp"], "fp16", "names no module of the llm part"),
+    (["model.visual.blocks.1.mlp"], "fp16", "names no module of the llm part"),
+    (["lm_head"], "fp32", "this compile is fp32"),
+    (["auto", "lm_head"], "fp16", "auto cannot be combined"),
+    ("all", "fp16", "expected a list of module names or auto"),
+])
+def test_bad_fp32_layers_refused_before_loading(layers, dtype, fragment):
+    from qvlc.errors import ConfigError
+    from qvlc.plan import check
+
+    with pytest.raises(ConfigError) as info:
+        check(config_from_dict({"name": "x", "part": "llm", "export": {"dtype": dtype, "fp32_layers": layers}}))
+    assert fragment in str(info.value) and info.value.key == "export.fp32_layers"
+
+
+def test_given_names_select_units_and_start_the_fp32_residual():
+    from qvlc.models.common.islands import islands, text_units, vision_units
+
+    t = islands(["model.language_model.layers.1.mlp.down_proj"], text_units(3))
+    assert t.units == ("model.language_model.layers.1.mlp", "lm_head") and t.residual_from == 1
+    v = islands(["model.visual.blocks.*.mlp.fc2"], vision_units(2))
+    assert v.units == ("model.visual.blocks.0.mlp", "model.visual.blocks.1.mlp", "model.visual.merger")
+    assert islands([], text_units(3)).units == () and not islands([], text_units(3))

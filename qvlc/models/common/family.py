@@ -20,6 +20,7 @@ import numpy as np
 
 from qvlc.contract import GraphSig, LlmSpec, VisualSpec
 from qvlc.models.common.dims import ModelDims, TokenIds
+from qvlc.models.common.islands import Islands
 from qvlc.precision import Precision
 
 if TYPE_CHECKING:
@@ -71,18 +72,18 @@ class Family:
         return QWEN2_TP_PLAN
 
     def llm_graph(self, file: str, text_model: Any, lm_head: Any, dims: ModelDims, layout: "RankLayout",
-                  dtype: "torch.dtype", stack: Any = None) -> tuple["torch.nn.Module", Any]:
+                  dtype: "torch.dtype", stack: Any = None, islands: Islands = Islands()) -> tuple["torch.nn.Module", Any]:
         """The deployment module of LLM graph ``file`` (prefill or decode) for one rank; ``stack`` reuses the
-        layers built for the other graph. Returns (module, stack)."""
+        layers built for the other graph; ``islands``: modules computed in fp32. Returns (module, stack)."""
         from qvlc.models.common.text import GRAPH_MODULES, TextStack
 
-        stack = stack or TextStack(text_model, lm_head, dims.text, layout, dtype)
+        stack = stack or TextStack(text_model, lm_head, dims.text, layout, dtype, islands)
         return GRAPH_MODULES[file](stack), stack
 
     def visual_graph(self, hf_visual: Any, dims: ModelDims, chunk_width: int, dtype: "torch.dtype",
-                     attention_block: int = 0) -> Any:
+                     attention_block: int = 0, islands: Islands = Islands()) -> Any:
         """The visual deployment module; ``attention_block`` > 0: attention computed that many query rows at a
-        time (``export.attention_block``)."""
+        time (``export.attention_block``); ``islands``: modules computed in fp32."""
         raise NotImplementedError
 
     # -- graph signatures -----------------------------------------------------------------------------------

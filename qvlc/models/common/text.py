@@ -15,6 +15,7 @@ from torch import nn
 
 from qvlc.contract import DECODE, PREFILL, GraphSig, LlmSpec, TensorSig
 from qvlc.models.common.dims import TextDims
+from qvlc.models.common.islands import TEXT_LAYERS, Islands
 from qvlc.models.common.layers import Linear, RMSNorm, rotate_half, take
 from qvlc.models.common.tp import Axis, RankLayout, Shard, TpPlan, shard_linear
 from qvlc.parallel.allreduce import all_reduce
@@ -65,8 +66,8 @@ class Attention(_Sharded):
         v = self.v_proj(x).view(b, t, kvh, d).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        keys = k if past_k is None else torch.cat([past_k, k], dim=2)
-        values = v if past_v is None else torch.cat([past_v, v], dim=2)
+        keys = k if past_k is None else torch.cat([past_k.to(k.dtype), k], dim=2)
+        values = v if past_v is None else torch.cat([past_v.to(v.dtype), v], dim=2)
         n = keys.shape[2]
         g = nh // kvh
         # Grouped-query attention without repeating K/V: the g query heads of one kv head become g*t rows.
@@ -91,33 +92,45 @@ class MLP(_Sharded):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf: nn.Module, text: TextDims, layout: RankLayout, dtype: torch.dtype) -> None:
+    """One decoder layer; with fp32 islands (``Islands``) its attention and/or MLP compute in fp32 and its residual
+    stream may be carried in fp32. The KV it returns is in the graph dtype either way."""
+
+    def __init__(self, hf: nn.Module, text: TextDims, layout: RankLayout, dtype: torch.dtype, index: int = 0,
+                 islands: Islands = Islands()) -> None:
         super().__init__()
+        name = f"{TEXT_LAYERS}.{index}"
+        self.dtype = dtype
+        self.attn_dtype = torch.float32 if islands.fp32(f"{name}.self_attn") else dtype
+        self.mlp_dtype = torch.float32 if islands.fp32(f"{name}.mlp") else dtype
+        self.residual_dtype = torch.float32 if islands.residual_fp32(index) else dtype
         self.input_layernorm = RMSNorm(hf.input_layernorm.weight, text.rms_eps, dtype)
-        self.self_attn = Attention(hf.self_attn, text, layout, dtype)
+        self.self_attn = Attention(hf.self_attn, text, layout, self.attn_dtype)
         self.post_attention_layernorm = RMSNorm(hf.post_attention_layernorm.weight, text.rms_eps, dtype)
-        self.mlp = MLP(hf.mlp, layout, dtype)
+        self.mlp = MLP(hf.mlp, layout, self.mlp_dtype)
 
     def forward(self, h, cos, sin, allowed, past_k=None, past_v=None):
-        a, k, v = self.self_attn(self.input_layernorm(h), cos, sin, allowed, past_k, past_v)
-        h = h + a
-        h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, k, v
+        h = h.to(self.residual_dtype)  # a no-op without islands
+        a, k, v = self.self_attn(self.input_layernorm(h).to(self.attn_dtype), cos, sin, allowed, past_k, past_v)
+        h = h + a.to(h.dtype)
+        h = h + self.mlp(self.post_attention_layernorm(h).to(self.mlp_dtype)).to(h.dtype)
+        return h, k.to(self.dtype), v.to(self.dtype)
 
 
 class TextStack(nn.Module):
     """The decoder layers, final norm and (this rank's slice of) lm_head, shared by prefill and decode."""
 
     def __init__(self, text_model: nn.Module, lm_head: nn.Module, text: TextDims, layout: RankLayout,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, islands: Islands = Islands()) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(layer, text, layout, dtype) for layer in text_model.layers)
+        self.layers = nn.ModuleList(DecoderLayer(layer, text, layout, dtype, i, islands)
+                                    for i, layer in enumerate(text_model.layers))
         self.norm = RMSNorm(text_model.norm.weight, text.rms_eps, dtype)
         start, length = layout.range(QWEN2_TP_PLAN.head.axis)
-        self.lm_head = Linear(take(lm_head.weight, 0, start, length, dtype))
+        self.head_dtype = torch.float32 if islands.fp32("lm_head") else dtype
+        self.lm_head = Linear(take(lm_head.weight, 0, start, length, self.head_dtype))
 
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h_last)).float()
+        return self.lm_head(self.norm(h_last).to(self.head_dtype)).float()
 
 
 class PrefillGraph(nn.Module):

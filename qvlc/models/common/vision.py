@@ -10,6 +10,7 @@ from torch import nn
 from qvlc.contract import GraphSig, TensorSig, VisualSpec
 from qvlc.errors import QvlcError
 from qvlc.models.common.dims import VisionDims
+from qvlc.models.common.islands import VISION, Islands
 from qvlc.models.common.layers import ACTIVATIONS, LayerNorm, Linear, param, rotate_half
 
 VISUAL_INPUTS = ("pixel_values", "attention_mask", "cos", "sin")
@@ -49,6 +50,29 @@ class VisionAttention(nn.Module):
         return self.proj(out.transpose(0, 1).reshape(n, self.heads * self.head_dim))
 
 
+class VisionBlockBase(nn.Module):
+    """A vision block: ``h + attn(norm1(h))``, then ``h + mlp(norm2(h))``. The families build ``norm1``, ``attn``,
+    ``norm2``, ``mlp`` with the dtypes ``_dtypes`` chose: with fp32 islands (``Islands``) the attention and/or
+    MLP compute in fp32 and the residual stream may be carried in fp32."""
+
+    def _dtypes(self, index: int, islands: Islands | None, dtype: torch.dtype) -> None:
+        islands, name = islands or Islands(), f"{VISION}.blocks.{index}"
+        self.attn_dtype = torch.float32 if islands.fp32(f"{name}.attn") else dtype
+        self.mlp_dtype = torch.float32 if islands.fp32(f"{name}.mlp") else dtype
+        self.residual_dtype = torch.float32 if islands.residual_fp32(index) else dtype
+
+    def forward(self, h, allowed, cos, sin):
+        h = h.to(self.residual_dtype)  # a no-op without islands
+        h = h + self.attn(self.norm1(h).to(self.attn_dtype), allowed, cos, sin).to(h.dtype)
+        return h + self.mlp(self.norm2(h).to(self.mlp_dtype)).to(h.dtype)
+
+
+def edge_dtypes(islands: Islands | None, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(patch_embed, merger) compute dtypes under ``islands``."""
+    islands = islands or Islands()
+    return tuple(torch.float32 if islands.fp32(f"{VISION}.{u}") else dtype for u in ("patch_embed", "merger"))
+
+
 class PatchMerger(nn.Module):
     """ln_q (LayerNorm, or the given norm), then each merge unit of rows (2×2 neighbours, consecutive in patch order) → Linear, GELU, Linear."""
 
@@ -60,7 +84,7 @@ class PatchMerger(nn.Module):
         self.width = vision.embed_dim * vision.merge_unit
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.ln_q(h).reshape(-1, self.width)
+        x = self.ln_q(h).reshape(-1, self.width).to(self.fc1.weight_t.dtype)
         return self.fc2(F.gelu(self.fc1(x)))
 
 

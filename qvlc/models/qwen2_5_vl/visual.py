@@ -19,9 +19,12 @@ from torch import nn
 from qvlc.models.common.dims import VisionDims
 from qvlc.models.common.family import chunk_widths
 from qvlc.models.common.layers import Linear, RMSNorm
+from qvlc.models.common.islands import Islands
 from qvlc.models.common.vision import (
     PatchMerger,
     VisionAttention,
+    VisionBlockBase,
+    edge_dtypes,
     activation,
     patch_embed,
 )
@@ -41,19 +44,16 @@ class GatedMlp(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-class VisionBlock(nn.Module):
+class VisionBlock(VisionBlockBase):
     def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype, full: bool,
-                 attention_block: int = 0) -> None:
+                 attention_block: int = 0, index: int = 0, islands: Islands | None = None) -> None:
         super().__init__()
+        self._dtypes(index, islands, dtype)
         self.full = full  # attends per frame; otherwise per window
         self.norm1 = RMSNorm(hf.norm1.weight, NORM_EPS, dtype)
-        self.attn = VisionAttention(hf.attn, vision, dtype, attention_block)
+        self.attn = VisionAttention(hf.attn, vision, self.attn_dtype, attention_block)
         self.norm2 = RMSNorm(hf.norm2.weight, NORM_EPS, dtype)
-        self.mlp = GatedMlp(hf.mlp, vision, dtype)
-
-    def forward(self, h, allowed, cos, sin):
-        h = h + self.attn(self.norm1(h), allowed, cos, sin)
-        return h + self.mlp(self.norm2(h))
+        self.mlp = GatedMlp(hf.mlp, vision, self.mlp_dtype)
 
 
 class VisualGraph(nn.Module):
@@ -61,22 +61,24 @@ class VisualGraph(nn.Module):
     cos/sin [N, Dv] (window order) → image_embeds_0 … image_embeds_{k-1} [N / merge_unit, chunk widths]."""
 
     def __init__(self, hf_visual: nn.Module, vision: VisionDims, chunk_width: int, dtype: torch.dtype,
-                 attention_block: int = 0) -> None:
+                 attention_block: int = 0, islands: Islands | None = None) -> None:
         super().__init__()
-        self.patch_embed = patch_embed(hf_visual, vision, dtype)
+        self.dtype = dtype
+        embed_dtype, merger_dtype = edge_dtypes(islands, dtype)
+        self.patch_embed = patch_embed(hf_visual, vision, embed_dtype)
         full = set(vision.fullatt_blocks)
-        self.blocks = nn.ModuleList(VisionBlock(b, vision, dtype, i in full, attention_block)
+        self.blocks = nn.ModuleList(VisionBlock(b, vision, dtype, i in full, attention_block, i, islands)
                                     for i, b in enumerate(hf_visual.blocks))
         ln_q = RMSNorm(hf_visual.merger.ln_q.weight, NORM_EPS, dtype)
-        self.merger = PatchMerger(hf_visual.merger, vision, dtype, norm=ln_q)
+        self.merger = PatchMerger(hf_visual.merger, vision, merger_dtype, norm=ln_q)
         self.widths = chunk_widths(vision.out_hidden, chunk_width)
 
     def forward(self, pixel_values, attention_mask, window_attention_mask, cos, sin):
         cos, sin = cos.float()[None], sin.float()[None]  # [1, N, Dv], broadcast over heads
         full, window = attention_mask.bool(), window_attention_mask.bool()
-        h = self.patch_embed(pixel_values)
+        h = self.patch_embed(pixel_values.to(self.patch_embed.weight_t.dtype))
         for block in self.blocks:
             h = block(h, full if block.full else window, cos, sin)
-        return tuple(torch.split(self.merger(h), self.widths, dim=-1))
+        return tuple(torch.split(self.merger(h).to(self.dtype), self.widths, dim=-1))
 
 

@@ -28,10 +28,10 @@ class Qwen2VL(Family):
         return parse_dims(config, source, self.model_type, self.display_name, qwen2_vl_vision)
 
     def visual_graph(self, hf_visual: Any, dims: ModelDims, chunk_width: int, dtype: Any,
-                     attention_block: int = 0) -> Any:
+                     attention_block: int = 0, islands: Any = None) -> Any:
         from qvlc.models.qwen2_vl.visual import VisualGraph
 
-        return VisualGraph(hf_visual, dims.vision, chunk_width, dtype, attention_block)
+        return VisualGraph(hf_visual, dims.vision, chunk_width, dtype, attention_block, islands)
 
     def visual_signature(self, spec: VisualSpec) -> GraphSig:
         from qvlc.models.common.vision import visual_signature

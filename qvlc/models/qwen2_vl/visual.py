@@ -23,9 +23,12 @@ from torch import nn
 from qvlc.models.common.dims import VisionDims
 from qvlc.models.common.family import chunk_widths
 from qvlc.models.common.layers import LayerNorm, Linear
+from qvlc.models.common.islands import Islands
 from qvlc.models.common.vision import (
     PatchMerger,
     VisionAttention,
+    VisionBlockBase,
+    edge_dtypes,
     activation,
     patch_embed,
 )
@@ -42,17 +45,15 @@ class VisionMlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class VisionBlock(nn.Module):
-    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype, attention_block: int = 0) -> None:
+class VisionBlock(VisionBlockBase):
+    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype, attention_block: int = 0,
+                 index: int = 0, islands: Islands | None = None) -> None:
         super().__init__()
+        self._dtypes(index, islands, dtype)
         self.norm1 = LayerNorm(hf.norm1)
-        self.attn = VisionAttention(hf.attn, vision, dtype, attention_block)
+        self.attn = VisionAttention(hf.attn, vision, self.attn_dtype, attention_block)
         self.norm2 = LayerNorm(hf.norm2)
-        self.mlp = VisionMlp(hf.mlp, vision, dtype)
-
-    def forward(self, h, allowed, cos, sin):
-        h = h + self.attn(self.norm1(h), allowed, cos, sin)
-        return h + self.mlp(self.norm2(h))
+        self.mlp = VisionMlp(hf.mlp, vision, self.mlp_dtype)
 
 
 class VisualGraph(nn.Module):
@@ -60,17 +61,20 @@ class VisualGraph(nn.Module):
     → image_embeds_0 … image_embeds_{k-1} [N / merge_unit, chunk widths] (export dtype)."""
 
     def __init__(self, hf_visual: nn.Module, vision: VisionDims, chunk_width: int, dtype: torch.dtype,
-                 attention_block: int = 0) -> None:
+                 attention_block: int = 0, islands: Islands | None = None) -> None:
         super().__init__()
-        self.patch_embed = patch_embed(hf_visual, vision, dtype)
-        self.blocks = nn.ModuleList(VisionBlock(b, vision, dtype, attention_block) for b in hf_visual.blocks)
-        self.merger = PatchMerger(hf_visual.merger, vision, dtype)
+        self.dtype = dtype
+        embed_dtype, merger_dtype = edge_dtypes(islands, dtype)
+        self.patch_embed = patch_embed(hf_visual, vision, embed_dtype)
+        self.blocks = nn.ModuleList(VisionBlock(b, vision, dtype, attention_block, i, islands)
+                                    for i, b in enumerate(hf_visual.blocks))
+        self.merger = PatchMerger(hf_visual.merger, vision, merger_dtype)
         self.widths = chunk_widths(vision.out_hidden, chunk_width)
 
     def forward(self, pixel_values, attention_mask, cos, sin):
         cos, sin = cos.float()[None], sin.float()[None]  # [1, N, Dv], broadcast over heads
         allowed = attention_mask.bool()
-        h = self.patch_embed(pixel_values)
+        h = self.patch_embed(pixel_values.to(self.patch_embed.weight_t.dtype))
         for block in self.blocks:
             h = block(h, allowed, cos, sin)
-        return tuple(torch.split(self.merger(h), self.widths, dim=-1))
+        return tuple(torch.split(self.merger(h).to(self.dtype), self.widths, dim=-1))
