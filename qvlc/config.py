@@ -8,15 +8,15 @@ Every error is a ``ConfigError`` naming the key, the value and the fix.
 
 from __future__ import annotations
 
-import difflib
 import re
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import yaml
 
+from qvlc.config_parse import AUTO, HIDDEN_FIELDS, build
 from qvlc.config_vamc import from_vamc
 from qvlc.errors import ConfigError
 from qvlc.models import TINY
@@ -34,8 +34,6 @@ class Part(str, Enum):
 MIN_OPSET = 18  # the dynamo exporter emits opset 18 and newer
 MAX_OPSET = 23  # newest opset exported and run through ONNX Runtime 1.32 here (tiny LLM: 20, 21, 23)
 MIN_PREFILL = 64  # validation prompts hold image and video spans and text; shorter graphs cannot be proven
-AUTO = "auto"  # export.fp32_layers: auto (the modules the range check flags)
-HIDDEN_FIELDS = ("ignored", "llm_holds_patches", "declared_patch_dim", "declared_fullatt_blocks")
 
 
 @dataclass(frozen=True)
@@ -133,84 +131,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------------------------- parsing
-
-
-def _did_you_mean(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"did you mean '{close[0]}'? " if close else ""
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``typ``; YAML gives us ints, floats, bools and strings."""
-    if isinstance(typ, type) and issubclass(typ, Enum):
-        choices = [m.value for m in typ]
-        if value not in choices:
-            raise ConfigError(
-                f"{value!r} is not one of {', '.join(map(repr, choices))}",
-                fix=f"set {key} to one of {', '.join(map(str, choices))}",
-                key=key,
-            )
-        return typ(value)
-    if typ is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"expected true or false, got {value!r}", fix=f"write {key}: true|false", key=key)
-        return value
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"expected an integer, got {value!r}", fix=f"write {key} as a whole number", key=key)
-        return value
-    if typ == tuple[str, ...]:  # a list of strings; the single word auto is ("auto",)
-        if value == AUTO:
-            return (AUTO,)
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(f"expected a list of module names or auto, got {value!r}",
-                              fix=f"write {key}: [model.visual.blocks.31.mlp, ...] or {key}: auto", key=key)
-        if AUTO in value:
-            raise ConfigError("auto cannot be combined with module names", fix=f"write {key}: auto, or only names",
-                              key=key)
-        return tuple(value)
-    if typ is str:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"expected a string, got {value!r}", fix=f"quote the value of {key}", key=key)
-        return str(value)
-    raise TypeError(f"unsupported config annotation {typ!r} for {key}")  # a bug in this file, not user input
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"expected a mapping, got {data!r}", fix=f"write {prefix} as a block of key: value lines",
-                          key=prefix)
-    hints = get_type_hints(cls)
-    names = [f.name for f in fields(cls) if f.name not in HIDDEN_FIELDS]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(
-                "unknown key",
-                fix=f"{_did_you_mean(str(key), names)}valid keys here: {', '.join(names)}",
-                key=full,
-            )
-        typ = hints[key]
-        if is_dataclass(typ):
-            kwargs[key] = _build(typ, value if value is not None else {}, full)
-        else:
-            kwargs[key] = _coerce(value, typ, full)
-    missing = [n for n in names if n not in kwargs and _required(cls, n)]
-    if missing:
-        raise ConfigError("missing required key", fix=f"add {', '.join(missing)}",
-                          key=".".join(filter(None, [prefix, missing[0]])))
-    return cls(**kwargs)
-
-
-def _required(cls: type, name: str) -> bool:
-    from dataclasses import MISSING
-
-    f = next(f for f in fields(cls) if f.name == name)
-    return f.default is MISSING and f.default_factory is MISSING  # type: ignore[misc]
-
-
 # ---------------------------------------------------------------------------------------------- entry points
 
 
@@ -223,7 +143,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         raw = from_vamc(raw)
         ignored = raw.pop("ignored")
         declared = {k: raw.pop(k) for k in ("declared_patch_dim", "declared_fullatt_blocks") if k in raw}
-    cfg: Config = _build(Config, raw, "")
+    cfg: Config = build(Config, raw, "")
     # For the LLM part, an explicit export.max_patches says how many patches the visual graph feeding it holds.
     explicit_patches = cfg.part == "llm" and "max_patches" in (raw.get("export") or {})
     cfg = replace(cfg, ignored=ignored, llm_holds_patches=cfg.export.max_patches if explicit_patches else 0,
@@ -313,12 +233,12 @@ def check_values(cfg: Config) -> None:
         _multiple_of_16(e.max_patches, "export.max_patches")
         if e.attention_block:
             _multiple_of_16(e.attention_block, "export.attention_block")
-    if e.fp32_layers and e.dtype != Precision.FP16:
-        raise ConfigError(f"fp32_layers keeps modules in fp32 inside an fp16 graph; this compile is {e.dtype}",
-                          fix="remove export.fp32_layers, or set export.dtype: fp16", key="export.fp32_layers")
         if e.tp != 1:
             raise ConfigError(f"tp {e.tp} given for the visual part, which is never split across ranks",
                               fix="remove export.tp from the visual config (or set it to 1)", key="export.tp")
+    if e.fp32_layers and e.dtype != Precision.FP16:
+        raise ConfigError(f"fp32_layers keeps modules in fp32 inside an fp16 graph; this compile is {e.dtype}",
+                          fix="remove export.fp32_layers, or set export.dtype: fp16", key="export.fp32_layers")
 
 
 def _positive(value: int, key: str) -> None:

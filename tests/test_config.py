@@ -62,6 +62,7 @@ def test_unknown_key_suggests_closest():
     (llm(tp=0), "export.tp", "positive"),
     ({"name": "x", "part": "visual", "export": {"max_patches": 1000}}, "export.max_patches", "1008"),
     ({"name": "x", "part": "visual", "export": {"tp": 2}}, "export.tp", "never split"),
+    ({"name": "x", "part": "visual", "export": {"attention_block": 100}}, "export.attention_block", "multiple of 16"),
     ({"name": "a/b", "part": "llm"}, "name", "letters"),
     ({"part": "llm"}, "name", "add name"),
 ])

@@ -137,18 +137,23 @@ class LlmRuntime:
         return Window(padded, mask, positions, delta, self.embed.embed(padded, rows))
 
     # -- prefill ------------------------------------------------------------------------------------------
-    def prefill(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[dict[str, np.ndarray]]:
-        """Run prefill on a full, already left-padded window: embeds [S,H], positions [3,S], mask [S] (0 = pad).
-        Resets the KV cache to what prefill produced. Returns each rank's raw outputs."""
+    def prefill_feed(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The prefill graph's inputs for a full, left-padded window: embeds [S,H], positions [3,S], mask [S]."""
         s = self.spec
         S = s.prefill_len
         if embeds.shape != (S, s.hidden) or positions.shape != (3, S) or mask.shape != (S,):
             raise ValueError(f"prefill expects embeds [{S},{s.hidden}], positions [3,{S}], mask [{S}]; got "
                              f"{embeds.shape}, {positions.shape}, {mask.shape}")
         cos, sin = mrope_cos_sin(positions, s.head_dim, s.rope_theta, s.mrope_section, dtype=self.np_dtype)
-        feed = {"inputs_embeds": embeds[None].astype(self.np_dtype), "attention_mask": mask[None].astype(np.int64),
+        return {"inputs_embeds": embeds[None].astype(self.np_dtype), "attention_mask": mask[None].astype(np.int64),
                 "cos": cos, "sin": sin}
-        outs = self.prefill_graph.run([feed] * s.tp)
+
+    def prefill(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """Run prefill on a full, already left-padded window: embeds [S,H], positions [3,S], mask [S] (0 = pad).
+        Resets the KV cache to what prefill produced. Returns each rank's raw outputs."""
+        s = self.spec
+        S = s.prefill_len
+        outs = self.prefill_graph.run([self.prefill_feed(embeds, positions, mask)] * s.tp)
         C = s.max_context
         self.kv = []
         for o in outs:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from qvlc.artifacts import declared_graphs
+from qvlc.contract import PREFILL
 from qvlc.host.rope import decode_position
 from qvlc.memory import UNSPLIT_MAX_BYTES, text_params
 from qvlc.models.common.checkpoint import LoadedCheckpoint
@@ -34,6 +35,7 @@ from qvlc.models.common.lazy import lazy_text_model
 from qvlc.models.common.tp import RankLayout, rank_layout
 from qvlc.plan import Plan
 from qvlc.runtime.llm import LlmRuntime, Window
+from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
 from qvlc.validate.llm_cases import LlmCase, build_cases, with_image_rows
 from qvlc.validate.metrics import ParityReport, TokenCheck
@@ -197,6 +199,23 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
         compare_run(report, run, ref, layouts, spec.prefill_len, v.decode_steps, v.generate_tokens, spec.dtype)
     report.notes.append(f"oracle: {type(oracle).__name__}; each prompt then {steps} greedy decode steps of the "
                         "graphs, the oracle teacher-forced on the tokens the graphs chose")
+    failed = next((c.case.split("/")[0] for c in report.checks if not c.passed and c.metrics), None)
+    run = next((r for r in runs if r.case.name == failed), None)
+    if run is not None:
+        diagnose_prefill(plan, folder, report, run, oracle)
+
+
+def diagnose_prefill(plan: Plan, folder: Path, report: ParityReport, run: GraphRun, oracle) -> None:
+    """The first divergent decoder layer of the prefill graph on a case that failed (tp = 1 graphs)."""
+    if plan.llm_spec.tp > 1:
+        report.notes.append("first divergent layer: not diagnosed for tp > 1 (a rank graph's residual stream is cut "
+                            "at its reductions); compile at tp = 1 to find it")
+        return
+    w, tokens = run.window, plan.dims.tokens
+    capture = LayerCapture()
+    oracle.run([oracle_input(run.case, [], tokens.image, tokens.video)], capture)
+    feed = llm_runtime(plan, folder).prefill_feed(w.embeds, w.positions, w.mask)
+    diagnose(report, folder / PREFILL, "llm", feed, np.flatnonzero(w.mask), capture, run.case.name)
 
 
 def compare_run(report: ParityReport, run: GraphRun, ref: OracleOutput, layouts: list[RankLayout], S: int,

@@ -80,6 +80,8 @@ class ParityReport:
     # fp16 ranges seen by the oracle (qvlc.validate.ranges): the hazards, and the peak per kind of tensor
     hazards: list[dict] = field(default_factory=list)
     range_peaks: dict[str, dict] = field(default_factory=dict)
+    # when a value check failed: the first layer whose output leaves tolerance (qvlc.validate.divergence)
+    divergence: dict | None = None
 
     @property
     def tolerance(self) -> Tolerance:
@@ -144,6 +146,7 @@ class ParityReport:
             "checks": [asdict(c) for c in self.checks],
             "tokens": [{**asdict(t), "matched": t.matched, "passed": t.passed} for t in self.tokens],
             "fp16_ranges": {"hazards": self.hazards, "peaks": self.range_peaks},
+            "first_divergent_layer": self.divergence,
             "notes": self.notes,
         }
 

@@ -136,7 +136,7 @@ class StreamedOracle:
     @torch.no_grad()
     def run(self, seqs: list[OracleInput], ranges: RangeRecorder | None = None) -> list[OracleOutput]:
         """``ranges``: record every layer's magnitudes on the way (qvlc.validate.ranges)."""
-        ranges = ranges or RangeRecorder()
+        ranges = ranges or RangeRecorder(enabled=False)
         with ranges.recording():
             return self._run(seqs, ranges)
 
@@ -180,7 +180,7 @@ class InMemoryOracle:
 
     @torch.no_grad()
     def run(self, seqs: list[OracleInput], ranges: RangeRecorder | None = None) -> list[OracleOutput]:
-        ranges = ranges or RangeRecorder()
+        ranges = ranges or RangeRecorder(enabled=False)
         with ranges.recording():
             return self._run(seqs, ranges)
 

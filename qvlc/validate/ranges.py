@@ -74,7 +74,8 @@ class RangeRecorder:
     on each transformers module as it runs (a decoder layer or a vision block); ``segments`` says which case owns
     which rows (one case per call for the LLM oracle; the vision oracle packs every case in one call)."""
 
-    def __init__(self, attn_name: str = "self_attn") -> None:
+    def __init__(self, attn_name: str = "self_attn", enabled: bool = True) -> None:
+        self.enabled = enabled  # False: hooks nothing, records nothing (the oracle run alone)
         self.stats: dict[tuple[str, str], RangeStat] = {}
         self._scope = None  # (prefix, segments, packed, row offset) of the layer running
         self._attn_name = attn_name  # the attention module's name inside a layer: self_attn, or attn (vision)
@@ -83,6 +84,8 @@ class RangeRecorder:
     def observe(self, module: str, kind: str, x: torch.Tensor, segments: Segments, rows_dim: int = 0,
                 whole: bool = False) -> None:
         """``whole``: the tensor is one case's (segments[0]); otherwise ``segments`` index dimension ``rows_dim``."""
+        if not self.enabled:
+            return
         x = x.detach()
         if x.dtype != torch.float32:
             x = x.float()
@@ -115,6 +118,9 @@ class RangeRecorder:
     def recording(self) -> Iterator[None]:
         """Attention scores are seen through ``softmax`` (transformers' eager attention calls it on the scores
         plus mask): patched once for the oracle's run, attributed to the layer that is running."""
+        if not self.enabled:
+            yield
+            return
         real = torch.nn.functional.softmax
 
         def softmax(x, *args, **kwargs):
@@ -137,6 +143,8 @@ class RangeRecorder:
         one case per call over all of [1, T, C]; for the vision tower (``packed``) row ranges of the packed
         [N, C]. ``residual``: the module's output is the residual stream (not for the merger). Returns the hook
         handles (``remove()`` each when the layer is done)."""
+        if not self.enabled:
+            return []
         whole = not packed
         handles = []
         for name, sub in layer.named_modules():

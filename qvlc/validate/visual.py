@@ -30,6 +30,7 @@ from qvlc.host.preprocess import PreprocessConfig, image_to_patches, video_to_pa
 from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.plan import Plan
 from qvlc.runtime.visual import VisualRuntime
+from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
 from qvlc.validate.metrics import ParityReport
 from qvlc.validate.ranges import RangeRecorder, remove
@@ -190,3 +191,10 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
         for name in spec.output_names:
             if not np.isfinite(outs[name][feeds.tokens:]).all():
                 report.fail(GRAPH, f"call{i}", f"{name}[padding rows]", "non-finite values in the padding rows")
+    failed = next((c.case for c in report.checks if not c.passed and c.metrics), None)
+    case = next((c for c in cases if c.name == failed), None)
+    if case is not None:  # the first divergent block, on the first case that failed (run alone)
+        capture = LayerCapture(attn_name="attn")
+        reference_embeddings(plan, ck, [case], capture)
+        feeds = runtime.feeds(case.pixel_values, case.grids)
+        diagnose(report, path, "visual", feeds.feeds, np.arange(case.patches), capture, case.name)
