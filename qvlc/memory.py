@@ -7,10 +7,11 @@ the KV it records; the vision tower for a prompt given as pixels) and the larges
 weights file (no constant folding, no prepacking): those pages are the kernel's to reclaim, so what must stay is
 one rank's share (ranks run one after another) plus the fp32 cast of the largest weight, lm_head's slice — and,
 for a small model with tp > 1, the unsplit tp = 1 module beside them (``UNSPLIT_MAX_BYTES``). The
-in-memory oracle (``validate.oracle: memory``) holds every parameter in fp32. The visual export holds the fp32
-tower (~10 bytes a parameter at its peak); its validation an ORT session (~4.5 bytes a parameter) and the
-graph's attention (one block of ``export.attention_block`` query rows × N), with the streamed oracle's one block beside it. x1.35 on those covers the rest
-(Python, torch and ORT arenas); attention scores are fp32 [heads, T, T] a few times over. It errs high.
+in-memory oracle (``validate.oracle: memory``) holds every parameter in fp32. The visual export reads the tower
+in the export dtype and the exporter serialises a copy (``EXPORT_COPIES``); its validation maps the weights file
+in an ORT session and holds one block of the streamed oracle (the whole fp32 tower with ``oracle: memory``) and
+the graph's attention — one block of ``export.attention_block`` query rows × N — at a time; the larger phase
+counts. x1.35 on the weights covers the rest (Python, torch and ORT arenas). It errs high.
 ``QVLC_MEMORY_LIMIT_GB`` replaces the detected limit (a bigger swap-backed machine, or tests).
 """
 
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 
 GB = 1e9
 OVERHEAD = 1.35
-ORT_BYTES_PER_PARAM = 4.5
+EXPORT_COPIES = 2.2  # visual export: the tower read in the export dtype + the exporter's serialized copy, per
+#                      weight byte (2B fp16: 2.81 GB peak RSS for 1.35 GB of weights, 2.14 GiB anonymous)
 
 # With tp > 1, LLM validation's tp = 1 comparison runs the unsplit deployment module in eager torch, in the
 # export dtype, beside the rank sessions. It isolates a tensor-parallel error from an export error, on models whose unsplit weights are small:
@@ -79,28 +81,41 @@ def estimate(cfg: "Config", dims: "ModelDims") -> Estimate:
                 sessions = graph * dt / e.tp + t.vocab / e.tp * t.hidden * 4 + unsplit
                 phases = {"ONNX Runtime sessions (one rank's weights mapped from the file, lm_head's fp32 cast)":
                           sessions,
-                          "streamed oracle (one layer, the embedding table, KV)": graph / t.layers * 4
-                          + t.vocab * t.hidden * 4 + kv,
+                          # a layer read from bf16 is briefly there twice; the graphs' prefill KV waits for the compare
+                          "streamed oracle (one layer, the embedding table, KV)": graph / t.layers * 4 * 1.5
+                          + t.vocab * t.hidden * 4 + kv + kv / 2,
                           "fp32 vision tower (image rows of one prompt)": vision_params(dims) * 4}
                 name = max(phases, key=phases.get)
                 parts[name] = phases[name]
-            parts["attention"] = t.heads * s * s * 4 * 3  # fp32 scores of one graph call
+            # fp32 scores [heads, T, T] several times over: the graph's softmax chain, the oracle's eager attention
+            # and the range check's copies (7B at S = 2048: the oracle phase peaked at 8.04 GiB anonymous)
+            parts["attention"] = t.heads * (s + 16) ** 2 * 4 * 5
+            # the export runs first: each worker (or the isolated child) holds a rank's fp16 slices and the
+            # exporter's working set (2B tp = 1: 5.28 GiB anonymous for 3.1 GB of weights; 7B: 4.27 GB per rank)
+            rank = graph / e.tp * dt
+            export = min(e.workers, e.tp) * max(rank * 1.3, rank + 2.5 * GB)
+            if export > sum(parts.values()) * OVERHEAD:
+                parts.clear()
+                parts["export (each worker: one rank's weights and the exporter)"] = export / OVERHEAD
         else:
             parts["one rank's weights"] = graph / e.tp * dt * 1.3
     else:
         n, v, p = e.max_patches, dims.vision, vision_params(dims)
-        export = p * 10  # the fp32 tower (read from bf16) and the exporter's copies
-        if cfg.validate.enabled and cfg.validate.oracle == "memory":
-            parts["fp32 vision tower"], parts["ONNX Runtime session"] = p * 4, p * ORT_BYTES_PER_PARAM
-        elif cfg.validate.enabled:  # the tower is let go after the export; the streamed oracle holds one block
-            session = p * ORT_BYTES_PER_PARAM
-            key = "export (fp32 tower)" if export > session else "ONNX Runtime session"
-            parts[key] = max(export, session)
+        export = p * dt * EXPORT_COPIES
+        if not cfg.validate.enabled:
+            parts["export (tower in the export dtype, the exporter's copy)"] = export
         else:
-            parts["export (fp32 tower)"] = export
-        if cfg.validate.enabled:  # fp32 scores of one block of query rows (export.attention_block), the masks
             rows = e.attention_block if 0 < e.attention_block < n else n
-            parts["attention"] = v.heads * rows * n * 4 * 4 + 2 * n * n
+            attention = v.heads * rows * n * 4 * 4 + 2 * n * n  # fp32 scores of one block of query rows, the masks
+            held = p * 4 if cfg.validate.oracle == "memory" else p / v.depth * 4  # the oracle's tower, or a block
+            # the session maps the weights file; its calls cast weights to fp32 as they go (2B at N = 5120, blocks
+            # of 1024 rows: 4.80 GiB anonymous, measured)
+            validation = (2 * p * dt + held) * OVERHEAD + 1.5 * attention
+            if export * OVERHEAD >= validation:
+                parts["export (tower in the export dtype, the exporter's copy)"] = export
+            else:
+                parts["ONNX Runtime session (weights mapped, fp32 casts) and the oracle"] = 2 * p * dt + held
+                parts["attention"] = 1.5 * attention
     total = sum(v for k, v in parts.items() if k != "attention") * OVERHEAD + parts.get("attention", 0.0)
     return Estimate(total, parts)
 
