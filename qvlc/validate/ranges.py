@@ -36,6 +36,7 @@ FP16_MAX = 65504.0
 NEAR_FACTOR = 4.0
 FP16_MIN_NORMAL = 2.0**-14
 UNDERFLOW_FRACTION = 0.5
+UNDERFLOW_SAMPLE = 1 << 16
 
 LINEAR, LINEAR_IN = "linear output", "linear input"
 RESIDUAL, SCORES = "residual stream", "attention scores"
@@ -78,6 +79,7 @@ class RangeRecorder:
         self.enabled = enabled  # False: hooks nothing, records nothing (the oracle run alone)
         self.stats: dict[tuple[str, str], RangeStat] = {}
         self._scope = None  # (prefix, segments, packed, row offset) of the layer running
+        self._last = None  # (tensor, how, result) of the last reduction
         self._attn_name = attn_name  # the attention module's name inside a layer: self_attn, or attn (vision)
 
     # -- recording ------------------------------------------------------------------------------------------
@@ -86,33 +88,49 @@ class RangeRecorder:
         """``whole``: the tensor is one case's (segments[0]); otherwise ``segments`` index dimension ``rows_dim``."""
         if not self.enabled:
             return
-        x = x.detach()
-        if x.dtype != torch.float32:
-            x = x.float()
-        rows = x.reshape(1, -1) if whole else x.movedim(rows_dim, 0).reshape(x.shape[rows_dim], -1)
-        if whole:
-            segments = [(segments[0][0], 0, 1)]
-        finite = rows > torch.finfo(torch.float32).min / 2  # masked scores carry the fp32 minimum
-        mags = torch.where(finite, rows.abs(), 0.0)
-        peak = mags.amax(dim=1)
-        nonzero = (mags > 0).sum(dim=1)
-        tiny = ((mags > 0) & (mags < FP16_MIN_NORMAL)).sum(dim=1)
-        for case, a, b in segments:
-            a, b = min(a, len(peak)), min(b, len(peak))
-            if a >= b:
-                continue
-            m = float(peak[a:b].max())
-            n = int(nonzero[a:b].sum())
-            frac = float(tiny[a:b].sum()) / n if n else 0.0
+        for case, peak, frac in self._reduce(x, kind == SCORES, segments, rows_dim, whole):
             key = (module, kind)
             stat = self.stats.get(key)
             if stat is None:
-                self.stats[key] = RangeStat(module, kind, m, case, frac, case)
+                self.stats[key] = RangeStat(module, kind, peak, case, frac, case)
                 continue
-            if m > stat.max_abs:
-                stat.max_abs, stat.case = m, case
+            if peak > stat.max_abs:
+                stat.max_abs, stat.case = peak, case
             if frac > stat.underflow:
                 stat.underflow, stat.underflow_case = frac, case
+
+    def _reduce(self, x: torch.Tensor, masked: bool, segments: Segments, rows_dim: int,
+                whole: bool) -> list[tuple[str, float, float]]:
+        """(case, largest magnitude, underflow fraction) per segment. The peak is exact, in one pass without a copy
+        (``aminmax``; masked scores, which carry the fp32 minimum, are zeroed first); the underflow fraction is
+        taken on an evenly strided sample of at most ``UNDERFLOW_SAMPLE`` values per segment — a fraction
+        compared with one half needs no more. (Recording costs the oracle little this way; see
+        benchmarks/bench_ranges.py.) The tensor reduced just before is not reduced again (q, k and v, gate and
+        up read one input: the same object)."""
+        if self._last is not None and self._last[0] is x and self._last[1] == (masked, id(segments)):
+            return self._last[2]
+        original = x
+        x = x.detach()
+        if x.dtype != torch.float32:
+            x = x.float()
+        if masked:
+            x = torch.where(x > torch.finfo(torch.float32).min / 2, x, 0.0)
+        rows = x.reshape(1, -1) if whole else x.movedim(rows_dim, 0).reshape(x.shape[rows_dim], -1)
+        lo, hi = torch.aminmax(rows, dim=1)
+        peak = torch.maximum(-lo, hi)
+        out = []
+        for case, a, b in ([(segments[0][0], 0, 1)] if whole else segments):
+            a, b = min(a, len(peak)), min(b, len(peak))
+            if a >= b:
+                continue
+            flat = rows[a:b].reshape(-1)
+            sample = flat[::max(1, flat.numel() // UNDERFLOW_SAMPLE)].abs()
+            nonzero = int(torch.count_nonzero(sample))
+            tiny = nonzero - int(torch.count_nonzero(sample >= FP16_MIN_NORMAL))
+            out.append((case, float(peak[a:b].max()), tiny / nonzero if nonzero else 0.0))
+        # one reference (not to scores, which are large and seen once), dropped at the next reduction
+        self._last = None if masked else (original, (masked, id(segments)), out)
+        return out
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
@@ -162,6 +180,7 @@ class RangeRecorder:
 
         def leave(m, args, out):
             self._scope = None
+            self._last = None
             if residual:
                 self.observe(prefix, RESIDUAL, out[0] if isinstance(out, tuple) else out, segments, 0, whole)
 
