@@ -145,6 +145,8 @@ def validate(artifact: Path = typer.Argument(..., help="An artifact folder writt
     if not parity.passed:
         for f in parity.failures:
             err.print(Text("✗ ", style="red") + Text(f), soft_wrap=True)
+        if parity.cause:
+            err.print(Text("→ ", style="yellow") + Text(parity.cause), soft_wrap=True)
         raise typer.Exit(EXIT_FAILED)
     console.print("[bold green]parity holds[/]")
 

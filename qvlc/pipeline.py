@@ -195,7 +195,7 @@ def _compile_locked(cfg: Config, force: bool, timed, timings: dict[str, float]) 
         if report is not None and not report.passed:
             failed = keep_failed(stage, final)
             raise ParityError(f"{len(report.failures)} parity check(s) failed:\n  - " +
-                              "\n  - ".join(report.failures),
+                              "\n  - ".join(report.failures) + (f"\n  {report.cause}" if report.cause else ""),
                               fix=f"see {failed / 'parity.md'}; nothing was written to {final}")
         with timed("publish"):
             publish(stage, final, force)

@@ -117,6 +117,17 @@ class ParityReport:
     def passed(self) -> bool:
         return not self.failures
 
+    @property
+    def cause(self) -> str | None:
+        """The first divergent layer, as a line for the user (None when it was not looked for)."""
+        d = self.divergence
+        if not d:
+            return None
+        if d.get("module") is None:
+            return f"every one of the {d['layers_checked']} layers agrees on {d['case']}: the divergence is after them"
+        return (f"first divergent layer: {d['module']} on {d['case']} (rel L2 {d['rel_l2']:.3e}); every layer "
+                "before it agrees with the oracle")
+
     def summary(self) -> dict:
         worst: dict[str, dict[str, float]] = {}
         for c in self.checks:

@@ -42,6 +42,7 @@ def test_validate_names_the_first_divergent_layer(compiled, copy_artifact, resea
     assert not report.passed
     assert report.divergence["module"] == module.format(layer), report.divergence
     assert any(f"first divergent layer: {module.format(layer)}" in n for n in report.notes)
+    assert report.cause.startswith(f"first divergent layer: {module.format(layer)} on ")
 
 
 def test_layer_outputs_come_from_the_exporters_scopes(compiled):
