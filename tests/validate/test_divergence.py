@@ -45,6 +45,21 @@ def test_validate_names_the_first_divergent_layer(compiled, copy_artifact, resea
     assert report.cause.startswith(f"first divergent layer: {module.format(layer)} on ")
 
 
+def test_cli_validate_prints_the_cause(compiled, copy_artifact, reseal):
+    import os
+    import subprocess
+    import sys
+
+    r = compiled("div_visual", part="visual")
+    folder = copy_artifact(r.folder)
+    perturb(folder, "visual.onnx", CASES["visual"][1].format(1))
+    reseal(folder)
+    proc = subprocess.run([sys.executable, "-m", "qvlc", "validate", str(folder)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "first divergent layer: model.visual.blocks.1 on " in " ".join(proc.stderr.split())
+
+
 def test_layer_outputs_come_from_the_exporters_scopes(compiled):
     r = compiled("div_llm", part="llm", prefill_len=64, max_context=96)
     names = layer_outputs(r.folder / "llm_prefill.onnx", "stack.layers.")
