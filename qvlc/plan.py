@@ -58,5 +58,5 @@ def check(cfg: Config) -> Plan:
         folder = Path(cfg.model.checkpoint).expanduser()
     family, dims = inspect_checkpoint(folder)
     check_against_model(cfg, dims, family)
-    check_weight_shapes(folder, family, read_config_json(folder))
+    check_weight_shapes(folder, family, read_config_json(folder), vision_only=cfg.part == "visual")
     return Plan(cfg, folder, family, dims)

@@ -102,9 +102,10 @@ def _header(path: Path) -> dict:
     return {k: t for k, t in header.items() if k != "__metadata__"}
 
 
-def check_weight_shapes(folder: Path, family: "Family", config: dict) -> None:
+def check_weight_shapes(folder: Path, family: "Family", config: dict, vision_only: bool = False) -> None:
     """Every weight file complete, and every tensor the model needs present with its shape (read from the
-    safetensors headers and a meta-device model: no weight is read)."""
+    safetensors headers and a meta-device model: no weight is read). ``vision_only``: only the vision tower's
+    tensors, all a visual compile reads (a checkpoint of the tower alone compiles its visual part)."""
     import torch
 
     found: dict[str, list[int]] = {}
@@ -114,6 +115,8 @@ def check_weight_shapes(folder: Path, family: "Family", config: dict) -> None:
         model = family.hf_class("model")(family.hf_class("config")(**config))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, p in model.state_dict().items():
+        if vision_only and not name.startswith("model.visual."):
+            continue
         names = [name, released_name(name)]
         have = next((found[n] for n in names if n in found), None)
         if have is None:

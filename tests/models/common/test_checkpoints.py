@@ -61,3 +61,20 @@ def test_tiny_vision_attention_is_sharp_enough_to_expose_a_rotary_bug(monkeypatc
         monkeypatch.setattr(hf, "apply_rotary_pos_emb_vision", lambda q, k, cos, sin: (q, k))
         bad = vis(x, grid_thw=grid)
     assert float((ref - bad).norm() / ref.norm()) > 3e-2
+
+
+def test_a_checkpoint_of_the_tower_alone_compiles_its_visual_part_only(tmp_path):
+    """A visual compile checks (and reads) only the vision tower's tensors; the LLM part of the same checkpoint is
+    refused before loading, naming a missing text tensor."""
+    import pytest
+
+    from qvlc.config import config_from_dict
+    from qvlc.errors import CheckpointError
+    from qvlc.plan import check
+
+    folder = write_random_checkpoint_streaming(shipped_config("tiny"), tmp_path / "tower", seed=1, vision_only=True)
+    plan = check(config_from_dict({"name": "v", "part": "visual", "model": {"checkpoint": str(folder)}}))
+    assert plan.cfg.part == "visual"
+    with pytest.raises(CheckpointError) as info:
+        check(config_from_dict({"name": "l", "part": "llm", "model": {"checkpoint": str(folder)}}))
+    assert "has no tensor 'model." in str(info.value)
