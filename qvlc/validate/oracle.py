@@ -22,7 +22,7 @@ import torch
 
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
-from qvlc.models.common.lazy import lazy_text_model
+from qvlc.models.common.lazy import lazy_text_model, materialize, read_float
 from qvlc.validate.ranges import LINEAR, LINEAR_IN, RangeRecorder, remove
 
 LAYERS = "model.language_model.layers"  # transformers' module names, as the range report gives them
@@ -99,30 +99,29 @@ def positions(model: torch.nn.Module, family: Family, seq: OracleInput) -> tuple
     return torch.cat([pos, tail.view(1, 1, -1).expand(3, 1, -1)], dim=2), delta
 
 
-class StreamedOracle:
+class _Oracle:
+    """``run(sequences, ranges)``: the oracle's pass, with the fp16 range recorder on when one is given."""
+
+    @torch.no_grad()
+    def run(self, seqs: list[OracleInput], ranges: RangeRecorder | None = None) -> list[OracleOutput]:
+        """``ranges``: record every layer's magnitudes on the way (qvlc.validate.ranges)."""
+        ranges = ranges or RangeRecorder(enabled=False)
+        with ranges.recording():
+            return self._run(seqs, ranges)
+
+    def _run(self, seqs: list[OracleInput], ranges: RangeRecorder) -> list[OracleOutput]:
+        raise NotImplementedError
+
+
+class StreamedOracle(_Oracle):
     """One decoder layer in memory at a time (see the module docstring)."""
 
     def __init__(self, family: Family, folder: Path, dims: ModelDims) -> None:
         self.shell, self.dims = _Shell(family, folder), dims
         self.text, self.head = lazy_text_model(folder)
 
-    def _read(self, tree, name: str) -> torch.Tensor:
-        node = tree
-        for part in name.split("."):
-            node = getattr(node, part)
-        return node.narrow(0, 0, node.shape[0]).float()
-
-    def _module(self, cls, *args, tree) -> torch.nn.Module:
-        with torch.device("meta"):
-            module = cls(*args)
-        module = module.to_empty(device="cpu").eval()
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                p.copy_(self._read(tree, name))
-        return module
-
     def _embed(self, seqs: list[OracleInput]) -> list[torch.Tensor]:
-        table = self._read(self.text, "embed_tokens.weight")
+        table = read_float(self.text, "embed_tokens.weight")
         out = []
         for seq in seqs:
             h = table[torch.from_numpy(seq.ids)].clone()
@@ -133,20 +132,13 @@ class StreamedOracle:
         del table
         return out
 
-    @torch.no_grad()
-    def run(self, seqs: list[OracleInput], ranges: RangeRecorder | None = None) -> list[OracleOutput]:
-        """``ranges``: record every layer's magnitudes on the way (qvlc.validate.ranges)."""
-        ranges = ranges or RangeRecorder(enabled=False)
-        with ranges.recording():
-            return self._run(seqs, ranges)
-
     def _run(self, seqs: list[OracleInput], ranges: RangeRecorder) -> list[OracleOutput]:
         pos = [self.shell.positions(s) for s in seqs]
         hidden = self._embed(seqs)
         rope = [self.shell.rotary(h, p) for h, (p, _) in zip(hidden, pos)]
         kv: list[list[np.ndarray]] = [[] for _ in seqs]
         for i in range(self.dims.text.layers):
-            layer = self._module(self.shell.layer_cls, self.shell.text_config, i, tree=self.text.layers[i])
+            layer = materialize(self.shell.layer_cls, self.shell.text_config, i, tree=self.text.layers[i])
             for j, h in enumerate(hidden):
                 rec = _Recorder()
                 t = h.shape[1]
@@ -156,7 +148,7 @@ class StreamedOracle:
                 remove(handles)
                 kv[j].append(np.stack([x[0].numpy() for x in rec.kv]))
             del layer
-        norm = self._module(self.shell.norm_cls, self.dims.text.hidden, self.dims.text.rms_eps, tree=self.text.norm)
+        norm = materialize(self.shell.norm_cls, self.dims.text.hidden, self.dims.text.rms_eps, tree=self.text.norm)
         last = [norm(h[0, s.prompt_len - 1:]) for h, s in zip(hidden, seqs)]
         for x, s in zip(last, seqs):
             ranges.observe("lm_head", LINEAR_IN, x, [(s.name, 0, 1)], whole=True)
@@ -171,18 +163,12 @@ class StreamedOracle:
         return [OracleOutput(lg, np.stack(k), d) for lg, k, (_, d) in zip(logits, kv, pos)]
 
 
-class InMemoryOracle:
+class InMemoryOracle(_Oracle):
     """The whole transformers model (already loaded), on each sequence in turn: for small models, and as the
     reference the streamed oracle is tested against."""
 
     def __init__(self, family: Family, model: torch.nn.Module, dims: ModelDims) -> None:
         self.family, self.model, self.dims = family, model, dims
-
-    @torch.no_grad()
-    def run(self, seqs: list[OracleInput], ranges: RangeRecorder | None = None) -> list[OracleOutput]:
-        ranges = ranges or RangeRecorder(enabled=False)
-        with ranges.recording():
-            return self._run(seqs, ranges)
 
     def _run(self, seqs: list[OracleInput], ranges: RangeRecorder) -> list[OracleOutput]:
         embed = self.model.model.language_model.embed_tokens

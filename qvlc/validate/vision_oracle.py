@@ -8,7 +8,6 @@ parts around the blocks (patch embedding, merger: a few MB) are loaded whole; th
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from torch import nn
 
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
-from qvlc.models.common.lazy import Tree, lazy_vision_tower
+from qvlc.models.common.lazy import Tree, fill, lazy_vision_tower, materialize
 from qvlc.validate.ranges import RangeRecorder, Segments, remove
 
 VISUAL = "model.visual"  # transformers' module names, as the range report gives them
@@ -36,21 +35,6 @@ def hook_tower(tower: nn.Module, ranges: RangeRecorder, segments: Segments, merg
     return handles
 
 
-def _read(tree, name: str) -> torch.Tensor:
-    node = tree
-    for part in name.split("."):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    return node.narrow(0, 0, node.shape[0]).float()
-
-
-def _fill(module: nn.Module, tree, skip: str | None = None) -> nn.Module:
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if skip is None or not name.startswith(skip):
-                p.copy_(_read(tree, name))
-    return module
-
-
 class _StreamedBlock(nn.Module):
     """Stands in for block ``i``: builds it (meta → CPU), reads its weights, runs it, lets it go."""
 
@@ -58,15 +42,13 @@ class _StreamedBlock(nn.Module):
         super().__init__()
         self.cls, self.config, self.tree, self.index = cls, config, tree, index
         self.loads = 0
-        self.ranges: tuple[RangeRecorder, Segments] | None = None  # set for a recorded run
+        self.ranges: tuple[RangeRecorder, Segments] = (RangeRecorder(enabled=False), [])  # set by each run
 
     def forward(self, *args, **kwargs):
-        with torch.device("meta"):
-            block = self.cls(self.config)
-        block = _fill(block.to_empty(device="cpu").eval(), self.tree)
+        block = materialize(self.cls, self.config, tree=self.tree)
         self.loads += 1
-        handles = [] if self.ranges is None else self.ranges[0].hook(block, f"{VISUAL}.blocks.{self.index}",
-                                                                     self.ranges[1], packed=True)
+        recorder, segments = self.ranges
+        handles = recorder.hook(block, f"{VISUAL}.blocks.{self.index}", segments, packed=True)
         out = block(*args, **kwargs)
         remove(handles)
         del block
@@ -82,7 +64,7 @@ class StreamedVisionOracle:
         tree = lazy_vision_tower(folder)
         block_cls = type(tower.blocks[0])
         tower.blocks = nn.ModuleList()  # no block is ever materialised here
-        tower = _fill(tower.to_empty(device="cpu").eval(), tree)
+        tower = fill(tower.to_empty(device="cpu").eval(), tree)
         tower.rotary_pos_emb = type(tower.rotary_pos_emb)(dims.vision.head_dim // 2)  # its inv_freq, computed
         tower.blocks = nn.ModuleList(_StreamedBlock(block_cls, config, tree.blocks[i], i)
                                     for i in range(dims.vision.depth))
@@ -97,17 +79,14 @@ class StreamedVisionOracle:
         grids = torch.from_numpy(np.concatenate([g for _, g in cases]).astype(np.int64))
         ends = np.cumsum([len(p) for p, _ in cases])
         segments = [(n, int(b - len(p)), int(b)) for n, (p, _), b in zip(names or [""] * len(cases), cases, ends)]
-        handles = []
-        if ranges is not None:
-            handles = hook_tower(self.tower, ranges, segments, self.merge_unit, blocks=False)
-            for block in self.tower.blocks:
-                block.ranges = (ranges, segments)
+        ranges = ranges or RangeRecorder(attn_name="attn", enabled=False)
+        handles = hook_tower(self.tower, ranges, segments, self.merge_unit, blocks=False)
+        for block in self.tower.blocks:
+            block.ranges = (ranges, segments)
         try:
-            with ranges.recording() if ranges is not None else contextlib.nullcontext():
+            with ranges.recording():
                 out = self.tower(pixels, grid_thw=grids).numpy()
         finally:
             remove(handles)
-            for block in self.tower.blocks:
-                block.ranges = None
         sizes = [len(p) // self.merge_unit for p, _ in cases]
         return np.split(out, np.cumsum(sizes)[:-1])

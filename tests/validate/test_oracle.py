@@ -47,8 +47,11 @@ def test_streamed_oracle_reads_each_layer_once(tiny, monkeypatch):
     fam, folder, dims, _ = tiny
     oracle = StreamedOracle(fam, folder, dims)
     reads: list[str] = []
-    real = oracle._module
-    monkeypatch.setattr(oracle, "_module", lambda cls, *a, tree: (reads.append(cls.__name__), real(cls, *a, tree=tree))[1])
+    import qvlc.validate.oracle as oracle_module
+
+    real = oracle_module.materialize
+    monkeypatch.setattr(oracle_module, "materialize",
+                        lambda cls, *a, tree: (reads.append(cls.__name__), real(cls, *a, tree=tree))[1])
     oracle.run(sequences(dims) * 3)  # three times as many sequences: still one read per layer
     assert reads.count(oracle.shell.layer_cls.__name__) == dims.text.layers
 

@@ -214,7 +214,7 @@ def load_vision_tower(folder: Path, family: "Family | None" = None, dims: "Model
                 else:
                     with torch.no_grad():
                         target.copy_(f.get_tensor(key))
-    missing = [k for k in targets if not k.endswith("inv_freq")]  # the rotary buffer is computed, not stored
+    missing = list(targets)  # state_dict holds no rotary inv_freq: transformers registers it non-persistent
     if missing or unexpected:
         raise CheckpointError(f"{folder}: vision weights do not match the config (missing {missing[:3]}, "
                               f"unexpected or mis-shaped {unexpected[:3]})", fix="use the checkpoint's own config.json",

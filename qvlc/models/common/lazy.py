@@ -111,3 +111,27 @@ def lazy_vision_tower(folder: Path) -> Tree:
             if name.startswith(prefix):
                 tree._insert(name[len(prefix):].split("."), LazyTensor(folder, file, name))
     return tree
+
+
+def read_float(tree, name: str) -> torch.Tensor:
+    """The whole tensor at dotted ``name`` under ``tree`` (``layers.0.mlp.up_proj.weight``), read as fp32."""
+    node = tree
+    for part in name.split("."):
+        node = getattr(node, part)
+    return node.narrow(0, 0, node.shape[0]).float()
+
+
+def fill(module: torch.nn.Module, tree) -> torch.nn.Module:
+    """Copy every parameter of ``module`` (allocated, e.g. by ``to_empty``) from the same name under ``tree``."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(read_float(tree, name))
+    return module
+
+
+def materialize(cls, *args, tree) -> torch.nn.Module:
+    """``cls(*args)`` built on the meta device (no memory, no init), then given the weights under ``tree`` in
+    fp32: a transformers module with a checkpoint's weights, one at a time (the streamed oracles)."""
+    with torch.device("meta"):
+        module = cls(*args)
+    return fill(module.to_empty(device="cpu").eval(), tree)
