@@ -20,7 +20,7 @@ from qvlc.config_parse import AUTO, HIDDEN_FIELDS, build
 from qvlc.config_vamc import from_vamc
 from qvlc.errors import ConfigError
 from qvlc.models import TINY
-from qvlc.precision import Precision
+from qvlc.precision import Precision, Runtime
 
 
 class Part(str, Enum):
@@ -70,6 +70,8 @@ class ValidateConfig:
     oracle: OracleKind = OracleKind.STREAMED  # how the fp32 oracle holds its weights
     decode_steps: int = 8  # decode steps carried through the KV cache per case
     generate_tokens: int = 16  # greedy tokens compared with transformers generate
+    # the runtimes the graphs run on; onnxruntime drives generation, tvm runs the same cases (pip install qvlc[tvm])
+    runtimes: tuple[Runtime, ...] = (Runtime.ONNXRUNTIME,)
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, tuple):
-        return AUTO if value == (AUTO,) else list(value)
+        return AUTO if value == (AUTO,) else [_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
@@ -236,9 +238,25 @@ def check_values(cfg: Config) -> None:
         if e.tp != 1:
             raise ConfigError(f"tp {e.tp} given for the visual part, which is never split across ranks",
                               fix="remove export.tp from the visual config (or set it to 1)", key="export.tp")
+    _runtimes(cfg.validate.runtimes)
     if e.fp32_layers and e.dtype != Precision.FP16:
         raise ConfigError(f"fp32_layers keeps modules in fp32 inside an fp16 graph; this compile is {e.dtype}",
                           fix="remove export.fp32_layers, or set export.dtype: fp16", key="export.fp32_layers")
+
+
+def _runtimes(runtimes: tuple[Runtime, ...]) -> None:
+    key = "validate.runtimes"
+    if Runtime.ONNXRUNTIME not in runtimes:
+        raise ConfigError("onnxruntime is missing: it runs every case first and chooses the greedy tokens the other "
+                          "runtimes are fed", fix=f"write {key}: [onnxruntime, {', '.join(map(str, runtimes))}]",
+                          key=key)
+    if len(set(runtimes)) != len(runtimes):
+        raise ConfigError(f"a runtime is listed twice: {[str(r) for r in runtimes]}",
+                          fix=f"list each runtime once, e.g. {key}: [onnxruntime, tvm]", key=key)
+    for runtime in runtimes:
+        if not runtime.installed:
+            raise ConfigError(f"{runtime} is listed but not installed", fix=f"{runtime.install_hint}, or remove "
+                              f"{runtime} from {key}", key=key)
 
 
 def _positive(value: int, key: str) -> None:

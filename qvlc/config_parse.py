@@ -8,7 +8,7 @@ import difflib
 from dataclasses import fields, is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 from qvlc.errors import ConfigError
 
@@ -40,6 +40,14 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"expected an integer, got {value!r}", fix=f"write {key} as a whole number", key=key)
         return value
+    if get_origin(typ) is tuple and isinstance(get_args(typ)[0], type) and issubclass(get_args(typ)[0], Enum):
+        member = get_args(typ)[0]  # a list of enum values, e.g. validate.runtimes: [onnxruntime, tvm]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"expected a non-empty list, got {value!r}",
+                              fix=f"write {key}: [{', '.join(m.value for m in member)}]", key=key)
+        return tuple(_coerce(v, member, key) for v in value)
     if typ == tuple[str, ...]:  # a list of strings; the single word auto is ("auto",)
         if value == AUTO:
             return (AUTO,)

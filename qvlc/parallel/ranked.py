@@ -15,6 +15,7 @@ import onnx
 import onnx.utils
 
 from qvlc.parallel.allreduce import DOMAIN, OP_TYPE, register_onnx_schema
+from qvlc.precision import Runtime
 from qvlc.runtime.sessions import open_session
 
 
@@ -60,13 +61,13 @@ def split_at_allreduce(path: Path) -> tuple[list[onnx.ModelProto], list[str]]:
 class RankedGraph:
     """One graph (prefill or decode) over all tensor-parallel ranks, with AllReduce run as a sum."""
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], runtime: Runtime = Runtime.ONNXRUNTIME) -> None:
         self.paths = paths
-        self.segments: list[list] = []  # [rank][segment]: ONNX Runtime sessions
+        self.segments: list[list] = []  # [rank][segment]: sessions (ONNX Runtime's or TVM's)
         reduce_names = []
         for p in paths:
             segments, names = split_at_allreduce(p)
-            self.segments.append([open_session(seg.SerializeToString(), p.parent) for seg in segments])
+            self.segments.append([open_session(seg.SerializeToString(), p.parent, runtime) for seg in segments])
             reduce_names.append(names)
         if any(n != reduce_names[0] for n in reduce_names):
             raise ValueError(f"rank graphs {[str(p) for p in paths]} have different reduction points")

@@ -18,6 +18,7 @@ from qvlc.models import family as family_of
 from qvlc.models.common.dims import TokenIds
 from qvlc.models.common.family import Family
 from qvlc.parallel.ranked import RankedGraph
+from qvlc.precision import Runtime
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,13 @@ class LlmRuntime:
     """Prefill + decode loop with a host-managed KV cache, over one or several ranks."""
 
     def __init__(self, folder: Path, spec: LlmSpec | None = None, family: Family | None = None,
-                 merge_size: int = 2, tokens_per_second: int = 0, graphs: tuple | None = None) -> None:
+                 merge_size: int = 2, tokens_per_second: int = 0, graphs: tuple | None = None,
+                 runtime: Runtime = Runtime.ONNXRUNTIME) -> None:
         """``spec``/``family`` default to the artifact manifest's; ``merge_size`` and ``tokens_per_second`` are the
         vision tower's (they shape M-RoPE positions of images and videos). ``graphs`` replaces the ONNX graphs by
         other runners with the same ``run(feeds per rank)`` (validation drives the unsplit torch deployment
-        module this way)."""
-        self.folder = Path(folder)
+        module this way); ``runtime`` runs the graphs on ONNX Runtime (the default) or TVM."""
+        self.folder, self.runtime = Path(folder), runtime
         if spec is None or family is None:
             m = read_part_manifest(self.folder, "llm")
             spec, family = spec or m.llm, family or family_of(m.family)
@@ -93,7 +95,7 @@ class LlmRuntime:
     # -- graphs: opened on first use; the prefill graph can be released once every prompt is prefilled --------
     def _graph(self, name: str):
         if name not in self._graphs:
-            self._graphs[name] = RankedGraph([d / name for d in rank_dirs(self.folder, self.spec.tp)])
+            self._graphs[name] = RankedGraph([d / name for d in rank_dirs(self.folder, self.spec.tp)], self.runtime)
         return self._graphs[name]
 
     @property

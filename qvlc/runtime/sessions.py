@@ -1,10 +1,12 @@
-"""ONNX Runtime sessions for qvlc graphs, with the CPU options chosen by measurement."""
+"""Sessions for qvlc graphs: ONNX Runtime with the CPU options chosen by measurement, or TVM (``validate.runtimes``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import onnxruntime as ort
+
+from qvlc.precision import Runtime
 
 
 def session_options(weights_dir: Path | None = None) -> ort.SessionOptions:
@@ -37,7 +39,13 @@ def session_options(weights_dir: Path | None = None) -> ort.SessionOptions:
     return so
 
 
-def open_session(model: str | bytes | Path, weights_dir: Path | None = None) -> ort.InferenceSession:
-    """A CPU session on a graph file (or serialized graph whose external weights live in ``weights_dir``)."""
+def open_session(model: str | bytes | Path, weights_dir: Path | None = None,
+                 runtime: Runtime = Runtime.ONNXRUNTIME):
+    """A CPU session on a graph file (or serialized graph whose external weights live in ``weights_dir``): ONNX
+    Runtime's, or TVM's behind the same ``run``/``get_inputs``/``get_outputs`` (``qvlc.runtime.tvm_session``)."""
+    if runtime == Runtime.TVM:
+        from qvlc.runtime.tvm_session import TvmSession
+
+        return TvmSession(model, weights_dir)
     return ort.InferenceSession(str(model) if isinstance(model, Path) else model, session_options(weights_dir),
                                 providers=["CPUExecutionProvider"])

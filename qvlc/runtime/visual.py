@@ -19,27 +19,34 @@ from qvlc.host.preprocess import ImageLike, PreprocessConfig, images_to_patches
 from qvlc.host.vision import fit_grids
 from qvlc.models import family as family_of
 from qvlc.models.common.family import Family, VisionFeeds
+from qvlc.precision import Runtime
 from qvlc.runtime.sessions import open_session
 
 
 class VisualRuntime:
-    """visual.onnx in ONNX Runtime, with the family's host-side inputs."""
+    """visual.onnx in ONNX Runtime (or TVM: ``runtime``), with the family's host-side inputs."""
 
-    def __init__(self, folder: Path, spec: VisualSpec | None = None, family: Family | None = None) -> None:
+    def __init__(self, folder: Path, spec: VisualSpec | None = None, family: Family | None = None,
+                 runtime: Runtime = Runtime.ONNXRUNTIME) -> None:
         self.folder = Path(folder)
         if spec is None or family is None:
             m = read_part_manifest(self.folder, "visual")
             spec, family = spec or m.visual, family or family_of(m.family)
         self.spec, self.family = spec, family
         self.preprocess = PreprocessConfig.from_json((self.folder / PREPROCESS).read_text())
-        self.session = open_session(self.folder / VISUAL)
+        self.session = open_session(self.folder / VISUAL, runtime=runtime)
 
     def feeds(self, pixel_values: np.ndarray, grids: npt.ArrayLike) -> VisionFeeds:
         """The graph inputs for real patches ``pixel_values`` [n, patch_dim] with ``grids`` (t, h, w) rows.
 
         Raises QvlcError when the patches exceed N or do not match the grids.
         """
-        return self.family.vision_feeds(self.spec, np.asarray(pixel_values), fit_grids(grids, self.spec.max_patches))
+        return self.feeds_for(self.spec, self.family, pixel_values, grids)
+
+    @staticmethod
+    def feeds_for(spec: VisualSpec, family: Family, pixel_values: np.ndarray, grids: npt.ArrayLike) -> VisionFeeds:
+        """``feeds`` without a session."""
+        return family.vision_feeds(spec, np.asarray(pixel_values), fit_grids(grids, spec.max_patches))
 
     def run_graph(self, feeds: VisionFeeds) -> dict[str, np.ndarray]:
         """One graph call; every output by name (all N / merge_unit rows, padding included, in graph order)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from qvlc.precision import Runtime
 from qvlc.runtime.sessions import open_session
 from qvlc.validate.metrics import ParityReport, compare, passes
 from qvlc.validate.ranges import RESIDUAL, RangeRecorder
@@ -39,12 +40,13 @@ def layer_outputs(path: Path, prefix: str) -> list[str]:
     return [last[i] for i in sorted(last)]
 
 
-def run_debug_copy(path: Path, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a copy of the graph at ``path`` with ``names`` as extra outputs; returns those values."""
+def run_debug_copy(path: Path, names: list[str], feeds: dict[str, np.ndarray],
+                   runtime: Runtime = Runtime.ONNXRUNTIME) -> list[np.ndarray]:
+    """Run a copy of the graph at ``path`` with ``names`` as extra outputs on ``runtime``; returns those values."""
     model = onnx.load(str(path), load_external_data=False)
     for name in names:
         model.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = open_session(model.SerializeToString(), path.parent)
+    session = open_session(model.SerializeToString(), path.parent, runtime)
     return session.run(names, feeds)
 
 
@@ -55,15 +57,19 @@ def first_divergent(report: ParityReport, graph_layers: list[np.ndarray], oracle
     for name, got, ref in zip(names, graph_layers, oracle_layers):
         m = compare(ref, got.astype(np.float32))
         if not passes(m, tol):
-            report.divergence = {"case": case, "module": name, "max_abs": m["max_abs"], "rel_l2": m["rel_l2"],
+            report.divergence = {"case": case, "runtime": str(report.runtime), "module": name, "max_abs": m["max_abs"], "rel_l2": m["rel_l2"],
                                  "cosine": m["cosine"], "layers_checked": len(names)}
-            report.notes.append(f"first divergent layer: {name} on {case} (max abs {m['max_abs']:.3e}, rel L2 "
+            report.notes.append(f"first divergent layer{_on(report)}: {name} on {case} (max abs {m['max_abs']:.3e}, rel L2 "
                                 f"{m['rel_l2']:.3e}, cosine {m['cosine']:.7f}); every layer before it agrees with "
                                 "the oracle")
             return
-    report.divergence = {"case": case, "module": None, "layers_checked": len(names)}
-    report.notes.append(f"first divergent layer: none — all {len(names)} layers of {case} agree with the oracle "
+    report.divergence = {"case": case, "runtime": str(report.runtime), "module": None, "layers_checked": len(names)}
+    report.notes.append(f"first divergent layer{_on(report)}: none — all {len(names)} layers of {case} agree with the oracle "
                         "within tolerance; the divergence is after them (final norm, head, or the decode steps)")
+
+
+def _on(report: ParityReport) -> str:
+    return "" if report.runtime == Runtime.ONNXRUNTIME else f" on {report.runtime}"
 
 
 class LayerCapture(RangeRecorder):
@@ -88,12 +94,13 @@ class LayerCapture(RangeRecorder):
 def diagnose(report: ParityReport, path: Path, part: str, feeds: dict[str, np.ndarray], rows: np.ndarray,
              capture: LayerCapture, case: str) -> None:
     """Run the debug copy of ``path`` on ``feeds``, take ``rows`` of each layer output (the case's real rows, in
-    the oracle's order), and compare with what ``capture`` kept from the oracle's run of the same case."""
+    the oracle's order), and compare with what ``capture`` kept from the oracle's run of the same case. The debug
+    copy runs on the runtime being recorded (``report.runtime``): the one whose check failed."""
     names = layer_outputs(path, SCOPES[part])
     modules = sorted(capture.outputs, key=lambda m: int(m.rsplit(".", 1)[1]))
     if not names or len(names) != len(modules):
         report.notes.append(f"first divergent layer: not found ({len(names)} layer outputs in the graph's "
                             f"metadata, {len(modules)} layers in the oracle)")
         return
-    got = [v.reshape(-1, v.shape[-1])[rows] for v in run_debug_copy(path, names, feeds)]
+    got = [v.reshape(-1, v.shape[-1])[rows] for v in run_debug_copy(path, names, feeds, report.runtime)]
     first_divergent(report, got, [capture.outputs[m] for m in modules], modules, case)

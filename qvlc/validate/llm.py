@@ -34,6 +34,7 @@ from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.models.common.lazy import lazy_text_model
 from qvlc.models.common.tp import RankLayout, rank_layout
 from qvlc.plan import Plan
+from qvlc.precision import Runtime
 from qvlc.runtime.llm import LlmRuntime, Window
 from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
@@ -75,11 +76,12 @@ class TorchGraph:
         return [{n: o.numpy() for n, o in zip(self.output_names, outs)}]
 
 
-def llm_runtime(plan: Plan, folder: Path, graphs: tuple | None = None) -> LlmRuntime:
+def llm_runtime(plan: Plan, folder: Path, graphs: tuple | None = None,
+                runtime: Runtime = Runtime.ONNXRUNTIME) -> LlmRuntime:
     spec, v = plan.llm_spec, plan.dims.vision
     if graphs is not None:
         spec = replace(spec, tp=1, kv_heads_per_rank=plan.dims.text.kv_heads)
-    return LlmRuntime(folder, spec, plan.family, v.merge_size, v.tokens_per_second, graphs)
+    return LlmRuntime(folder, spec, plan.family, v.merge_size, v.tokens_per_second, graphs, runtime)
 
 
 def unsplit_runtime(plan: Plan, ck: LoadedCheckpoint | None, folder: Path) -> LlmRuntime:
@@ -113,9 +115,12 @@ def vision_rows(plan: Plan, ck: LoadedCheckpoint | None, cases: list[LlmCase]) -
     return [with_image_rows(c, got[c.name]) if c.name in got else c for c in cases]
 
 
-def run_graphs(plan: Plan, folder: Path, cases: list[LlmCase], steps: int, unsplit: LlmRuntime | None) -> list[GraphRun]:
-    """Phase 1: every prefill, then (prefill sessions released) every prompt's greedy decode."""
-    runtime, S = llm_runtime(plan, folder), plan.cfg.export.prefill_len
+def run_graphs(plan: Plan, folder: Path, cases: list[LlmCase], steps: int, unsplit: LlmRuntime | None,
+               on: Runtime = Runtime.ONNXRUNTIME, fed: list[GraphRun] | None = None) -> list[GraphRun]:
+    """Phase 1: every prefill, then (prefill sessions released) every prompt's greedy decode, on runtime ``on``.
+    With ``fed`` (another runtime's runs) each decode step is fed the token that run chose, so the oracle's
+    teacher-forced pass fits both; ``tokens`` still records this runtime's own argmax at every step."""
+    runtime, S = llm_runtime(plan, folder, runtime=on), plan.cfg.export.prefill_len
     runs, states = [], []
     for case in cases:
         w = runtime.prompt_window(case.ids, case.media)
@@ -130,7 +135,7 @@ def run_graphs(plan: Plan, folder: Path, cases: list[LlmCase], steps: int, unspl
             states.append((runtime.snapshot(), None))
         runs.append(run)
     runtime.release_prefill()
-    for run, (state, unsplit_state) in zip(runs, states):
+    for i, (run, (state, unsplit_state)) in enumerate(zip(runs, states)):
         runtime.restore(state)
         if unsplit is not None:
             unsplit.restore(unsplit_state)
@@ -139,6 +144,8 @@ def run_graphs(plan: Plan, folder: Path, cases: list[LlmCase], steps: int, unspl
             run.tokens.append(token)
             if step == steps:
                 break
+            if fed is not None:
+                token = fed[i].tokens[step]
             embed = runtime.embed.lookup(np.array([token]))[0]
             position = decode_position(S, step, run.window.delta)  # the host's rule
             outs = runtime.decode(embed, position)
@@ -188,6 +195,8 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     runs = run_graphs(plan, folder, cases, steps, unsplit)
     del unsplit
     gc.collect()
+    others = {rt: run_graphs(plan, folder, cases, steps, None, rt, runs) for rt in v.runtimes
+              if rt != Runtime.ONNXRUNTIME}  # the same cases and fed tokens; compared after the oracle
     oracle = InMemoryOracle(plan.family, ck.model, dims) if ck is not None else \
         StreamedOracle(plan.family, plan.checkpoint, dims)
     inputs = oracle_inputs(runs, dims.tokens.image, dims.tokens.video)
@@ -195,14 +204,21 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     ranges = RangeRecorder()
     refs = oracle.run(inputs, ranges)
     ranges.to_report(report, plan.islands)
-    for run, ref in zip(runs, refs):
-        compare_run(report, run, ref, layouts, spec.prefill_len, v.decode_steps, v.generate_tokens, spec.dtype)
+    for rt, rt_runs in {Runtime.ONNXRUNTIME: runs, **others}.items():
+        with report.using(rt):
+            for run, ref in zip(rt_runs, refs):
+                compare_run(report, run, ref, layouts, spec.prefill_len, v.decode_steps, v.generate_tokens,
+                            spec.dtype)
     report.notes.append(f"oracle: {type(oracle).__name__}; each prompt then {steps} greedy decode steps of the "
                         "graphs, the oracle teacher-forced on the tokens the graphs chose")
-    failed = next((c.case.split("/")[0] for c in report.checks if not c.passed and c.metrics), None)
-    run = next((r for r in runs if r.case.name == failed), None)
-    if run is not None:
-        diagnose_prefill(plan, folder, report, run, oracle)
+    if others:
+        report.notes.append(f"{', '.join(map(str, others))}: the same prompts; each decode step is fed the token "
+                            "ONNX Runtime chose, and its greedy check compares its own argmax at every step")
+    failed = next((c for c in report.checks if not c.passed and c.metrics), None)
+    if failed is not None:
+        run = next(r for r in runs if r.case.name == failed.case.split("/")[0])
+        with report.using(Runtime(failed.runtime)):
+            diagnose_prefill(plan, folder, report, run, oracle)
 
 
 def diagnose_prefill(plan: Plan, folder: Path, report: ParityReport, run: GraphRun, oracle) -> None:
@@ -235,7 +251,7 @@ def compare_run(report: ParityReport, run: GraphRun, ref: OracleOutput, layouts:
             report.add("decode vs tp=1", case, "logits", run.unsplit_logits[k], np.concatenate(run.logits[k]))
     expected = [int(np.argmax(x)) for x in ref.logits[:generate_tokens]]
     report.tokens.append(TokenCheck("prefill+decode", name, expected, run.tokens[:generate_tokens],
-                                    required=dtype == "fp32"))
+                                    required=dtype == "fp32", runtime=str(report.runtime)))
 
 
 def _compare_step(report: ParityReport, graph: str, case: str, logits: list[np.ndarray], kv: list[np.ndarray],

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from qvlc.contract import PARITY_JSON, PARITY_MD
-from qvlc.precision import Precision, Tolerance
+from qvlc.precision import Precision, Runtime, Tolerance
 
 
 def token_agreement(expected, got) -> int:
@@ -51,6 +52,7 @@ class Check:
     passed: bool
     metrics: dict[str, float] = field(default_factory=dict)
     problem: str = ""  # set for name/shape failures, where there are no values to compare
+    runtime: str = str(Runtime.ONNXRUNTIME)  # the runtime that ran the graph
 
 
 @dataclass
@@ -60,6 +62,7 @@ class TokenCheck:
     expected: list[int]
     got: list[int]
     required: bool  # fp32 must match token for token; fp16 only reports its agreement
+    runtime: str = str(Runtime.ONNXRUNTIME)
 
     @property
     def matched(self) -> int:
@@ -82,30 +85,47 @@ class ParityReport:
     range_peaks: dict[str, dict] = field(default_factory=dict)
     # when a value check failed: the first layer whose output leaves tolerance (qvlc.validate.divergence)
     divergence: dict | None = None
+    runtime: Runtime = Runtime.ONNXRUNTIME  # the runtime whose results add() and fail() are recording now
 
     @property
     def tolerance(self) -> Tolerance:
-        return Precision(self.dtype).tolerance
+        """The tolerance of the runtime being recorded."""
+        return Precision(self.dtype).tolerance_on(self.runtime)
+
+    @contextmanager
+    def using(self, runtime: Runtime):
+        """Record the checks made inside the block as ``runtime``'s, at its tolerance."""
+        before, self.runtime = self.runtime, Runtime(runtime)
+        try:
+            yield self
+        finally:
+            self.runtime = before
+
+    @property
+    def runtimes(self) -> list[str]:
+        """The runtimes that have checks, ONNX Runtime first."""
+        return list(dict.fromkeys([str(Runtime.ONNXRUNTIME), *(c.runtime for c in self.checks)]))
 
     def add(self, graph: str, case: str, output: str, ref: np.ndarray, out: np.ndarray) -> Check:
         """names → shapes → values: a shape mismatch is recorded as such, without value metrics."""
         ref, out = np.asarray(ref), np.asarray(out)
         if ref.shape != out.shape:
-            c = Check(graph, case, output, False, problem=f"shape {list(out.shape)} != expected {list(ref.shape)}")
+            c = Check(graph, case, output, False, problem=f"shape {list(out.shape)} != expected {list(ref.shape)}",
+                      runtime=str(self.runtime))
         else:
             m = compare(ref, out)
-            c = Check(graph, case, output, passes(m, self.tolerance), m)
+            c = Check(graph, case, output, passes(m, self.tolerance), m, runtime=str(self.runtime))
         self.checks.append(c)
         return c
 
     def fail(self, graph: str, case: str, output: str, problem: str) -> None:
-        self.checks.append(Check(graph, case, output, False, problem=problem))
+        self.checks.append(Check(graph, case, output, False, problem=problem, runtime=str(self.runtime)))
 
     @property
     def failures(self) -> list[str]:
-        out = [f"{c.graph}/{c.case}/{c.output}: {c.problem or _metric_line(c.metrics)}"
+        out = [f"{_on(c.runtime)}{c.graph}/{c.case}/{c.output}: {c.problem or _metric_line(c.metrics)}"
                for c in self.checks if not c.passed]
-        out += [f"{t.graph}/{t.case}: greedy tokens diverge at step {t.matched} of {len(t.expected)} "
+        out += [f"{_on(t.runtime)}{t.graph}/{t.case}: greedy tokens diverge at step {t.matched} of {len(t.expected)} "
                 f"(expected {t.expected}, got {t.got})" for t in self.tokens if not t.passed]
         if self.dtype == Precision.FP16:  # an fp16 graph computes inf/nan there, whatever ONNX Runtime shows
             out += [f"fp16 range/{h['case']}/{h['module']}: {h['kind']} reaches {h['max_abs']:.3g}, beyond fp16's "
@@ -123,35 +143,45 @@ class ParityReport:
         d = self.divergence
         if not d:
             return None
+        where = d["case"] + ("" if d.get("runtime", "onnxruntime") == str(Runtime.ONNXRUNTIME) else f" ({d['runtime']})")
         if d.get("module") is None:
-            return f"every one of the {d['layers_checked']} layers agrees on {d['case']}: the divergence is after them"
-        return (f"first divergent layer: {d['module']} on {d['case']} (rel L2 {d['rel_l2']:.3e}); every layer "
+            return f"every one of the {d['layers_checked']} layers agrees on {where}: the divergence is after them"
+        return (f"first divergent layer: {d['module']} on {where} (rel L2 {d['rel_l2']:.3e}); every layer "
                 "before it agrees with the oracle")
 
     def summary(self) -> dict:
+        """Totals, and the worst metrics per graph: ONNX Runtime's as ``worst_per_graph``, every runtime's under
+        ``runtimes``."""
+        per = {rt: self._runtime_summary(rt) for rt in self.runtimes}
+        return {
+            "passed": self.passed,
+            "checks": len(self.checks),
+            "failed": len(self.failures),
+            "worst_per_graph": per[str(Runtime.ONNXRUNTIME)]["worst_per_graph"],
+            "runtimes": per,
+            "tokens": [{"graph": t.graph, "case": t.case, "runtime": t.runtime, "matched": t.matched,
+                        "of": len(t.expected)} for t in self.tokens],
+        }
+
+    def _runtime_summary(self, runtime: str) -> dict:
         worst: dict[str, dict[str, float]] = {}
-        for c in self.checks:
+        checks = [c for c in self.checks if c.runtime == runtime]
+        for c in checks:
             if not c.metrics:
                 continue
             w = worst.setdefault(c.graph, {"max_abs": 0.0, "rel_l2": 0.0, "min_cosine": 1.0})
             w["max_abs"] = max(w["max_abs"], c.metrics["max_abs"])
             w["rel_l2"] = max(w["rel_l2"], c.metrics["rel_l2"])
             w["min_cosine"] = min(w["min_cosine"], c.metrics["cosine"])
-        return {
-            "passed": self.passed,
-            "checks": len(self.checks),
-            "failed": len(self.failures),
-            "worst_per_graph": worst,
-            "tokens": [{"graph": t.graph, "case": t.case, "matched": t.matched, "of": len(t.expected)}
-                       for t in self.tokens],
-        }
+        return {"checks": len(checks), "failed": sum(not c.passed for c in checks), "worst_per_graph": worst,
+                "tolerance": asdict(Precision(self.dtype).tolerance_on(Runtime(runtime)))}
 
     def to_dict(self) -> dict:
         return {
             "part": self.part,
             "dtype": str(self.dtype),
             "oracle": "transformers model, fp32, eager attention",
-            "tolerance": asdict(self.tolerance),
+            "tolerance": asdict(Precision(self.dtype).tolerance),  # ONNX Runtime's; every runtime's in summary
             "summary": self.summary(),
             "failures": self.failures,
             "checks": [asdict(c) for c in self.checks],
@@ -166,31 +196,38 @@ class ParityReport:
         (folder / PARITY_MD).write_text(self.to_markdown())
 
     def to_markdown(self) -> str:
-        t = self.tolerance
+        multi = len(self.runtimes) > 1  # a runtime column, and a tolerance line per runtime
+
+        def col(runtime: str) -> str:
+            return f" {runtime} |" if multi else ""
+
         lines = [
             f"# Parity report: {self.part} ({self.dtype})",
             "",
             f"Oracle: the unmodified transformers model in fp32. Result: **{'PASS' if self.passed else 'FAIL'}** "
             f"({len(self.checks)} checks, {len(self.failures)} failed).",
             "",
-            f"Tolerance ({self.dtype}): max_abs <= {t.atol:g} + {t.rtol:g}·max|ref|, rel_l2 <= {t.max_rel_l2:g}, "
-            f"cosine >= {t.min_cosine:g}.",
-            "",
-            "| graph | case | output | max abs | mean abs | rel L2 | cosine | result |",
-            "|---|---|---|---|---|---|---|---|",
         ]
+        for rt in self.runtimes:
+            t = Precision(self.dtype).tolerance_on(Runtime(rt))
+            lines.append(f"Tolerance ({self.dtype}{', ' + rt if multi else ''}): max_abs <= {t.atol:g} + "
+                         f"{t.rtol:g}·max|ref|, rel_l2 <= {t.max_rel_l2:g}, cosine >= {t.min_cosine:g}.")
+        lines += ["", "| graph | case | output |" + col("runtime") + " max abs | mean abs | rel L2 | cosine | result |",
+                  "|---|---|---|" + ("---|" if multi else "") + "---|---|---|---|---|"]
         for c in self.checks:
             if c.metrics:
                 m = c.metrics
-                lines.append(f"| {c.graph} | {c.case} | {c.output} | {m['max_abs']:.3e} | {m['mean_abs']:.3e} | "
-                             f"{m['rel_l2']:.3e} | {m['cosine']:.7f} | {'pass' if c.passed else 'FAIL'} |")
+                lines.append(f"| {c.graph} | {c.case} | {c.output} |{col(c.runtime)} {m['max_abs']:.3e} | "
+                             f"{m['mean_abs']:.3e} | {m['rel_l2']:.3e} | {m['cosine']:.7f} | "
+                             f"{'pass' if c.passed else 'FAIL'} |")
             else:
-                lines.append(f"| {c.graph} | {c.case} | {c.output} | | | | | FAIL: {c.problem} |")
+                lines.append(f"| {c.graph} | {c.case} | {c.output} |{col(c.runtime)} | | | | FAIL: {c.problem} |")
         if self.tokens:
-            lines += ["", "## Greedy generation", "", "| graph | case | matched | result |", "|---|---|---|---|"]
+            lines += ["", "## Greedy generation", "", "| graph | case |" + col("runtime") + " matched | result |",
+                      "|---|---|" + ("---|" if multi else "") + "---|---|"]
             for tk in self.tokens:
                 res = "pass" if tk.expected == tk.got else ("FAIL" if tk.required else "reported")
-                lines.append(f"| {tk.graph} | {tk.case} | {tk.matched}/{len(tk.expected)} | {res} |")
+                lines.append(f"| {tk.graph} | {tk.case} |{col(tk.runtime)} {tk.matched}/{len(tk.expected)} | {res} |")
         lines += self._ranges_markdown()
         if self.failures:
             lines += ["", "## Failures", ""] + [f"- {f}" for f in self.failures]
@@ -217,6 +254,11 @@ class ParityReport:
                   f"| {h['case'] if h['level'] != 'underflow' else h['underflow_case']} | "
                   f"{'fp32 island' if h.get('fp32') else 'fp16'} |" for h in self.hazards]
         return lines
+
+
+def _on(runtime: str) -> str:
+    """The prefix of a failure line: none for ONNX Runtime, ``[tvm] `` for another runtime."""
+    return "" if runtime == str(Runtime.ONNXRUNTIME) else f"[{runtime}] "
 
 
 def _metric_line(m: dict[str, float]) -> str:

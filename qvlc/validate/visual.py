@@ -29,6 +29,7 @@ from qvlc.contract import PREPROCESS, VisualSpec
 from qvlc.host.preprocess import PreprocessConfig, image_to_patches, video_to_patches
 from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.plan import Plan
+from qvlc.precision import Runtime
 from qvlc.runtime.visual import VisualRuntime
 from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
@@ -165,7 +166,6 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
     if not check_interface(report, graph, path, sig):
         report.notes.append("value checks skipped: the graph interface does not match the contract")
         return
-    runtime = VisualRuntime(stage, spec, plan.family)
     offsets = np.cumsum([0, *spec.chunk_widths])
     cases = build_cases(spec, PreprocessConfig.from_json((stage / PREPROCESS).read_text()), seed)
     ranges = RangeRecorder(attn_name="attn")
@@ -173,28 +173,42 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
     if ck is not None:
         report.notes.append("oracle: the loaded transformers vision tower")
     ranges.to_report(report, plan.islands)
-    for i, run in enumerate(pack_runs(cases, spec.max_patches)):
-        total = sum(c.patches for c in run)
+    calls = pack_runs(cases, spec.max_patches)
+    for i, run in enumerate(calls):
         report.notes.append(f"graph call {i}: " + ", ".join(f"{c.name} (grids {c.grids.tolist()})" for c in run) +
-                            f": {total} of {spec.max_patches} patches real")
-        feeds = runtime.feeds(np.concatenate([c.pixel_values for c in run]), np.concatenate([c.grids for c in run]))
-        outs = runtime.run_graph(feeds)
-        start = 0
-        for case in run:
-            rows = slice(start, start + case.patches // spec.merge_unit)
-            start = rows.stop
-            ref = refs[case.name]
-            got = runtime.embeddings(feeds, outs, rows).astype(np.float32)
-            for name, a, b in zip(spec.output_names, offsets[:-1], offsets[1:]):
-                report.add(GRAPH, case.name, name, ref[:, a:b], got[:, a:b])
-            report.add(GRAPH, case.name, "image_embeds", ref, got)
-        for name in spec.output_names:
-            if not np.isfinite(outs[name][feeds.tokens:]).all():
-                report.fail(GRAPH, f"call{i}", f"{name}[padding rows]", "non-finite values in the padding rows")
-    failed = next((c.case for c in report.checks if not c.passed and c.metrics), None)
-    case = next((c for c in cases if c.name == failed), None)
-    if case is not None:  # the first divergent block, on the first case that failed (run alone)
+                            f": {sum(c.patches for c in run)} of {spec.max_patches} patches real")
+    for rt in plan.cfg.validate.runtimes:  # one runtime's session alive at a time
+        runtime = VisualRuntime(stage, spec, plan.family, rt)
+        with report.using(rt):
+            for i, run in enumerate(calls):
+                check_call(report, runtime, run, refs, offsets, i)
+        del runtime
+    failed = next((c for c in report.checks if not c.passed and c.metrics), None)
+    case = next((c for c in cases if failed is not None and c.name == failed.case), None)
+    if case is not None:  # the first divergent block, on the first case that failed (run alone), on its runtime
         capture = LayerCapture(attn_name="attn")
         reference_embeddings(plan, ck, [case], capture)
-        feeds = runtime.feeds(case.pixel_values, case.grids)
-        diagnose(report, path, "visual", feeds.feeds, np.arange(case.patches), capture, case.name)
+        feeds = VisualRuntime.feeds_for(spec, plan.family, case.pixel_values, case.grids)
+        with report.using(Runtime(failed.runtime)):
+            diagnose(report, path, "visual", feeds.feeds, np.arange(case.patches), capture, case.name)
+
+
+def check_call(report: ParityReport, runtime: VisualRuntime, run: list[VisualCase], refs: dict[str, np.ndarray],
+               offsets: np.ndarray, i: int) -> None:
+    """One graph call holding the cases of ``run``: each case's rows against the oracle, per chunk and whole, and
+    the padding rows finite."""
+    spec = runtime.spec
+    feeds = runtime.feeds(np.concatenate([c.pixel_values for c in run]), np.concatenate([c.grids for c in run]))
+    outs = runtime.run_graph(feeds)
+    start = 0
+    for case in run:
+        rows = slice(start, start + case.patches // spec.merge_unit)
+        start = rows.stop
+        ref = refs[case.name]
+        got = runtime.embeddings(feeds, outs, rows).astype(np.float32)
+        for name, a, b in zip(spec.output_names, offsets[:-1], offsets[1:]):
+            report.add(GRAPH, case.name, name, ref[:, a:b], got[:, a:b])
+        report.add(GRAPH, case.name, "image_embeds", ref, got)
+    for name in spec.output_names:
+        if not np.isfinite(outs[name][feeds.tokens:]).all():
+            report.fail(GRAPH, f"call{i}", f"{name}[padding rows]", "non-finite values in the padding rows")
