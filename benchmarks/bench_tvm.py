@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import queue as queue_module
 import resource
 import statistics
 import time
@@ -89,7 +90,7 @@ def _spawn(target, *args) -> dict:
         try:
             res = queue.get(timeout=5)
             break
-        except Exception:  # queue.Empty: is the child still running?
+        except queue_module.Empty:  # is the child still running?
             if not proc.is_alive():
                 raise SystemExit(f"{target.__name__}{args[1:2]} failed (exit code {proc.exitcode}); see above")
     proc.join()
@@ -102,7 +103,7 @@ def _agreement(a, b) -> str:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     rel = np.linalg.norm(a - b) / np.linalg.norm(a)
     cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
-    return f"rel L2 {rel:.3e}, cosine {cos:.6f}"
+    return f"max abs {np.abs(a - b).max():.3e} (max |onnxruntime| {np.abs(a).max():.3g}), rel L2 {rel:.3e}, cosine {cos:.6f}"
 
 
 def main() -> None:

@@ -134,13 +134,17 @@ def compile(
 
 
 @app.command()
-def validate(artifact: Path = typer.Argument(..., help="An artifact folder written by `qvlc compile`.")) -> None:
+def validate(
+    artifact: Path = typer.Argument(..., help="An artifact folder written by `qvlc compile`."),
+    runtime: list[str] = typer.Option([], "--runtime", help="Also run the cases on this runtime (tvm), beside "
+                                      "onnxruntime; repeatable. Default: the runtimes the artifact was compiled with."),
+) -> None:
     """Re-run the parity check of an existing artifact against its source checkpoint."""
     _quiet_libraries()
     from qvlc.pipeline import validate_artifact
 
     with command(f"the validation of {artifact}"):
-        parity = validate_artifact(artifact, progress=RichProgress())
+        parity = validate_artifact(artifact, progress=RichProgress(), runtimes=tuple(runtime) or None)
     console.print(parity_table(parity))
     if not parity.passed:
         for f in parity.failures:

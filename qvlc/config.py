@@ -72,6 +72,8 @@ class ValidateConfig:
     generate_tokens: int = 16  # greedy tokens compared with transformers generate
     # the runtimes the graphs run on; onnxruntime drives generation, tvm runs the same cases (pip install qvlc[tvm])
     runtimes: tuple[Runtime, ...] = (Runtime.ONNXRUNTIME,)
+    # how many cases (LLM prompts, visual graph calls) the runtimes after onnxruntime run; 0 = every case
+    runtime_cases: int = 0
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,9 @@ def check_values(cfg: Config) -> None:
             raise ConfigError(f"tp {e.tp} given for the visual part, which is never split across ranks",
                               fix="remove export.tp from the visual config (or set it to 1)", key="export.tp")
     _runtimes(cfg.validate.runtimes)
+    if cfg.validate.runtime_cases < 0:
+        raise ConfigError(f"must be 0 (every case) or more, got {cfg.validate.runtime_cases}",
+                          fix="set validate.runtime_cases to 0 or a positive count", key="validate.runtime_cases")
     if e.fp32_layers and e.dtype != Precision.FP16:
         raise ConfigError(f"fp32_layers keeps modules in fp32 inside an fp16 graph; this compile is {e.dtype}",
                           fix="remove export.fp32_layers, or set export.dtype: fp16", key="export.fp32_layers")

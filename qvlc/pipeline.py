@@ -205,14 +205,20 @@ def _compile_locked(cfg: Config, force: bool, timed, timings: dict[str, float]) 
     return CompileResult(final, report, timings, exported)
 
 
-def validate_artifact(folder: Path, progress: Progress | None = None) -> ParityReport:
+def validate_artifact(folder: Path, progress: Progress | None = None,
+                      runtimes: tuple[str, ...] | None = None) -> ParityReport:
     """`qvlc validate`: re-run the parity check of an existing artifact against its source checkpoint.
 
-    Reads the resolved config from the manifest; writes nothing into the artifact.
+    Reads the resolved config from the manifest; writes nothing into the artifact. ``runtimes`` (names) run the
+    cases on those runtimes beside ONNX Runtime instead of the ones the compile used.
     """
     progress = progress or NullProgress()
     m = checked_artifact(folder, None, str(folder), hashes=True)  # the full sha256 is cheap next to validation
-    cfg = config_from_dict(m.config)
+    raw = m.config
+    if runtimes is not None:
+        raw = {**raw, "validate": {**raw.get("validate", {}),
+                                   "runtimes": list(dict.fromkeys(["onnxruntime", *runtimes]))}}
+    cfg = config_from_dict(raw)
     with progress.stage("check"):
         plan = check(cfg)
         if plan.auto:  # what the compile's probe chose, as the manifest records it

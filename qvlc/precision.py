@@ -54,7 +54,7 @@ class Precision(str, Enum):
         """The tolerance on ONNX Runtime (the CPU provider computes fp16 MatMuls in fp32)."""
         return _TABLE[self].tolerance
 
-    def tolerance_on(self, runtime: "Runtime") -> Tolerance:
+    def tolerance_on(self, runtime: Runtime) -> Tolerance:
         """The tolerance of this precision on ``runtime``: a runtime that computes in fp16 gets its own row."""
         return _FP16_ARITHMETIC.get(runtime, _TABLE[self].tolerance) if self is Precision.FP16 \
             else _TABLE[self].tolerance
@@ -108,10 +108,12 @@ _TABLE: dict[Precision, _Row] = {
 
 # fp16 on a runtime that computes in fp16 (TVM for llvm: every product, every running sum and every elementwise op is
 #   rounded to fp16, MatMul sums included — stricter than an accelerator with fp32 accumulators). A K-term fp16
-#   running sum carries a rounding error of about u·sqrt(K/2)·|partial sums| (u = 4.9e-4), a few 1e-3 relative per
-#   projection at K = 1536..8960, and it compounds through the residual stream. SET FROM MEASUREMENT (README,
-#   "A second compiler"): worst rel L2 against the fp32 oracle on random 2B weights and on the tiny models, with 2x
-#   headroom. A wrong slice, a dropped bias or a swapped norm still gives rel L2 of order 1.
+#   running sum carries a rounding error of about u·sqrt(K)·|partial sums| (u = 4.9e-4): ~1e-2 relative for one
+#   [K = 4096] product (measured 9.4e-3), compounding through the residual stream. Measured on random Qwen2-VL-2B
+#   weights (benchmarks/bench_tvm.py, README "A second compiler"): decode logits rel L2 4.7e-2, cosine 0.9989
+#   against ONNX Runtime (itself 5e-3 from the oracle). rel L2 0.1 and cosine 0.995 leave ~2x headroom there (7B's
+#   longest sum, K = 18944, adds ~1.5x); a wrong slice, a dropped bias or a swapped norm still gives rel L2 of
+#   order 1, and an overflow gives inf.
 _FP16_ARITHMETIC: dict[Runtime, Tolerance] = {
-    Runtime.TVM: Tolerance(atol=1e-1, rtol=1e-1, max_rel_l2=6e-2, min_cosine=0.998),
+    Runtime.TVM: Tolerance(atol=0.25, rtol=0.1, max_rel_l2=0.1, min_cosine=0.995),
 }

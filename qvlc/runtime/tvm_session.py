@@ -18,7 +18,11 @@ the schedule changes speed, never the arithmetic.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
+import warnings
 from collections import namedtuple
 from pathlib import Path
 
@@ -78,10 +82,31 @@ def _schedule_reductions():
     return schedule
 
 
+@contextlib.contextmanager
+def _quiet_native():
+    """TVM's C++ side logs a warning per gather it lowers ("Fast mode segfaults when there are out-of-bounds
+    indices": the ONNX frontend's choice; qvlc's feeds are in bounds) — hundreds of lines for a 2B graph. They go
+    to a scratch file instead of the user's terminal, unless QVLC_VERBOSE is set; Python warnings too."""
+    if os.environ.get("QVLC_VERBOSE"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 class TvmSession:
     """One ONNX graph compiled by TVM Relax for the host CPU, run with ONNX Runtime's ``run(names, feeds)``."""
 
-    def __init__(self, model: str | bytes | Path, weights_dir: Path | None = None) -> None:
+    def __init__(self, model: str | bytes | Path, weights_dir: Path | None = None, schedule: bool = True) -> None:
+        """``schedule=False`` builds the loop nests as Relax lowers them (the tests compare the two bitwise)."""
         import tvm
         from tvm import relax
         from tvm.relax.frontend import detach_params
@@ -95,15 +120,17 @@ class TvmSession:
             proto = onnx.load(str(model))
         self._inputs = [Io(i.name) for i in proto.graph.input]
         self._outputs = [Io(o.name) for o in proto.graph.output]
-        mod = from_onnx(proto, keep_params_in_input=True)
-        del proto
-        mod, params = detach_params(mod)
-        target = host_target()
-        with target:
-            mod = tvm.ir.transform.Sequential([
-                relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-                relax.transform.FuseOps(), relax.transform.FuseTIR(), _schedule_reductions()])(mod)
-        self._vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+        with _quiet_native():
+            mod = from_onnx(proto, keep_params_in_input=True)
+            del proto
+            mod, params = detach_params(mod)
+            target = host_target()
+            with target:
+                mod = tvm.ir.transform.Sequential([
+                    relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                    relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
+                    *([_schedule_reductions()] if schedule else [])])(mod)
+            self._vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
         self._params = list(params.get("main", []))
 
     def get_inputs(self) -> list[Io]:

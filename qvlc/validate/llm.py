@@ -40,7 +40,12 @@ from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
 from qvlc.validate.llm_cases import LlmCase, build_cases, with_image_rows
 from qvlc.validate.metrics import ParityReport, TokenCheck
-from qvlc.validate.oracle import InMemoryOracle, OracleInput, OracleOutput, StreamedOracle
+from qvlc.validate.oracle import (
+    InMemoryOracle,
+    OracleInput,
+    OracleOutput,
+    StreamedOracle,
+)
 from qvlc.validate.ranges import RangeRecorder
 from qvlc.validate.vision_oracle import StreamedVisionOracle
 
@@ -195,8 +200,8 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     runs = run_graphs(plan, folder, cases, steps, unsplit)
     del unsplit
     gc.collect()
-    others = {rt: run_graphs(plan, folder, cases, steps, None, rt, runs) for rt in v.runtimes
-              if rt != Runtime.ONNXRUNTIME}  # the same cases and fed tokens; compared after the oracle
+    some = cases[:v.runtime_cases or len(cases)]  # the same cases (or the first few) and fed tokens
+    others = {rt: run_graphs(plan, folder, some, steps, None, rt, runs) for rt in v.runtimes if rt != Runtime.ONNXRUNTIME}
     oracle = InMemoryOracle(plan.family, ck.model, dims) if ck is not None else \
         StreamedOracle(plan.family, plan.checkpoint, dims)
     inputs = oracle_inputs(runs, dims.tokens.image, dims.tokens.video)
@@ -212,8 +217,9 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     report.notes.append(f"oracle: {type(oracle).__name__}; each prompt then {steps} greedy decode steps of the "
                         "graphs, the oracle teacher-forced on the tokens the graphs chose")
     if others:
-        report.notes.append(f"{', '.join(map(str, others))}: the same prompts; each decode step is fed the token "
-                            "ONNX Runtime chose, and its greedy check compares its own argmax at every step")
+        report.notes.append(f"{', '.join(map(str, others))}: {len(some)} of the {len(cases)} prompts "
+                            "(validate.runtime_cases); each decode step is fed the token ONNX Runtime chose, and the "
+                            "greedy check compares its own argmax at every step")
     failed = next((c for c in report.checks if not c.passed and c.metrics), None)
     if failed is not None:
         run = next(r for r in runs if r.case.name == failed.case.split("/")[0])

@@ -29,13 +29,14 @@ def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
     o = np.asarray(out, dtype=np.float64).ravel()
     diff = o - r
     rn, on = np.linalg.norm(r), np.linalg.norm(o)
+    finite = bool(np.all(np.isfinite(o)))
     return {
         "max_abs": float(np.max(np.abs(diff))) if diff.size else 0.0,
         "mean_abs": float(np.mean(np.abs(diff))) if diff.size else 0.0,
         "rel_l2": float(np.linalg.norm(diff) / max(rn, 1e-30)),
-        "cosine": float(np.dot(r, o) / max(rn * on, 1e-30)) if diff.size else 1.0,
+        "cosine": float(np.dot(r, o) / max(rn * on, 1e-30)) if diff.size and finite else (1.0 if finite else -1.0),
         "ref_max_abs": float(np.max(np.abs(r))) if r.size else 0.0,
-        "finite": bool(np.all(np.isfinite(o))),
+        "finite": finite,
     }
 
 
@@ -192,7 +193,8 @@ class ParityReport:
         }
 
     def write(self, folder: Path) -> None:
-        (folder / PARITY_JSON).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        # strict JSON: a non-finite metric (an output with inf/nan) is written as the string "inf", "-inf" or "nan"
+        (folder / PARITY_JSON).write_text(json.dumps(_finite_json(self.to_dict()), indent=2, allow_nan=False) + "\n")
         (folder / PARITY_MD).write_text(self.to_markdown())
 
     def to_markdown(self) -> str:
@@ -254,6 +256,16 @@ class ParityReport:
                   f"| {h['case'] if h['level'] != 'underflow' else h['underflow_case']} | "
                   f"{'fp32 island' if h.get('fp32') else 'fp16'} |" for h in self.hazards]
         return lines
+
+
+def _finite_json(value):
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 def _on(runtime: str) -> str:

@@ -177,11 +177,15 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
     for i, run in enumerate(calls):
         report.notes.append(f"graph call {i}: " + ", ".join(f"{c.name} (grids {c.grids.tolist()})" for c in run) +
                             f": {sum(c.patches for c in run)} of {spec.max_patches} patches real")
-    for rt in plan.cfg.validate.runtimes:  # one runtime's session alive at a time
+    v = plan.cfg.validate
+    for rt in v.runtimes:  # one runtime's session alive at a time
         runtime = VisualRuntime(stage, spec, plan.family, rt)
+        todo = calls if rt == Runtime.ONNXRUNTIME else calls[:v.runtime_cases or len(calls)]
         with report.using(rt):
-            for i, run in enumerate(calls):
+            for i, run in enumerate(todo):
                 check_call(report, runtime, run, refs, offsets, i)
+        if len(todo) < len(calls):
+            report.notes.append(f"{rt}: graph calls 0..{len(todo) - 1} of {len(calls)} (validate.runtime_cases)")
         del runtime
     failed = next((c for c in report.checks if not c.passed and c.metrics), None)
     case = next((c for c in cases if failed is not None and c.name == failed.case), None)
