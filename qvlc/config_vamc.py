@@ -48,6 +48,14 @@ def from_vamc(raw: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"native key {clash[0]!r} inside a vamc-style config (one with a frontend: block)",
                           fix=f"use the vamc key ({VAMC_EQUIVALENT[clash[0]]}) or write a native config without "
                               "frontend:", key=clash[0])
+    quantize = sorted((k for k in flat if k.split(".")[:2] in (["frontend", "quantize"], ["frontend", "dataset"])),
+                      key=lambda k: (not k.startswith("frontend.quantize"), k))
+    if quantize:  # building fp16 where int8 was asked for would pass for what the config wanted: refuse instead
+        kind = flat.get("frontend.quantize.type")
+        raise ConfigError(f"{'quantize type ' + repr(kind) if kind else 'weight quantization'} asked for, but qvlc does not quantize weights yet — it "
+                          "writes fp32/fp16 graphs only (weight quantization is planned: issue 9)",
+                          fix="remove frontend.quantize and frontend.dataset to build an fp16 artifact "
+                              "(backend.dtype: float16)", key=quantize[0])
     if (ck := take("frontend.checkpoint")) is not None:
         native["model"]["checkpoint"] = ck
     ids = take("frontend.shape.input_ids")

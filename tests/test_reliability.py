@@ -174,6 +174,10 @@ CASES = [
         _vamc(frontend__model_kwargs__build_visual="no"))),
     Case("vamc with a native export block", 2, "native key 'export'", lambda e: e.compile(
         {**_vamc(), "export": {"tp": 2}})),
+    Case("vamc quantize type (not implemented: never silently fp16)", 2, "frontend.quantize.type", lambda e: e.compile(
+        _vamc(frontend__quantize__type="w8a16_gptq", frontend__dataset__nsamples=128))),
+    Case("vamc calibration dataset alone", 2, "frontend.dataset", lambda e: e.compile(
+        _vamc(frontend__dataset__path="texts.jsonl"))),
     Case("vamc pixel_values malformed", 2, "frontend.shape.pixel_values", lambda e: e.compile(
         _vamc(frontend__shape__pixel_values=[256]))),
     Case("vamc pixel width wrong", 2, "1176", lambda e: e.compile(
