@@ -71,8 +71,9 @@ def _visual(folder: str, runtime: str, queue) -> None:
     rt = VisualRuntime(Path(folder), runtime=Runtime(runtime))
     res: dict = {"runtime": runtime, "visual build s": time.perf_counter() - t0}
     s = rt.spec
-    side = int((s.max_patches // s.merge_size**2) ** 0.5) * s.merge_size
-    grids = np.array([[1, side, s.max_patches // side]])
+    units = s.max_patches // s.merge_size**2  # a grid of merge units filling N
+    a = int(units**0.5)
+    grids = np.array([[1, a * s.merge_size, units // a * s.merge_size]])
     pixels = np.random.default_rng(0).standard_normal((int(grids.prod()), rt.preprocess.patch_dim)).astype(np.float32)
     t0 = time.perf_counter()
     res["visual embeddings"] = rt.run(pixels, grids)

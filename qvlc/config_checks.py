@@ -22,6 +22,7 @@ def check_against_model(cfg: Config, dims: "ModelDims", family: "Family", memory
     _lengths(cfg, dims, family)
     _declared(cfg, dims)
     _fp32_layers(cfg, dims)
+    _weight_groups(cfg, dims)
     if memory:
         check_memory(cfg, dims)
 
@@ -79,6 +80,32 @@ def _fp32_layers(cfg: Config, dims: "ModelDims") -> None:
                           fix=f"use transformers' module names as the parity report's fp16 ranges give them, e.g. "
                               f"{units[1]!r}, {units[-2]!r} or a pattern such as {units[1].rsplit('.', 2)[0]}.*.mlp",
                           key="export.fp32_layers")
+
+
+def group_inputs(t, tp: int) -> dict[str, int]:
+    """The input size each quantized Linear of one rank has (int4 groups run along it)."""
+    return {"q/k/v, gate/up and lm_head (hidden)": t.hidden, "o_proj (heads x head_dim / tp)": t.heads // tp * t.head_dim,
+            "down_proj (intermediate / tp)": t.intermediate // tp}
+
+
+def _weight_groups(cfg: Config, dims: "ModelDims") -> None:
+    """int4 groups of input rows must tile every rank's input slice: a group straddling the o_proj or down_proj
+    split would need rows from two ranks."""
+    w, t, tp = cfg.export.weights, dims.text, cfg.export.tp
+    if cfg.part != Part.LLM or w.format != "int4":
+        return
+    bad = {k: n for k, n in group_inputs(t, tp).items() if n % w.group_size}
+    if not bad:
+        return
+    groups = [g for g in range(16, t.hidden + 1, 16) if all(n % g == 0 for n in group_inputs(t, tp).values())]
+    tps = [v for v in valid_tp_values(t.heads, t.kv_heads, t.intermediate, t.vocab)
+           if all(n % w.group_size == 0 for n in group_inputs(t, v).values())]
+    name, n = next(iter(bad.items()))
+    fix = f"use group_size {', '.join(map(str, groups[-6:]))}" if groups else "no group size fits this tp"
+    if tps:
+        fix += f", or keep it and use tp = {', '.join(map(str, tps))}"
+    raise ConfigError(f"group_size {w.group_size} does not divide the {n} input rows of {name} at tp = {tp}",
+                      fix=fix, key="export.weights.group_size")
 
 
 def _declared(cfg: Config, dims: "ModelDims") -> None:

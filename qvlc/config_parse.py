@@ -36,6 +36,10 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"expected true or false, got {value!r}", fix=f"write {key}: true|false", key=key)
         return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"expected a number, got {value!r}", fix=f"write {key} as a number, e.g. 0.99", key=key)
+        return float(value)
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"expected an integer, got {value!r}", fix=f"write {key} as a whole number", key=key)

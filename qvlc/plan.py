@@ -14,6 +14,7 @@ from qvlc.models.common.checkpoint import check_weight_shapes, read_config_json
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
 from qvlc.models.common.islands import Islands, islands
+from qvlc.models.common.quant import WeightQuant
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class Plan:
         if patterns == (AUTO,):
             return self.auto_islands or Islands()
         return islands(patterns, part_units(self.cfg, self.dims))
+
+    @property
+    def quant(self) -> WeightQuant | None:
+        """export.weights, resolved (None: the weights stay in the export dtype)."""
+        return WeightQuant.of(self.cfg.export.weights, self.cfg.export.dtype)
 
     @property
     def auto(self) -> bool:

@@ -22,7 +22,7 @@ def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("artifacts")
 
     def build(name: str, part: str = "llm", validate: dict | None = None, checkpoint: str = "tiny", **export):
-        key = (name, part, checkpoint, tuple(sorted(export.items())))
+        key = (name, part, checkpoint, json.dumps({"export": export, "validate": validate}, sort_keys=True))
         if key not in cache:
             raw = {"name": name, "part": part, "model": {"checkpoint": checkpoint}, "export": export,
                    "output": {"dir": str(out)}}

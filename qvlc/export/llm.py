@@ -27,19 +27,20 @@ from qvlc.export.onnx_export import (
     finish_graphs,
     write_shared,
 )
+from qvlc.export.quantize import quantize_graph
 from qvlc.host.embeddings import write_embed_table
+from qvlc.memory import text_params
 from qvlc.models import family as family_of
 from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.islands import Islands
 from qvlc.models.common.lazy import LazyRows, lazy_text_model
+from qvlc.models.common.quant import WeightQuant, quantized_tree, rank_weights
 from qvlc.models.common.text import example_inputs
-from qvlc.memory import text_params
 from qvlc.models.common.tp import rank_layout
 from qvlc.parallel.allreduce import DOMAIN, OP_TYPE
 from qvlc.plan import Plan
 from qvlc.precision import Precision
-
 
 ISOLATE_BYTES = 1 << 30  # graph weights above which an export that validation follows runs in a child process
 
@@ -60,6 +61,8 @@ class RankJob:
     simplify: bool
     stage: Path
     islands: Islands = Islands()  # export.fp32_layers, resolved
+    quant: WeightQuant | None = None  # export.weights, resolved
+    dequantize_explicit: bool = False  # int4: Cast/Sub/Mul instead of blocked DequantizeLinear
 
 
 @dataclass
@@ -82,6 +85,13 @@ def export_rank(job: RankJob, text_model, lm_head) -> RankResult:
         module, stack = fam.llm_graph(name, text_model, lm_head, dims, layout, dtype, stack, job.islands)
         graphs.append(export_graph(name, module, example_inputs(sigs[name], dtype), sigs[name], job.opset,
                                    job.simplify, stage / "_work" / f"rank{job.rank}"))
+    if job.quant is not None:  # the modules computed with the dequantized integers; the graphs now carry them
+        weights = rank_weights(text_model, lm_head, job.quant)
+        for graph in graphs:
+            done = quantize_graph(graph.model, weights, job.dequantize_explicit)
+            if set(done) != set(weights):
+                raise RuntimeError(f"{graph.name}: quantized weights without a graph initializer: "
+                                   f"{sorted(set(weights) - set(done))[:3]}")
     stats = write_shared(graphs, folder, WEIGHTS)
     del graphs, stack
     gc.collect()
@@ -98,7 +108,7 @@ def _worker_init() -> None:
 
 def _export_rank_in_worker(job: RankJob) -> RankResult:
     """Worker entry: read only this rank's weight slices from the checkpoint files (no model is loaded)."""
-    text_model, lm_head = lazy_text_model(job.checkpoint)
+    text_model, lm_head = quantized_tree(*lazy_text_model(job.checkpoint), job.quant)
     return export_rank(job, text_model, lm_head)
 
 
@@ -128,16 +138,19 @@ def export_llm(plan: Plan, ck: LoadedCheckpoint | None, stage: Path) -> ExportRe
     e = plan.cfg.export
     result = ExportResult(llm=plan.llm_spec)
     if ck is not None:
+        if plan.quant is not None:  # refused by the config checks: quantized weights are read from the files
+            raise RuntimeError("export.weights with a loaded model")
         text_model, lm_head = ck.text_model, ck.lm_head
         table = text_model.embed_tokens.weight.detach().numpy()
     else:
         text_model, lm_head = lazy_text_model(plan.checkpoint)
-        table = LazyRows(text_model.embed_tokens.weight)
+        table = LazyRows(text_model.embed_tokens.weight)  # the table is never quantized
     t0 = time.perf_counter()
     result.bytes_written += write_embed_table(table, stage / EMBED, e.dtype)
     result.write_seconds += time.perf_counter() - t0
     jobs = [RankJob(plan.checkpoint, plan.family.model_type, plan.dims, r, e.tp, e.dtype, e.opset, e.prefill_len,
-                    e.max_context, e.simplify, stage, plan.islands) for r in range(e.tp)]
+                    e.max_context, e.simplify, stage, plan.islands, plan.quant, e.weights.dequantize == "explicit")
+            for r in range(e.tp)]
     workers = min(e.workers, e.tp)
     # A validation follows in this process: export big models in a child, whose memory all goes back to the OS
     # when it ends (measured, an in-process 2B export left ~5.5 GiB resident beside the validation's sessions).
@@ -147,7 +160,8 @@ def export_llm(plan: Plan, ck: LoadedCheckpoint | None, stage: Path) -> ExportRe
         with ctx.Pool(workers, initializer=_worker_init, maxtasksperchild=1) as pool:
             ranks = pool.map(_export_rank_in_worker, jobs, chunksize=1)
     else:
-        ranks = [export_rank(job, text_model, lm_head) for job in jobs]
+        ranks = [export_rank(job, *quantized_tree(*lazy_text_model(plan.checkpoint), plan.quant))
+                 if plan.quant is not None else export_rank(job, text_model, lm_head) for job in jobs]
     for r in ranks:
         result.add(r.stats, r.graphs)
         result.worker_peak_rss_mb = max(result.worker_peak_rss_mb, r.peak_rss_mb if workers > 1 or isolate else 0.0)

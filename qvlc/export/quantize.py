@@ -1,153 +1,94 @@
-"""Weight-only quantization in standard ONNX: round-to-nearest int8 (per output channel) and int4 (per group of
-input rows), and the three ways a graph can carry the integers (groundwork of issue 9: not yet reachable from a
-config — the export stage, the tensor-parallel slicing and the two proofs are the next steps).
+"""Integer weights in standard ONNX: the graph pass that replaces each quantized Linear's float initializer by its
+integers and a dequantization right before its MatMul (issue 9).
 
-The graphs hold ``x @ W_t`` with ``W_t = W^T`` [in, out] (``qvlc.models.common.layers.Linear``), so a quantized
-weight is stored transposed too, and dequantized to the activation dtype right before its MatMul:
+The graphs hold ``x @ W_t`` with ``W_t = W^T`` [in, out] (``qvlc.models.common.layers.Linear``), so the integers
+are stored transposed too:
 
 | format | integers | scale (activation dtype) | zero point (asymmetric only) | dequantize |
 |---|---|---|---|---|
 | int8 | INT8 [in, out] (UINT8 asymmetric) | [out] | UINT8 [out] | ``DequantizeLinear(axis=1)`` |
 | int4, ``blocked`` | INT4 [in, out] (UINT4 asymmetric), 2 per byte | [in/g, out] | UINT4 [in/g, out] | ``DequantizeLinear(axis=0, block_size=g)``, opset 21 |
-| int4, ``explicit`` | INT8/UINT8 [in, out], one per byte | [in/g, out] | UINT8 [in/g, out] | Cast → Sub → Reshape → Mul → Reshape |
+| int4, ``explicit`` | INT8/UINT8 [in, out], one per byte | [in/g, 1, out] | UINT8 [in/g, 1, out] | Cast → Reshape → (Sub) → Mul → Reshape |
 
 All three compute ``(q - zero_point) * scale`` rounded once to the scale's dtype — the product of a small integer
 and an fp16 scale is exact in fp32 — so ``explicit`` equals ``blocked`` bitwise; it exists for compilers that
-refuse blocked ``DequantizeLinear`` (TVM 0.27's Relax frontend: "blocked quantization is not supported yet").
+refuse blocked ``DequantizeLinear`` (TVM 0.27's Relax frontend mis-sizes INT4 initializers and has no blocked
+dequantization). The pass checks that the dequantized integers equal the float initializer it replaces, bit for
+bit: the module computed with exactly the weights the graph now carries.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import ml_dtypes
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 
-@dataclass(frozen=True)
-class QuantWeight:
-    """One quantized weight in the Hugging Face layout [out, in]: ``q`` the integers (int8 storage, unsigned values
-    when a zero point is present), ``scale`` float32 [out] (int8) or [out, in / group] (int4), ``zero_point`` the
-    same shape as ``scale`` (or None: symmetric)."""
-
-    q: np.ndarray
-    scale: np.ndarray
-    zero_point: np.ndarray | None
-    bits: int
-    group: int  # input rows per scale; the whole input for int8
-
-    def dequantize(self, dtype: np.dtype) -> np.ndarray:
-        """``(q - zero_point) * scale`` in ``dtype`` [out, in]: what every encoding above computes."""
-        zp = 0 if self.zero_point is None else self.zero_point.astype(np.float32)
-        scale = self.scale.astype(dtype).astype(np.float32)  # the graph stores the scale in the activation dtype
-        if self.group == self.q.shape[1]:
-            w = (self.q.astype(np.float32) - (zp if np.isscalar(zp) else zp[:, None])) * scale[:, None]
-        else:
-            out, n = self.q.shape
-            g = self.q.reshape(out, n // self.group, self.group).astype(np.float32)
-            zpg = zp if np.isscalar(zp) else zp[:, :, None]
-            w = ((g - zpg) * scale[:, :, None]).reshape(out, n)
-        return w.astype(dtype)
+from qvlc.models.common.quant import QuantWeight
 
 
-def quantize_rtn(w: np.ndarray, bits: int, group: int | None, symmetric: bool,
-                 dtype: np.dtype = np.dtype(np.float16)) -> QuantWeight:
-    """Round-to-nearest of ``w`` [out, in] (float32) per output channel (``group`` None: int8) or per ``group``
-    input rows of each output channel. Symmetric: signed integers in ±(2^(bits-1) - 1), scale = max|w| / that.
-    Asymmetric: unsigned integers in [0, 2^bits - 1] with a zero point. Scales are rounded to ``dtype`` (what the
-    graph stores) before the integers are chosen, so the integers are the nearest for the scale actually used."""
-    w = np.asarray(w, dtype=np.float32)
-    out, n = w.shape
-    size = n if group is None else group
-    if n % size:
-        raise ValueError(f"input size {n} is not a multiple of the group size {size}")
-    g = w.reshape(out, n // size, size)
-    tiny = np.float32(np.finfo(np.float16).tiny)
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = np.maximum(np.abs(g).max(axis=2) / qmax, tiny).astype(dtype).astype(np.float32)
-        q = np.clip(np.rint(g / scale[:, :, None]), -qmax, qmax)
-        zp = None
-    else:
-        qmax = 2**bits - 1
-        lo, hi = np.minimum(g.min(axis=2), 0), np.maximum(g.max(axis=2), 0)
-        scale = np.maximum((hi - lo) / qmax, tiny).astype(dtype).astype(np.float32)
-        zp = np.clip(np.rint(-lo / scale), 0, qmax)
-        q = np.clip(np.rint(g / scale[:, :, None]) + zp[:, :, None], 0, qmax)
-    squeeze = (lambda a: a[:, 0]) if group is None else (lambda a: a)
-    return QuantWeight(q.reshape(out, n).astype(np.int8 if symmetric else np.uint8), squeeze(scale),
-                       None if zp is None else squeeze(zp).astype(np.uint8), bits, size)
+def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name), shape=ir.Shape(array.shape),
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    graph.register_initializer(value)
+    return value
 
 
 def _int4(values: np.ndarray, signed: bool) -> np.ndarray:
     return values.astype(ml_dtypes.int4 if signed else ml_dtypes.uint4)
 
 
-def dequantize_nodes(name: str, qw: QuantWeight, dtype: np.dtype, explicit: bool = False,
-                     ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
-    """The nodes and initializers that turn ``qw`` into ``W_t`` [in, out] in ``dtype``; returns (nodes,
-    initializers, the name of the dequantized value). Integer initializers are named ``{name}.q``."""
+def dequantize_nodes(graph: ir.Graph, name: str, qw: QuantWeight, dtype: np.dtype,
+                     explicit: bool = False) -> tuple[list[ir.Node], ir.Value]:
+    """Register ``qw``'s initializers (``{name}.q``, ``.scale``, ``.zero_point``) in ``graph``; returns the nodes
+    that turn them into ``W_t`` [in, out] in ``dtype`` (not yet inserted) and the value they produce."""
     signed = qw.zero_point is None
     q_t = np.ascontiguousarray(qw.q.T)
     scale_t = np.ascontiguousarray(qw.scale.T).astype(dtype)
     zp_t = None if signed else np.ascontiguousarray(qw.zero_point.T)
-    out = f"{name}.dequantized"
-    if qw.bits == 8 or not explicit:
-        per_axis = qw.bits == 8
-        ints = q_t if per_axis else _int4(q_t, signed)
-        inits = [numpy_helper.from_array(ints, f"{name}.q"), numpy_helper.from_array(scale_t, f"{name}.scale")]
+    elem = ir.DataType.from_numpy(np.dtype(dtype))
+    if qw.scale.ndim == 1 or not explicit:
+        per_axis = qw.scale.ndim == 1
+        inputs = [_const(graph, f"{name}.q", q_t if per_axis else _int4(q_t, signed)),
+                  _const(graph, f"{name}.scale", scale_t)]
         if zp_t is not None:
-            inits.append(numpy_helper.from_array(zp_t if per_axis else _int4(zp_t, False), f"{name}.zero_point"))
+            inputs.append(_const(graph, f"{name}.zero_point", zp_t if per_axis else _int4(zp_t, False)))
         attrs = {"axis": 1} if per_axis else {"axis": 0, "block_size": qw.group}
-        node = helper.make_node("DequantizeLinear", [i.name for i in inits], [out], name=f"{name}/dequantize",
-                                **attrs)
-        return [node], inits, out
-    # explicit int4: one integer per byte, plain ops any ONNX importer knows
-    n_in, n_out = q_t.shape
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    inits = [numpy_helper.from_array(q_t, f"{name}.q"),
-             numpy_helper.from_array(scale_t[:, None, :], f"{name}.scale"),
-             numpy_helper.from_array(np.array([n_in // qw.group, qw.group, n_out], np.int64), f"{name}.grouped"),
-             numpy_helper.from_array(np.array([n_in, n_out], np.int64), f"{name}.shape")]
-    nodes = [helper.make_node("Cast", [f"{name}.q"], [f"{name}.qf"], to=elem)]
-    value = f"{name}.qf"
-    nodes.append(helper.make_node("Reshape", [value, f"{name}.grouped"], [f"{name}.qg"]))
-    value = f"{name}.qg"
+        node = ir.node("DequantizeLinear", inputs, attrs, name=f"{name}/dequantize")
+        node.outputs[0].name = f"{name}.dequantized"
+        return [node], node.outputs[0]
+    n_in, n_out = q_t.shape  # explicit int4: one integer per byte, plain ops every ONNX importer knows
+    nodes = [ir.node("Cast", [_const(graph, f"{name}.q", q_t)], {"to": elem})]
+    grouped = _const(graph, f"{name}.grouped", np.array([n_in // qw.group, qw.group, n_out], np.int64))
+    nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], grouped]))
     if zp_t is not None:
-        inits.append(numpy_helper.from_array(zp_t[:, None, :], f"{name}.zero_point"))
-        nodes += [helper.make_node("Cast", [f"{name}.zero_point"], [f"{name}.zpf"], to=elem),
-                  helper.make_node("Sub", [value, f"{name}.zpf"], [f"{name}.centered"])]
-        value = f"{name}.centered"
-    nodes += [helper.make_node("Mul", [value, f"{name}.scale"], [f"{name}.wg"]),
-              helper.make_node("Reshape", [f"{name}.wg", f"{name}.shape"], [out])]
-    return nodes, inits, out
+        zp = ir.node("Cast", [_const(graph, f"{name}.zero_point", zp_t[:, None, :])], {"to": elem})
+        nodes += [zp, ir.node("Sub", [nodes[-1].outputs[0], zp.outputs[0]])]
+    nodes.append(ir.node("Mul", [nodes[-1].outputs[0], _const(graph, f"{name}.scale", scale_t[:, None, :])]))
+    shape = _const(graph, f"{name}.shape", np.array([n_in, n_out], np.int64))
+    nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], shape], name=f"{name}/dequantize"))
+    nodes[-1].outputs[0].name = f"{name}.dequantized"
+    return nodes, nodes[-1].outputs[0]
 
 
-def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], dtype: np.dtype,
-                   explicit: bool = False) -> list[str]:
-    """Replace each initializer named in ``weights`` (a ``…weight_t`` [in, out] feeding MatMuls) by its integers
-    and a dequantization before its first use; returns the names replaced. The float initializer is removed."""
-    g = model.graph
-    wanted = {i.name for i in g.initializer} & set(weights)
-    if not wanted:
-        return []
-    keep = [i for i in g.initializer if i.name not in wanted]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    new_nodes: list[onnx.NodeProto] = []
-    done: dict[str, str] = {}
-    for node in g.node:
-        for k, inp in enumerate(node.input):
-            if inp in wanted:
-                if inp not in done:
-                    nodes, inits, value = dequantize_nodes(inp, weights[inp], dtype, explicit)
-                    new_nodes += nodes
-                    g.initializer.extend(inits)
-                    done[inp] = value
-                node.input[k] = done[inp]
-        new_nodes.append(node)
-    del g.node[:]
-    g.node.extend(new_nodes)
-    return sorted(done)
-
+def quantize_graph(model: ir.Model, weights: dict[str, QuantWeight], explicit: bool = False) -> list[str]:
+    """Replace each initializer named in ``weights`` by its integers and a dequantization inserted before its first
+    consumer; returns the names replaced. Raises RuntimeError when an initializer is not what ``weights``
+    dequantizes to (a bug: the module must have been built from these very integers)."""
+    graph = model.graph
+    order = {id(node): i for i, node in enumerate(graph)}
+    done = []
+    for name in sorted(set(weights) & set(graph.initializers)):
+        value = graph.initializers[name]
+        current = value.const_value.numpy()
+        dtype = current.dtype
+        expected = weights[name].dequantize(dtype).T
+        if current.shape != expected.shape or not np.array_equal(current, expected):
+            raise RuntimeError(f"{name}: the graph's weights are not the dequantized integers (shape "
+                               f"{list(current.shape)} vs {list(expected.shape)})")
+        nodes, out = dequantize_nodes(graph, name, weights[name], dtype, explicit)
+        first = min((use.node for use in value.uses()), key=lambda n: order.get(id(n), len(order)))
+        graph.insert_before(first, nodes)
+        value.replace_all_uses_with(out)
+        graph.initializers.pop(name)
+        done.append(name)
+    return done

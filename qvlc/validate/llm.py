@@ -32,6 +32,7 @@ from qvlc.host.rope import decode_position
 from qvlc.memory import UNSPLIT_MAX_BYTES, text_params
 from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.models.common.lazy import lazy_text_model
+from qvlc.models.common.quant import quantized_tree
 from qvlc.models.common.tp import RankLayout, rank_layout
 from qvlc.plan import Plan
 from qvlc.precision import Runtime
@@ -40,7 +41,13 @@ from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
 from qvlc.validate.llm_cases import LlmCase, build_cases, with_image_rows
 from qvlc.validate.metrics import ParityReport, TokenCheck
-from qvlc.validate.oracle import InMemoryOracle, OracleInput, OracleOutput, StreamedOracle
+from qvlc.validate.oracle import (
+    InMemoryOracle,
+    OracleInput,
+    OracleOutput,
+    StreamedOracle,
+)
+from qvlc.validate.quant_error import quantization_error, recombine_kv
 from qvlc.validate.ranges import RangeRecorder
 from qvlc.validate.vision_oracle import StreamedVisionOracle
 
@@ -87,7 +94,8 @@ def llm_runtime(plan: Plan, folder: Path, graphs: tuple | None = None,
 def unsplit_runtime(plan: Plan, ck: LoadedCheckpoint | None, folder: Path) -> LlmRuntime:
     """The tp = 1 deployment module (eager torch, the export dtype) behind the same host loop as the ranks, built
     from the loaded model or, without one, from the checkpoint files."""
-    text_model, lm_head = (ck.text_model, ck.lm_head) if ck is not None else lazy_text_model(plan.checkpoint)
+    text_model, lm_head = (ck.text_model, ck.lm_head) if ck is not None else \
+        quantized_tree(*lazy_text_model(plan.checkpoint), plan.quant)
     sigs = plan.family.llm_signatures(replace(plan.llm_spec, tp=1, kv_heads_per_rank=plan.dims.text.kv_heads))
     graphs, stack = [], None
     for name, sig in sigs.items():
@@ -198,7 +206,7 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     some = cases[:v.runtime_cases or len(cases)]  # the same cases (or the first few) and fed tokens
     others = {rt: run_graphs(plan, folder, some, steps, None, rt, runs) for rt in v.runtimes if rt != Runtime.ONNXRUNTIME}
     oracle = InMemoryOracle(plan.family, ck.model, dims) if ck is not None else \
-        StreamedOracle(plan.family, plan.checkpoint, dims)
+        StreamedOracle(plan.family, plan.checkpoint, dims, plan.quant)
     inputs = oracle_inputs(runs, dims.tokens.image, dims.tokens.video)
     layouts = [rank_layout(dims.text, spec.tp, r) for r in range(spec.tp)]
     ranges = RangeRecorder()
@@ -211,6 +219,10 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
                             spec.dtype)
     report.notes.append(f"oracle: {type(oracle).__name__}; each prompt then {steps} greedy decode steps of the "
                         "graphs, the oracle teacher-forced on the tokens the graphs chose")
+    if plan.quant is not None:
+        report.notes.append("weights: the oracle carries the dequantized integers of the graphs (exactness); "
+                            "'Quantization error' compares the graphs with the unquantized checkpoint")
+        quantization_error(plan, report, runs, inputs, layouts)
     if others:
         report.notes.append(f"{', '.join(map(str, others))}: {len(some)} of the {len(cases)} prompts "
                             "(validate.runtime_cases); each decode step is fed the token ONNX Runtime chose, and the "
@@ -264,8 +276,4 @@ def _compare_step(report: ParityReport, graph: str, case: str, logits: list[np.n
             report.add(graph, case, f"rank{r}.logits", ref_logits[lay.vocab_start:lay.vocab_start + lay.vocab], lg)
             report.add(graph, case, f"rank{r}.present_key_values",
                        ref_kv[:, :, lay.kv_head_start:lay.kv_head_start + lay.kv_heads], k)
-    heads: dict[int, np.ndarray] = {}  # recombined KV: each kv head once, from the first rank that holds it
-    for lay, k in zip(layouts, kv):
-        for j in range(lay.kv_heads):
-            heads.setdefault(lay.kv_head_start + j, k[:, :, j])
-    report.add(graph, case, "present_key_values", ref_kv, np.stack([heads[j] for j in sorted(heads)], axis=2))
+    report.add(graph, case, "present_key_values", ref_kv, recombine_kv(kv, layouts))

@@ -86,6 +86,8 @@ class ParityReport:
     range_peaks: dict[str, dict] = field(default_factory=dict)
     # when a value check failed: the first layer whose output leaves tolerance (qvlc.validate.divergence)
     divergence: dict | None = None
+    # export.weights: the graphs against the unquantized model (qvlc.validate.quant_error)
+    quantization: dict | None = None
     runtime: Runtime = Runtime.ONNXRUNTIME  # the runtime whose results add() and fail() are recording now
 
     @property
@@ -128,6 +130,11 @@ class ParityReport:
                for c in self.checks if not c.passed]
         out += [f"{_on(t.runtime)}{t.graph}/{t.case}: greedy tokens diverge at step {t.matched} of {len(t.expected)} "
                 f"(expected {t.expected}, got {t.got})" for t in self.tokens if not t.passed]
+        if self.quantization:
+            q = self.quantization
+            out += [f"quantization error/{r['graph']}/{r['case']}/{r['output']}: cosine {r['cosine']:.5f} against the "
+                    f"unquantized model, below {q['min_cosine']} (export.weights.min_cosine)"
+                    for r in q["checks"] if not r["passed"]]
         if self.dtype == Precision.FP16:  # an fp16 graph computes inf/nan there, whatever ONNX Runtime shows
             out += [f"fp16 range/{h['case']}/{h['module']}: {h['kind']} reaches {h['max_abs']:.3g}, beyond fp16's "
                     f"65504 (keep it in fp32: export.fp32_layers)" for h in self.hazards
@@ -189,6 +196,7 @@ class ParityReport:
             "tokens": [{**asdict(t), "matched": t.matched, "passed": t.passed} for t in self.tokens],
             "fp16_ranges": {"hazards": self.hazards, "peaks": self.range_peaks},
             "first_divergent_layer": self.divergence,
+            "quantization_error": self.quantization,
             "notes": self.notes,
         }
 
@@ -230,13 +238,28 @@ class ParityReport:
             for tk in self.tokens:
                 res = "pass" if tk.expected == tk.got else ("FAIL" if tk.required else "reported")
                 lines.append(f"| {tk.graph} | {tk.case} |{col(tk.runtime)} {tk.matched}/{len(tk.expected)} | {res} |")
-        lines += self._ranges_markdown()
+        lines += self._ranges_markdown() + self._quantization_markdown()
         if self.failures:
             lines += ["", "## Failures", ""] + [f"- {f}" for f in self.failures]
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
 
+
+    def _quantization_markdown(self) -> list[str]:
+        q = self.quantization
+        if not q:
+            return []
+        groups = f", groups of {q['group_size']}" if q["group_size"] else ""
+        kind = "symmetric" if q["symmetric"] else "asymmetric"
+        lines = ["", "## Quantization error", "", f"{q['format']} weights{groups} ({q['method']}, {kind}) against "
+                 f"{q['reference']}; an output passes at cosine >= {q['min_cosine']}.", "",
+                 "| graph | output | outputs | worst cosine | worst rel L2 | result |", "|---|---|---|---|---|---|"]
+        for (graph, output) in dict.fromkeys((r["graph"], r["output"]) for r in q["checks"]):
+            rows = [r for r in q["checks"] if (r["graph"], r["output"]) == (graph, output)]
+            lines.append(f"| {graph} | {output} | {len(rows)} | {min(r['cosine'] for r in rows):.5f} | "
+                         f"{max(r['rel_l2'] for r in rows):.3e} | {'pass' if all(r['passed'] for r in rows) else 'FAIL'} |")
+        return lines
 
     def _ranges_markdown(self) -> list[str]:
         if not self.range_peaks:

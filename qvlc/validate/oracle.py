@@ -23,6 +23,7 @@ import torch
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
 from qvlc.models.common.lazy import lazy_text_model, materialize, read_float
+from qvlc.models.common.quant import WeightQuant, quantized_tree
 from qvlc.validate.ranges import LINEAR, LINEAR_IN, RangeRecorder, remove
 
 LAYERS = "model.language_model.layers"  # transformers' module names, as the range report gives them
@@ -116,9 +117,11 @@ class _Oracle:
 class StreamedOracle(_Oracle):
     """One decoder layer in memory at a time (see the module docstring)."""
 
-    def __init__(self, family: Family, folder: Path, dims: ModelDims) -> None:
+    def __init__(self, family: Family, folder: Path, dims: ModelDims, quant: WeightQuant | None = None) -> None:
+        """``quant``: read the included Linear weights dequantized from their integers (export.weights) — the
+        transformers model carrying exactly the weights the quantized graphs carry."""
         self.shell, self.dims = _Shell(family, folder), dims
-        self.text, self.head = lazy_text_model(folder)
+        self.text, self.head = quantized_tree(*lazy_text_model(folder), quant)
 
     def _embed(self, seqs: list[OracleInput]) -> list[torch.Tensor]:
         table = read_float(self.text, "embed_tokens.weight")

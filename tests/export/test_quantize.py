@@ -9,7 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qvlc.export.quantize import quantize_graph, quantize_rtn
+import onnx_ir as ir
+
+from qvlc.export.quantize import quantize_graph
+from qvlc.models.common.quant import quantize_rtn
 from qvlc.precision import Runtime
 from qvlc.runtime.sessions import open_session
 
@@ -44,8 +47,9 @@ def _graph(qw, dtype, explicit):
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "lin.weight_t"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", elem, [2, IN])],
                               [helper.make_tensor_value_info("y", elem, [2, OUT])], [w_t])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    assert quantize_graph(model, {"lin.weight_t": qw}, np.dtype(dtype), explicit) == ["lin.weight_t"]
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert quantize_graph(model, {"lin.weight_t": qw}, explicit) == ["lin.weight_t"]
+    model = ir.serde.serialize_model(model)
     model.graph.output.append(helper.make_tensor_value_info("lin.weight_t.dequantized", elem, [IN, OUT]))
     onnx.checker.check_model(model, full_check=True)
     return model

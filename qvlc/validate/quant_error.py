@@ -1,0 +1,51 @@
+"""The second proof of a quantized build: how far the graphs are from the *unquantized* model.
+
+The first proof is the usual parity (``qvlc.validate.llm``) against the transformers model carrying the same
+dequantized weights: it says the graphs compute the quantized model exactly. This one runs transformers' layers
+again, streamed, with the checkpoint's own weights, on the same prompts and tokens, and compares the graphs' logits
+and KV with it per output: the quantization's own error, with a verdict against ``export.weights.min_cosine`` (the
+format's default when 0: ``WeightFormat.min_cosine`` says why each default is what it is).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qvlc.plan import Plan
+from qvlc.validate.metrics import ParityReport, compare
+from qvlc.validate.oracle import OracleInput, StreamedOracle
+from qvlc.validate.ranges import RangeRecorder
+
+
+def quantization_error(plan: Plan, report: ParityReport, runs: list, inputs: list[OracleInput],
+                       layouts: list) -> None:
+    """Compare every prefill and decode step of ``runs`` (ONNX Runtime's, tp ranks recombined) with the
+    unquantized model; record the rows and the verdict in ``report.quantization``."""
+    w = plan.cfg.export.weights
+    floor = w.min_cosine or w.format.min_cosine
+    refs = StreamedOracle(plan.family, plan.checkpoint, plan.dims).run(inputs, RangeRecorder(enabled=False))
+    rows = []
+    for run, ref in zip(runs, refs):
+        n = len(run.case.ids)
+        for k, (logits, kv) in enumerate(zip(run.logits, run.kv)):
+            graph, case = ("prefill", run.case.name) if k == 0 else ("decode", f"{run.case.name}/step{k - 1}")
+            ref_kv = ref.kv[..., :n, :] if k == 0 else ref.kv[..., n + k - 1:n + k, :]
+            for output, a, b in (("logits", ref.logits[k], np.concatenate(logits)),
+                                 ("present_key_values", ref_kv, recombine_kv(kv, layouts))):
+                m = compare(a, b)
+                rows.append({"graph": graph, "case": case, "output": output, "cosine": m["cosine"],
+                             "rel_l2": m["rel_l2"], "max_abs": m["max_abs"],
+                             "passed": bool(m["finite"] and m["cosine"] >= floor)})
+    report.quantization = {"format": str(w.format), "group_size": w.group_size if w.format == "int4" else None,
+                           "symmetric": w.symmetric, "method": str(w.method), "min_cosine": floor,
+                           "reference": "the unquantized checkpoint (transformers' layers, fp32)", "checks": rows}
+
+
+def recombine_kv(kv: list[np.ndarray], layouts: list) -> np.ndarray:
+    """Every rank's KV heads ([L, 2, heads of the rank, T, D] each) as one [L, 2, kvH, T, D]: each kv head once,
+    from the first rank that holds it (ranks replicate kv heads when tp exceeds their count)."""
+    heads: dict[int, np.ndarray] = {}
+    for lay, k in zip(layouts, kv):
+        for j in range(lay.kv_heads):
+            heads.setdefault(lay.kv_head_start + j, k[:, :, j])
+    return np.stack([heads[j] for j in sorted(heads)], axis=2)
