@@ -17,10 +17,11 @@ from typing import Any
 import yaml
 
 from qvlc.config_parse import AUTO, HIDDEN_FIELDS, build
+from qvlc.config_weights import WeightsConfig, check_weights
 from qvlc.config_vamc import from_vamc
 from qvlc.errors import ConfigError
 from qvlc.models import TINY
-from qvlc.precision import Precision, Runtime, WeightFormat
+from qvlc.precision import Precision, Runtime
 
 
 class Part(str, Enum):
@@ -39,48 +40,6 @@ MIN_PREFILL = 64  # validation prompts hold image and video spans and text; shor
 @dataclass(frozen=True)
 class ModelConfig:
     checkpoint: str = TINY  # local Hugging Face folder, or "tiny" / "tiny:<model_type>" for an embedded default
-
-
-class QuantMethod(str, Enum):
-    RTN = "rtn"  # round to nearest
-    GPTQ = "gptq"  # calibrated (not implemented yet: refused)
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Dequantize(str, Enum):
-    BLOCKED = "blocked"  # int4: INT4 initializers, opset-21 blocked DequantizeLinear
-    EXPLICIT = "explicit"  # int4: the same values one per byte, Cast/Sub/Mul/Reshape (compilers without blocked DQ)
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    path: str = ""  # JSON/JSONL of texts (method gptq)
-    nsamples: int = 128
-    seqlen: int = 512
-
-
-@dataclass(frozen=True)
-class WeightsConfig:
-    format: WeightFormat = WeightFormat.NONE  # int8 | int4; none: weights stay in export.dtype
-    group_size: int = 128  # int4: input rows per scale (int8 is per output channel)
-    symmetric: bool = True  # signed integers, no zero point; false: unsigned with a zero point
-    method: QuantMethod = QuantMethod.RTN
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    include: tuple[str, ...] = ("llm",)  # llm (decoder linears), lm_head
-    dequantize: Dequantize = Dequantize.BLOCKED
-    min_cosine: float = 0.0  # floor of logits cosine against the unquantized model; 0: the format's default
-
-    @property
-    def enabled(self) -> bool:
-        return self.format != WeightFormat.NONE
-
-
-INCLUDE = ("llm", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -284,46 +243,13 @@ def check_values(cfg: Config) -> None:
             raise ConfigError(f"tp {e.tp} given for the visual part, which is never split across ranks",
                               fix="remove export.tp from the visual config (or set it to 1)", key="export.tp")
     _runtimes(cfg.validate.runtimes)
-    _weights(cfg)
+    check_weights(cfg)
     if cfg.validate.runtime_cases < 0:
         raise ConfigError(f"must be 0 (every case) or more, got {cfg.validate.runtime_cases}",
                           fix="set validate.runtime_cases to 0 or a positive count", key="validate.runtime_cases")
     if e.fp32_layers and e.dtype != Precision.FP16:
         raise ConfigError(f"fp32_layers keeps modules in fp32 inside an fp16 graph; this compile is {e.dtype}",
                           fix="remove export.fp32_layers, or set export.dtype: fp16", key="export.fp32_layers")
-
-
-def _weights(cfg: Config) -> None:
-    w, key = cfg.export.weights, "export.weights"
-    if not w.enabled:
-        return
-    if cfg.part != "llm":
-        raise ConfigError("weight quantization applies to the llm part (the vision tower is not quantized yet)",
-                          fix=f"remove {key} from the visual config", key=f"{key}.format")
-    if w.method == "gptq":
-        raise ConfigError("method gptq (calibrated) is not implemented yet", fix=f"use {key}.method: rtn",
-                          key=f"{key}.method")
-    bad = [i for i in w.include if i not in INCLUDE]
-    if bad or not w.include:
-        raise ConfigError(f"include {list(w.include)}: {'unknown ' + repr(bad[0]) if bad else 'empty'}",
-                          fix=f"list some of {', '.join(INCLUDE)} (visual is not quantized yet)", key=f"{key}.include")
-    if w.format == WeightFormat.INT4:
-        _multiple_of_16(w.group_size, f"{key}.group_size")
-    needed = 21 if w.format == WeightFormat.INT4 and w.dequantize == "blocked" else 19
-    if cfg.export.opset < needed:
-        raise ConfigError(f"{w.format} weights{' with blocked dequantization' if needed == 21 else ''} need opset "
-                          f">= {needed} (DequantizeLinear with {'INT4 blocks' if needed == 21 else 'fp16 scales'}); "
-                          f"this compile asks for {cfg.export.opset}", fix=f"set export.opset: {max(needed, 21)}",
-                          key="export.opset")
-    if not 0.0 <= w.min_cosine < 1.0:
-        raise ConfigError(f"min_cosine {w.min_cosine} is not in [0, 1)", fix=f"e.g. {key}.min_cosine: "
-                          f"{w.format.min_cosine} (0: the format's default)", key=f"{key}.min_cosine")
-    if cfg.validate.enabled and cfg.validate.oracle == "memory":
-        raise ConfigError("quantized weights are proven with the streamed oracle (it reads the dequantized weights "
-                          "layer by layer)", fix="remove validate.oracle: memory", key="validate.oracle")
-    if cfg.export.fp32_layers:
-        raise ConfigError("fp32 islands and quantized weights together are not supported yet",
-                          fix=f"remove export.fp32_layers or {key}", key="export.fp32_layers")
 
 
 def _runtimes(runtimes: tuple[Runtime, ...]) -> None:

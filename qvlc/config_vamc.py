@@ -52,10 +52,11 @@ def from_vamc(raw: dict[str, Any]) -> dict[str, Any]:
                       key=lambda k: (not k.startswith("frontend.quantize"), k))
     if quantize:  # building fp16 where int8 was asked for would pass for what the config wanted: refuse instead
         kind = flat.get("frontend.quantize.type")
-        raise ConfigError(f"{'quantize type ' + repr(kind) if kind else 'weight quantization'} asked for, but qvlc does not quantize weights yet — it "
-                          "writes fp32/fp16 graphs only (weight quantization is planned: issue 9)",
-                          fix="remove frontend.quantize and frontend.dataset to build an fp16 artifact "
-                              "(backend.dtype: float16)", key=quantize[0])
+        raise ConfigError(f"{'quantize type ' + repr(kind) if kind else 'a calibration dataset'} asked for: qvlc "
+                          "quantizes weights round-to-nearest only (calibrated GPTQ is not implemented yet), and "
+                          "only from a native config", fix="write a native config with export.weights.format: int8 "
+                          "(README, \"Weight quantization\"), or remove frontend.quantize and frontend.dataset for "
+                          "an fp16 artifact", key=quantize[0])
     if (ck := take("frontend.checkpoint")) is not None:
         native["model"]["checkpoint"] = ck
     ids = take("frontend.shape.input_ids")

@@ -1,0 +1,87 @@
+"""``export.weights``: the typed section and its checks on the YAML alone (issue 9; README "Weight quantization").
+Split from config.py, which imports it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from qvlc.errors import ConfigError
+from qvlc.precision import WeightFormat
+
+
+class QuantMethod(str, Enum):
+    RTN = "rtn"  # round to nearest
+    GPTQ = "gptq"  # calibrated (not implemented yet: refused)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Dequantize(str, Enum):
+    BLOCKED = "blocked"  # int4: INT4 initializers, opset-21 blocked DequantizeLinear
+    EXPLICIT = "explicit"  # int4: the same values one per byte, Cast/Sub/Mul/Reshape (compilers without blocked DQ)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    path: str = ""  # JSON/JSONL of texts (method gptq)
+    nsamples: int = 128
+    seqlen: int = 512
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    format: WeightFormat = WeightFormat.NONE  # int8 | int4; none: weights stay in export.dtype
+    group_size: int = 128  # int4: input rows per scale (int8 is per output channel)
+    symmetric: bool = True  # signed integers, no zero point; false: unsigned with a zero point
+    method: QuantMethod = QuantMethod.RTN
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    include: tuple[str, ...] = ("llm",)  # llm (decoder linears), lm_head
+    dequantize: Dequantize = Dequantize.BLOCKED
+    min_cosine: float = 0.0  # floor of logits cosine against the unquantized model; 0: the format's default
+
+    @property
+    def enabled(self) -> bool:
+        return self.format != WeightFormat.NONE
+
+
+INCLUDE = ("llm", "lm_head")
+
+
+def check_weights(cfg) -> None:
+    """export.weights on the YAML alone (the group size against the model: config_checks)."""
+    w, key = cfg.export.weights, "export.weights"
+    if not w.enabled:
+        return
+    if cfg.part != "llm":
+        raise ConfigError("weight quantization applies to the llm part (the vision tower is not quantized yet)",
+                          fix=f"remove {key} from the visual config", key=f"{key}.format")
+    if w.method == "gptq":
+        raise ConfigError("method gptq (calibrated) is not implemented yet", fix=f"use {key}.method: rtn",
+                          key=f"{key}.method")
+    bad = [i for i in w.include if i not in INCLUDE]
+    if bad or not w.include:
+        raise ConfigError(f"include {list(w.include)}: {'unknown ' + repr(bad[0]) if bad else 'empty'}",
+                          fix=f"list some of {', '.join(INCLUDE)} (visual is not quantized yet)", key=f"{key}.include")
+    if w.format == WeightFormat.INT4 and (w.group_size <= 0 or w.group_size % 16):
+        raise ConfigError(f"{w.group_size} is not a positive multiple of 16", fix=f"use {key}.group_size: 128 "
+                          "(or 64, 32: smaller groups, smaller error, more scales)", key=f"{key}.group_size")
+    needed = 21 if w.format == WeightFormat.INT4 and w.dequantize == "blocked" else 19
+    if cfg.export.opset < needed:
+        raise ConfigError(f"{w.format} weights{' with blocked dequantization' if needed == 21 else ''} need opset "
+                          f">= {needed} (DequantizeLinear with {'INT4 blocks' if needed == 21 else 'fp16 scales'}); "
+                          f"this compile asks for {cfg.export.opset}", fix=f"set export.opset: {max(needed, 21)}",
+                          key="export.opset")
+    if not 0.0 <= w.min_cosine < 1.0:
+        raise ConfigError(f"min_cosine {w.min_cosine} is not in [0, 1)", fix=f"e.g. {key}.min_cosine: "
+                          f"{w.format.min_cosine} (0: the format's default)", key=f"{key}.min_cosine")
+    if cfg.validate.enabled and cfg.validate.oracle == "memory":
+        raise ConfigError("quantized weights are proven with the streamed oracle (it reads the dequantized weights "
+                          "layer by layer)", fix="remove validate.oracle: memory", key="validate.oracle")
+    if cfg.export.fp32_layers:
+        raise ConfigError("fp32 islands and quantized weights together are not supported yet",
+                          fix=f"remove export.fp32_layers or {key}", key="export.fp32_layers")
