@@ -88,24 +88,51 @@ def group_inputs(t, tp: int) -> dict[str, int]:
             "down_proj (intermediate / tp)": t.intermediate // tp}
 
 
+def check_imported(cfg: Config, dims: "ModelDims", imported) -> None:
+    """A checkpoint that is already quantized (GPTQ/AWQ): its integers are used as they are."""
+    if cfg.export.weights.enabled:
+        raise ConfigError(f"the checkpoint is already quantized ({imported.method} int{imported.bits}, groups of "
+                          f"{imported.group_size}): its integers are compiled as they are", fix="remove "
+                          "export.weights (or point model.checkpoint at the unquantized model)",
+                          key="export.weights.format")
+    if cfg.part == Part.LLM and cfg.validate.enabled and cfg.validate.oracle == "memory":
+        raise ConfigError("a quantized checkpoint is proven with the streamed oracle (transformers cannot load it "
+                          "without a GPTQ/AWQ kernel package)", fix="remove validate.oracle: memory",
+                          key="validate.oracle")
+    if cfg.part != Part.LLM:
+        return
+    blocked = imported.group_size != -1 and cfg.export.weights.dequantize == "blocked"
+    needed = 21 if blocked else 19
+    if cfg.export.opset < needed:
+        raise ConfigError(f"the checkpoint's {imported.method} weights need opset >= {needed} (DequantizeLinear "
+                          f"{'in blocks' if blocked else 'with fp16 scales'}); this compile asks for "
+                          f"{cfg.export.opset}", fix="set export.opset: 21", key="export.opset")
+    if imported.group_size != -1:
+        _groups_fit(imported.group_size, dims, cfg.export.tp, "export.tp", "the checkpoint's group_size")
+
+
 def _weight_groups(cfg: Config, dims: "ModelDims") -> None:
+    w = cfg.export.weights
+    if cfg.part == Part.LLM and w.format == "int4":
+        _groups_fit(w.group_size, dims, cfg.export.tp, "export.weights.group_size", "group_size")
+
+
+def _groups_fit(group: int, dims: "ModelDims", tp: int, key: str, what: str) -> None:
     """int4 groups of input rows must tile every rank's input slice: a group straddling the o_proj or down_proj
     split would need rows from two ranks."""
-    w, t, tp = cfg.export.weights, dims.text, cfg.export.tp
-    if cfg.part != Part.LLM or w.format != "int4":
-        return
-    bad = {k: n for k, n in group_inputs(t, tp).items() if n % w.group_size}
+    t = dims.text
+    bad = {k: n for k, n in group_inputs(t, tp).items() if n % group}
     if not bad:
         return
     groups = [g for g in range(16, t.hidden + 1, 16) if all(n % g == 0 for n in group_inputs(t, tp).values())]
     tps = [v for v in valid_tp_values(t.heads, t.kv_heads, t.intermediate, t.vocab)
-           if all(n % w.group_size == 0 for n in group_inputs(t, v).values())]
+           if all(n % group == 0 for n in group_inputs(t, v).values())]
     name, n = next(iter(bad.items()))
-    fix = f"use group_size {', '.join(map(str, groups[-6:]))}" if groups else "no group size fits this tp"
+    fix = f"use group_size {', '.join(map(str, groups[-6:]))}" if groups and what == "group_size" else ""
     if tps:
-        fix += f", or keep it and use tp = {', '.join(map(str, tps))}"
-    raise ConfigError(f"group_size {w.group_size} does not divide the {n} input rows of {name} at tp = {tp}",
-                      fix=fix, key="export.weights.group_size")
+        fix += f"{', or keep it and ' if fix else ''}use tp = {', '.join(map(str, tps))}"
+    raise ConfigError(f"{what} {group} does not divide the {n} input rows of {name} at tp = {tp}",
+                      fix=fix or "no tp fits this group size", key=key)
 
 
 def _declared(cfg: Config, dims: "ModelDims") -> None:

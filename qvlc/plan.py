@@ -3,17 +3,18 @@ every compile stage takes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qvlc.config import AUTO, Config
-from qvlc.config_checks import check_against_model, part_units
+from qvlc.config_checks import check_against_model, check_imported, part_units
 from qvlc.contract import LlmSpec, VisualSpec
 from qvlc.models import inspect_checkpoint, tiny_family
 from qvlc.models.common.checkpoint import check_weight_shapes, read_config_json
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
 from qvlc.models.common.islands import Islands, islands
+from qvlc.models.common.imported import ImportedQuant, imported_quant
 from qvlc.models.common.quant import WeightQuant
 
 
@@ -24,6 +25,7 @@ class Plan:
     family: Family
     dims: ModelDims
     auto_islands: Islands | None = None  # export.fp32_layers: auto, once the range probe (or a manifest) resolved it
+    imported: ImportedQuant | None = None  # the checkpoint's own quantization (GPTQ/AWQ), with the export dtype
 
     @property
     def islands(self) -> Islands:
@@ -34,9 +36,12 @@ class Plan:
         return islands(patterns, part_units(self.cfg, self.dims))
 
     @property
-    def quant(self) -> WeightQuant | None:
-        """export.weights, resolved (None: the weights stay in the export dtype)."""
-        return WeightQuant.of(self.cfg.export.weights, self.cfg.export.dtype)
+    def quant(self) -> WeightQuant | ImportedQuant | None:
+        """How the LLM's Linear weights are read: the checkpoint's own integers (an imported GPTQ/AWQ checkpoint),
+        export.weights (round to nearest), or None (floats in the export dtype)."""
+        if self.cfg.part != "llm":
+            return None
+        return self.imported or WeightQuant.of(self.cfg.export.weights, self.cfg.export.dtype)
 
     @property
     def auto(self) -> bool:
@@ -63,6 +68,11 @@ def check(cfg: Config) -> Plan:
     else:
         folder = Path(cfg.model.checkpoint).expanduser()
     family, dims = inspect_checkpoint(folder)
+    config = read_config_json(folder)
+    imported = imported_quant(config, str(folder / "config.json"))
+    if imported is not None:
+        imported = replace(imported, dtype=cfg.export.dtype)
+        check_imported(cfg, dims, imported)
     check_against_model(cfg, dims, family)
-    check_weight_shapes(folder, family, read_config_json(folder), vision_only=cfg.part == "visual")
-    return Plan(cfg, folder, family, dims)
+    check_weight_shapes(folder, family, config, vision_only=cfg.part == "visual", imported=imported)
+    return Plan(cfg, folder, family, dims, imported=imported)

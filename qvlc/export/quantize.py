@@ -47,11 +47,11 @@ def dequantize_nodes(graph: ir.Graph, name: str, qw: QuantWeight, dtype: np.dtyp
     zp_t = None if signed else np.ascontiguousarray(qw.zero_point.T)
     elem = ir.DataType.from_numpy(np.dtype(dtype))
     if qw.scale.ndim == 1 or not explicit:
-        per_axis = qw.scale.ndim == 1
-        inputs = [_const(graph, f"{name}.q", q_t if per_axis else _int4(q_t, signed)),
+        per_axis, wide = qw.scale.ndim == 1, qw.bits == 8  # int8 groups (imported GPTQ) are blocked INT8
+        inputs = [_const(graph, f"{name}.q", q_t if wide else _int4(q_t, signed)),
                   _const(graph, f"{name}.scale", scale_t)]
         if zp_t is not None:
-            inputs.append(_const(graph, f"{name}.zero_point", zp_t if per_axis else _int4(zp_t, False)))
+            inputs.append(_const(graph, f"{name}.zero_point", zp_t if wide else _int4(zp_t, False)))
         attrs = {"axis": 1} if per_axis else {"axis": 0, "block_size": qw.group}
         node = ir.node("DequantizeLinear", inputs, attrs, name=f"{name}/dequantize")
         node.outputs[0].name = f"{name}.dequantized"

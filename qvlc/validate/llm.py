@@ -219,7 +219,13 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
                             spec.dtype)
     report.notes.append(f"oracle: {type(oracle).__name__}; each prompt then {steps} greedy decode steps of the "
                         "graphs, the oracle teacher-forced on the tokens the graphs chose")
-    if plan.quant is not None:
+    if plan.imported is not None:
+        i = plan.imported
+        report.notes.append(f"weights: the checkpoint's own {i.method} int{i.bits} integers (groups of "
+                            f"{i.group_size}), compiled as they are; the oracle carries them dequantized (exactness)")
+        report.quantization = {"format": f"int{i.bits}", "group_size": i.group_size, "method": f"imported {i.method}",
+                               "symmetric": False, "min_cosine": None, "reference": None, "checks": []}
+    elif plan.quant is not None:
         report.notes.append("weights: the oracle carries the dequantized integers of the graphs (exactness); "
                             "'Quantization error' compares the graphs with the unquantized checkpoint")
         quantization_error(plan, report, runs, inputs, layouts)

@@ -250,6 +250,10 @@ class ParityReport:
         q = self.quantization
         if not q:
             return []
+        if q["reference"] is None:
+            return ["", "## Quantization error", "", f"{q['format']} weights imported from a {q['method'][9:]} "
+                    "checkpoint: no unquantized original exists, so the quantization's own error cannot be measured; "
+                    "the parity above proves the graphs compute the checkpoint's integers exactly."]
         groups = f", groups of {q['group_size']}" if q["group_size"] else ""
         kind = "symmetric" if q["symmetric"] else "asymmetric"
         lines = ["", "## Quantization error", "", f"{q['format']} weights{groups} ({q['method']}, {kind}) against "

@@ -102,7 +102,8 @@ def _header(path: Path) -> dict:
     return {k: t for k, t in header.items() if k != "__metadata__"}
 
 
-def check_weight_shapes(folder: Path, family: "Family", config: dict, vision_only: bool = False) -> None:
+def check_weight_shapes(folder: Path, family: "Family", config: dict, vision_only: bool = False,
+                        imported=None) -> None:
     """Every weight file complete, and every tensor the model needs present with its shape (read from the
     safetensors headers and a meta-device model: no weight is read). ``vision_only``: only the vision tower's
     tensors, all a visual compile reads (a checkpoint of the tower alone compiles its visual part)."""
@@ -119,6 +120,15 @@ def check_weight_shapes(folder: Path, family: "Family", config: dict, vision_onl
             continue
         names = [name, released_name(name)]
         have = next((found[n] for n in names if n in found), None)
+        packed = next((n[:-len("weight")] for n in names if n.endswith(".weight") and n[:-6] + "qweight" in found),
+                      None) if imported is not None else None
+        if have is None and packed is not None:  # an imported GPTQ/AWQ Linear: its packed tensors' shapes
+            for part, shape in imported.shapes(*p.shape).items():
+                if found.get(packed + part) != shape:
+                    raise CheckpointError(f"{folder}: tensor {packed + part!r} has shape {found.get(packed + part)}, "
+                                          f"config.json implies {shape}", fix="use the config.json that ships with "
+                                          "these weights", key="model.checkpoint")
+            continue
         if have is None:
             if tied and name == "lm_head.weight":
                 continue

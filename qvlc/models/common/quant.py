@@ -36,6 +36,10 @@ class WeightQuant:
             return None
         return cls(weights.format, weights.group_size, weights.symmetric, tuple(weights.include), dtype)
 
+    def tensor(self, linear) -> "DequantizedTensor":
+        """The view of one Linear of a ``lazy.Tree`` the deployment modules and the oracle read."""
+        return DequantizedTensor(linear.weight, self)
+
     def quantize(self, w: np.ndarray) -> "QuantWeight":
         return quantize_rtn(w, self.format.bits, None if self.format == WeightFormat.INT8 else self.group,
                             self.symmetric, self.dtype.numpy)
@@ -77,15 +81,16 @@ def rank_weights(text, head, quant: WeightQuant | None) -> dict[str, "QuantWeigh
             node = layer
             for p in path.split("."):
                 node = getattr(node, p)
-            if isinstance(node.weight, DequantizedTensor) and node.weight.taken is not None:
+            if getattr(node.weight, "taken", None) is not None:
                 out[f"stack.layers.{i}.{path}.weight_t"] = node.weight.taken
-    if isinstance(head.weight, DequantizedTensor) and head.weight.taken is not None:
+    if getattr(head.weight, "taken", None) is not None:
         out["stack.lm_head.weight_t"] = head.weight.taken
     return out
 
 
-def quantized_tree(text, head, quant: WeightQuant | None):
-    """Wrap the included Linear weights of a ``lazy_text_model`` pair (in place); returns (text, head)."""
+def quantized_tree(text, head, quant):
+    """Wrap the included Linear weights of a ``lazy_text_model`` pair (in place) in ``quant``'s view — a
+    WeightQuant (round to nearest) or an imported checkpoint's own format; returns (text, head)."""
     if quant is None:
         return text, head
     if "llm" in quant.include:
@@ -96,9 +101,9 @@ def quantized_tree(text, head, quant: WeightQuant | None):
                 for p in parents:
                     node = getattr(node, p)
                 linear = getattr(node, leaf)
-                linear._children["weight"] = DequantizedTensor(linear.weight, quant)
+                linear._children["weight"] = quant.tensor(linear)
     if "lm_head" in quant.include:
-        head._children["weight"] = DequantizedTensor(head.weight, quant)
+        head._children["weight"] = quant.tensor(head)
     return text, head
 
 
