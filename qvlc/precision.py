@@ -135,10 +135,11 @@ _TABLE: dict[Precision, _Row] = {
 #   rounded to fp16, MatMul sums included — stricter than an accelerator with fp32 accumulators). A K-term fp16
 #   running sum carries a rounding error of about u·sqrt(K)·|partial sums| (u = 4.9e-4): ~1e-2 relative for one
 #   [K = 4096] product (measured 9.4e-3), compounding through the residual stream. Measured on random Qwen2-VL-2B
-#   weights (benchmarks/bench_tvm.py, README "A second compiler"): decode logits rel L2 4.7e-2, cosine 0.9989
-#   against ONNX Runtime (itself 5e-3 from the oracle). rel L2 0.1 and cosine 0.995 leave ~2x headroom there (7B's
-#   longest sum, K = 18944, adds ~1.5x); a wrong slice, a dropped bias or a swapped norm still gives rel L2 of
-#   order 1, and an overflow gives inf.
+#   weights against ONNX Runtime (itself ~5e-3 from the oracle; benchmarks/bench_tvm.py, README "A second
+#   compiler"): LLM prefill logits rel L2 5.5e-2, cosine 0.9985; decode 4.7e-2, 0.9989; the vision tower at
+#   N = 5120 (32 blocks, attention summing 5120 keys) 0.107, 0.9942. rel L2 0.2 and cosine 0.99 pass those (the
+#   tower with ~2x headroom on rel L2, 1.7x on 1 - cosine); a wrong slice, a dropped bias or a swapped norm still
+#   gives rel L2 of order 1, and an overflow gives inf.
 _FP16_ARITHMETIC: dict[Runtime, Tolerance] = {
-    Runtime.TVM: Tolerance(atol=0.25, rtol=0.1, max_rel_l2=0.1, min_cosine=0.995),
+    Runtime.TVM: Tolerance(atol=0.5, rtol=0.15, max_rel_l2=0.2, min_cosine=0.99),
 }
