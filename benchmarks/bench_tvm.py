@@ -104,7 +104,8 @@ def _agreement(a, b) -> str:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     rel = np.linalg.norm(a - b) / np.linalg.norm(a)
     cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
-    return f"max abs {np.abs(a - b).max():.3e} (max |onnxruntime| {np.abs(a).max():.3g}), rel L2 {rel:.3e}, cosine {cos:.6f}"
+    return (f"max abs {np.abs(a - b).max():.3e} (max |onnxruntime| {np.abs(a).max():.3g}), rel L2 {rel:.3e}, "
+            f"cosine {cos:.6f}")
 
 
 def main() -> None:

@@ -84,7 +84,8 @@ def _fp32_layers(cfg: Config, dims: "ModelDims") -> None:
 
 def group_inputs(t, tp: int) -> dict[str, int]:
     """The input size each quantized Linear of one rank has (int4 groups run along it)."""
-    return {"q/k/v, gate/up and lm_head (hidden)": t.hidden, "o_proj (heads x head_dim / tp)": t.heads // tp * t.head_dim,
+    return {"q/k/v, gate/up and lm_head (hidden)": t.hidden,
+            "o_proj (heads x head_dim / tp)": t.heads // tp * t.head_dim,
             "down_proj (intermediate / tp)": t.intermediate // tp}
 
 

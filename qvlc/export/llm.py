@@ -34,6 +34,7 @@ from qvlc.models import family as family_of
 from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.islands import Islands
+from qvlc.models.common.imported import ImportedQuant
 from qvlc.models.common.lazy import LazyRows, lazy_text_model
 from qvlc.models.common.quant import WeightQuant, quantized_tree, rank_weights
 from qvlc.models.common.text import example_inputs
@@ -61,7 +62,7 @@ class RankJob:
     simplify: bool
     stage: Path
     islands: Islands = Islands()  # export.fp32_layers, resolved
-    quant: WeightQuant | None = None  # export.weights, resolved
+    quant: WeightQuant | ImportedQuant | None = None  # export.weights, or the checkpoint's own (GPTQ/AWQ)
     dequantize_explicit: bool = False  # int4: Cast/Sub/Mul instead of blocked DequantizeLinear
 
 

@@ -204,7 +204,8 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     del unsplit
     gc.collect()
     some = cases[:v.runtime_cases or len(cases)]  # the same cases (or the first few) and fed tokens
-    others = {rt: run_graphs(plan, folder, some, steps, None, rt, runs) for rt in v.runtimes if rt != Runtime.ONNXRUNTIME}
+    others = {rt: run_graphs(plan, folder, some, steps, None, rt, runs)
+              for rt in v.runtimes if rt != Runtime.ONNXRUNTIME}
     oracle = InMemoryOracle(plan.family, ck.model, dims) if ck is not None else \
         StreamedOracle(plan.family, plan.checkpoint, dims, plan.quant)
     inputs = oracle_inputs(runs, dims.tokens.image, dims.tokens.video)

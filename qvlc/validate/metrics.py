@@ -151,7 +151,8 @@ class ParityReport:
         d = self.divergence
         if not d:
             return None
-        where = d["case"] + ("" if d.get("runtime", "onnxruntime") == str(Runtime.ONNXRUNTIME) else f" ({d['runtime']})")
+        runtime = d.get("runtime", str(Runtime.ONNXRUNTIME))
+        where = d["case"] + ("" if runtime == str(Runtime.ONNXRUNTIME) else f" ({runtime})")
         if d.get("module") is None:
             return f"every one of the {d['layers_checked']} layers agrees on {where}: the divergence is after them"
         return (f"first divergent layer: {d['module']} on {where} (rel L2 {d['rel_l2']:.3e}); every layer "
@@ -261,8 +262,9 @@ class ParityReport:
                  "| graph | output | outputs | worst cosine | worst rel L2 | result |", "|---|---|---|---|---|---|"]
         for (graph, output) in dict.fromkeys((r["graph"], r["output"]) for r in q["checks"]):
             rows = [r for r in q["checks"] if (r["graph"], r["output"]) == (graph, output)]
+            verdict = "pass" if all(r["passed"] for r in rows) else "FAIL"
             lines.append(f"| {graph} | {output} | {len(rows)} | {min(r['cosine'] for r in rows):.5f} | "
-                         f"{max(r['rel_l2'] for r in rows):.3e} | {'pass' if all(r['passed'] for r in rows) else 'FAIL'} |")
+                         f"{max(r['rel_l2'] for r in rows):.3e} | {verdict} |")
         return lines
 
     def _ranges_markdown(self) -> list[str]:
