@@ -103,6 +103,9 @@ def check_imported(cfg: Config, dims: "ModelDims", imported) -> None:
     if cfg.part != Part.LLM:
         return
     blocked = imported.group_size != -1 and cfg.export.weights.dequantize == "blocked"
+    if blocked and imported.bits == 4 and "tvm" in cfg.validate.runtimes:
+        raise ConfigError("tvm is in validate.runtimes, and TVM 0.27 does not import blocked int4 DequantizeLinear",
+                          fix="set export.weights.dequantize: explicit, or remove tvm", key="export.weights.dequantize")
     needed = 21 if blocked else 19
     if cfg.export.opset < needed:
         raise ConfigError(f"the checkpoint's {imported.method} weights need opset >= {needed} (DequantizeLinear "

@@ -79,6 +79,10 @@ def check_weights(cfg) -> None:
     if not 0.0 <= w.min_cosine < 1.0:
         raise ConfigError(f"min_cosine {w.min_cosine} is not in [0, 1)", fix=f"e.g. {key}.min_cosine: "
                           f"{w.format.min_cosine} (0: the format's default)", key=f"{key}.min_cosine")
+    if w.format == WeightFormat.INT4 and w.dequantize == "blocked" and "tvm" in cfg.validate.runtimes:
+        raise ConfigError("tvm is in validate.runtimes, and TVM 0.27 does not import blocked int4 DequantizeLinear",
+                          fix=f"set {key}.dequantize: explicit (the same integers, plain ops), or remove tvm",
+                          key=f"{key}.dequantize")
     if cfg.validate.enabled and cfg.validate.oracle == "memory":
         raise ConfigError("quantized weights are proven with the streamed oracle (it reads the dequantized weights "
                           "layer by layer)", fix="remove validate.oracle: memory", key="validate.oracle")

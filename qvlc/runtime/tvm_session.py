@@ -34,6 +34,10 @@ from onnx.external_data_helper import load_external_data_for_model
 Io = namedtuple("Io", "name")  # what qvlc reads of ONNX Runtime's NodeArg
 
 
+class TvmBuildError(RuntimeError):
+    """TVM could not import or build a graph: validation records it as a failed check of the TVM runtime."""
+
+
 def host_target():
     """``llvm`` for this CPU: its name (so F16C/AVX are used) and its core count."""
     import tvm
@@ -53,9 +57,9 @@ def _tile(sch, loop, size: int) -> int:
 
 
 def _schedule_reductions():
-    """A module pass: every reduction block with one reduction loop gets its outer spatial loops fused and run in
-    parallel and the reduction loop moved outside a 16-wide inner spatial loop. A function the rule does not fit
-    is left as Relax built it (correct, slower)."""
+    """A module pass: every reduction block with one reduction loop gets a ROWS x COLS tile of outputs per parallel
+    task (the outer spatial loops fused and run in parallel), the reduction loop walked outside the tile. A function
+    the rule does not fit is left as Relax built it (correct, slower)."""
     import tvm
     from tvm import s_tir, tirx
     from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -136,17 +140,21 @@ class TvmSession:
             proto = onnx.load(str(model))
         self._inputs = [Io(i.name) for i in proto.graph.input]
         self._outputs = [Io(o.name) for o in proto.graph.output]
-        with _quiet_native():
-            mod = from_onnx(proto, keep_params_in_input=True)
-            del proto
-            mod, params = detach_params(mod)
-            target = host_target()
-            with target:
-                mod = tvm.ir.transform.Sequential([
-                    relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                    relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
-                    *([_schedule_reductions()] if schedule else [])])(mod)
-            self._vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+        try:
+            with _quiet_native():
+                mod = from_onnx(proto, keep_params_in_input=True)
+                del proto
+                mod, params = detach_params(mod)
+                target = host_target()
+                with target:
+                    mod = tvm.ir.transform.Sequential([
+                        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
+                        *([_schedule_reductions()] if schedule else [])])(mod)
+                self._vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+        except Exception as exc:  # noqa: BLE001 — any import/build failure of the second compiler is a finding
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise TvmBuildError(f"TVM could not import or build the graph: {first.strip()[:300]}") from exc
         self._params = list(params.get("main", []))
 
     def get_inputs(self) -> list[Io]:

@@ -37,6 +37,7 @@ from qvlc.models.common.tp import RankLayout, rank_layout
 from qvlc.plan import Plan
 from qvlc.precision import Runtime
 from qvlc.runtime.llm import LlmRuntime, Window
+from qvlc.runtime.tvm_session import TvmBuildError
 from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
 from qvlc.validate.llm_cases import LlmCase, build_cases, with_image_rows
@@ -204,8 +205,13 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     del unsplit
     gc.collect()
     some = cases[:v.runtime_cases or len(cases)]  # the same cases (or the first few) and fed tokens
-    others = {rt: run_graphs(plan, folder, some, steps, None, rt, runs)
-              for rt in v.runtimes if rt != Runtime.ONNXRUNTIME}
+    others = {}
+    for rt in (r for r in v.runtimes if r != Runtime.ONNXRUNTIME):
+        try:
+            others[rt] = run_graphs(plan, folder, some, steps, None, rt, runs)
+        except TvmBuildError as exc:  # the graphs do not import into this compiler: a failed check, not a crash
+            with report.using(rt):
+                report.fail("llm", str(rt), "build", str(exc))
     oracle = InMemoryOracle(plan.family, ck.model, dims) if ck is not None else \
         StreamedOracle(plan.family, plan.checkpoint, dims, plan.quant)
     inputs = oracle_inputs(runs, dims.tokens.image, dims.tokens.video)

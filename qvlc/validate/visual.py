@@ -30,6 +30,7 @@ from qvlc.host.preprocess import PreprocessConfig, image_to_patches, video_to_pa
 from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.plan import Plan
 from qvlc.precision import Runtime
+from qvlc.runtime.tvm_session import TvmBuildError
 from qvlc.runtime.visual import VisualRuntime
 from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
@@ -179,7 +180,12 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
                             f": {sum(c.patches for c in run)} of {spec.max_patches} patches real")
     v = plan.cfg.validate
     for rt in v.runtimes:  # one runtime's session alive at a time
-        runtime = VisualRuntime(stage, spec, plan.family, rt)
+        try:
+            runtime = VisualRuntime(stage, spec, plan.family, rt)
+        except TvmBuildError as exc:  # the graph does not import into this compiler: a failed check
+            with report.using(rt):
+                report.fail(GRAPH, str(rt), "build", str(exc))
+            continue
         todo = calls if rt == Runtime.ONNXRUNTIME else calls[:v.runtime_cases or len(calls)]
         with report.using(rt):
             for i, run in enumerate(todo):

@@ -136,3 +136,20 @@ def test_requantizing_an_imported_checkpoint_is_refused(tmp_path):
         check(config_from_dict({"name": "x", "part": "llm", "model": {"checkpoint": str(tmp_path / "ck")},
                                 "export": {"opset": 21, "weights": {"format": "int8"}}}))
     assert info.value.key == "export.weights.format" and "already quantized" in str(info.value)
+
+
+def test_a_graph_tvm_cannot_build_is_a_failed_check(tmp_path):
+    """8-bit GPTQ in groups is written as blocked INT8 DequantizeLinear, which TVM 0.27 does not import: the TVM
+    runtime gets one failed check naming the problem (the compile fails, exit 1), ONNX Runtime's checks all pass."""
+    from qvlc.errors import ParityError
+
+    write_quantized(tmp_path / "ck", "gptq", 8, 32, True)
+    with pytest.raises(ParityError):
+        compile_artifact(config_from_dict({
+            "name": "g8", "part": "llm", "model": {"checkpoint": str(tmp_path / "ck")},
+            "export": {"opset": 21, "prefill_len": 64, "max_context": 96},
+            "validate": {"runtimes": ["onnxruntime", "tvm"]}, "output": {"dir": str(tmp_path)}}))
+    parity = json.loads((tmp_path / "g8.failed" / "parity.json").read_text())
+    assert all(c["passed"] for c in parity["checks"] if c["runtime"] == "onnxruntime")
+    (failure,) = parity["failures"]
+    assert failure.startswith("[tvm] llm/tvm/build: TVM could not import or build the graph")

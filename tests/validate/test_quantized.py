@@ -128,11 +128,14 @@ def test_the_error_floor_is_a_verdict(tmp_path):
     ({"format": "int8"}, {"opset": 18}, "export.opset", "opset >= 19"),
     ({"format": "int8", "min_cosine": 1.5}, {}, "export.weights.min_cosine", "not in [0, 1)"),
     ({"format": "int8"}, {"fp32_layers": ["lm_head"], "dtype": "fp16"}, "export.fp32_layers", "not supported yet"),
+    ({"format": "int4", "group_size": 32}, {"runtimes": ["onnxruntime", "tvm"]}, "export.weights.dequantize",
+     "dequantize: explicit"),
 ])
 def test_bad_weight_configs_refused_before_loading(weights, extra, key, fragment):
+    runtimes = extra.pop("runtimes", ["onnxruntime"])
     export = {"opset": 21, "tp": 1, **extra, "weights": weights}
     with pytest.raises(ConfigError) as info:
-        check(config_from_dict({"name": "x", "part": "llm", "export": export}))
+        check(config_from_dict({"name": "x", "part": "llm", "export": export, "validate": {"runtimes": runtimes}}))
     assert info.value.key == key and fragment in str(info.value), str(info.value)
 
 
@@ -152,3 +155,13 @@ def test_a_rank_slice_dequantizes_to_the_slice_of_the_whole(bits, group, symmetr
         part = qw.narrow(dim, start, length).dequantize(np.dtype(np.float16))
         assert np.array_equal(part, np.take(whole, range(start, start + length), axis=dim))
     assert ml_dtypes.int4  # the dtype the blocked graphs store
+
+
+
+def test_validate_with_tvm_refuses_blocked_int4_before_running(compiled):
+    from qvlc.pipeline import validate_artifact
+
+    r = compiled("q_int4_asym", opset=21, weights={"format": "int4", "group_size": 32, "symmetric": False}, **LEN)
+    with pytest.raises(ConfigError) as info:
+        validate_artifact(r.folder, runtimes=("tvm",))
+    assert info.value.key == "export.weights.dequantize"
