@@ -42,7 +42,7 @@ class WeightsConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     include: tuple[str, ...] = ("llm",)  # llm (decoder linears), lm_head
     dequantize: Dequantize = Dequantize.BLOCKED
-    min_cosine: float = 0.0  # floor of logits cosine against the unquantized model; 0: the format's default
+    min_cosine: float = 0.0  # floor of each output's cosine against the unquantized model; 0: the format's default
 
     @property
     def enabled(self) -> bool:
@@ -63,6 +63,9 @@ def check_weights(cfg) -> None:
     if w.method == "gptq":
         raise ConfigError("method gptq (calibrated) is not implemented yet", fix=f"use {key}.method: rtn",
                           key=f"{key}.method")
+    if w.calibration != CalibrationConfig():  # read by method gptq only: never silently unused
+        raise ConfigError("calibration applies to method gptq, which is not implemented yet; rtn needs no data",
+                          fix=f"remove {key}.calibration", key=f"{key}.calibration")
     bad = [i for i in w.include if i not in INCLUDE]
     if bad or not w.include:
         raise ConfigError(f"include {list(w.include)}: {'unknown ' + repr(bad[0]) if bad else 'empty'}",

@@ -123,6 +123,7 @@ def test_the_error_floor_is_a_verdict(tmp_path):
     ({"format": "int4", "group_size": 64}, {"tp": 2}, "export.weights.group_size", "use group_size 16, 32"),
     ({"format": "int4", "group_size": 48}, {}, "export.weights.group_size", "does not divide"),
     ({"format": "int8", "method": "gptq"}, {}, "export.weights.method", "not implemented"),
+    ({"format": "int8", "calibration": {"nsamples": 64}}, {}, "export.weights.calibration", "remove"),
     ({"format": "int8", "include": ["visual"]}, {}, "export.weights.include", "unknown 'visual'"),
     ({"format": "int4"}, {"opset": 18}, "export.opset", "opset >= 21"),
     ({"format": "int8"}, {"opset": 18}, "export.opset", "opset >= 19"),
