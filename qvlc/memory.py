@@ -111,11 +111,11 @@ def estimate(cfg: "Config", dims: "ModelDims") -> Estimate:
             held = p * 4 if cfg.validate.oracle == "memory" else p / v.depth * 4  # the oracle's tower, or a block
             # the session maps the weights file; its calls cast weights to fp32 as they go (2B at N = 5120, blocks
             # of 1024 rows: 4.80 GiB anonymous, measured)
-            validation = (max([2 * p * dt, *_tvm(cfg, p * dt).values()]) + held) * OVERHEAD + 1.5 * attention
+            tvm = _tvm(cfg, p * dt)
+            validation = (max([2 * p * dt, *tvm.values()]) + held) * OVERHEAD + 1.5 * attention
             if export * OVERHEAD >= validation:
                 parts["export (tower in the export dtype, the exporter's copy)"] = export
             else:
-                tvm = _tvm(cfg, p * dt)
                 if tvm and max(tvm.values()) > 2 * p * dt:
                     parts.update(tvm)
                     parts["the oracle's block"] = held

@@ -42,12 +42,7 @@ from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
 from qvlc.validate.llm_cases import LlmCase, build_cases, with_image_rows
 from qvlc.validate.metrics import ParityReport, TokenCheck
-from qvlc.validate.oracle import (
-    InMemoryOracle,
-    OracleInput,
-    OracleOutput,
-    StreamedOracle,
-)
+from qvlc.validate.oracle import InMemoryOracle, OracleInput, OracleOutput, StreamedOracle
 from qvlc.validate.quant_error import quantization_error, recombine_kv
 from qvlc.validate.ranges import RangeRecorder
 from qvlc.validate.vision_oracle import StreamedVisionOracle

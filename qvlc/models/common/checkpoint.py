@@ -120,7 +120,8 @@ def check_weight_shapes(folder: Path, family: "Family", config: dict, vision_onl
             continue
         names = [name, released_name(name)]
         have = next((found[n] for n in names if n in found), None)
-        packed = next((n[:-len("weight")] for n in names if n.endswith(".weight") and n[:-6] + "qweight" in found),
+        packed = next((n[:-len("weight")] for n in names
+                       if n.endswith(".weight") and n[:-len("weight")] + "qweight" in found),
                       None) if imported is not None else None
         if have is None and packed is not None:  # an imported GPTQ/AWQ Linear: its packed tensors' shapes
             for part, shape in imported.shapes(*p.shape).items():
