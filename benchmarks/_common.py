@@ -76,3 +76,38 @@ def print_parity(report) -> None:
         print(f"  greedy {t['case']}: {t['matched']}/{t['of']} tokens agree with the oracle")
     for note in report.notes:
         print(f"  note: {note}")
+
+
+def add_weights_args(ap) -> None:
+    """--weights/--group-size/--dequantize/--method/--nsamples/--seqlen: export.weights, as both LLM benchmarks take it."""
+    ap.add_argument("--weights", choices=("none", "int8", "int4"), default="none", help="export.weights.format")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--dequantize", choices=("blocked", "explicit"), default="blocked")
+    ap.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="export.weights.method")
+    ap.add_argument("--nsamples", type=int, default=128, help="gptq: calibration.nsamples")
+    ap.add_argument("--seqlen", type=int, default=512, help="gptq: calibration.seqlen")
+
+
+def weights_export(args) -> tuple[str, dict]:
+    """(artifact-name suffix, export keys) for the --weights arguments."""
+    if args.weights == "none":
+        return "", {}
+    weights = {"format": args.weights, "group_size": args.group_size, "dequantize": args.dequantize,
+               "method": args.method}
+    suffix = f"_{args.weights}" + (f"g{args.group_size}" if args.weights == "int4" else "")
+    if args.method == "gptq":
+        weights["calibration"] = {"nsamples": args.nsamples, "seqlen": args.seqlen}
+        suffix += f"_gptq{args.nsamples}x{args.seqlen}"
+    return suffix, {"opset": 21, "weights": weights}
+
+
+def print_quant_error(report) -> None:
+    """The quantization-error verdict on the logits of each graph, as the LLM benchmarks print it."""
+    q = report.quantization if report else None
+    if not q:
+        return
+    for graph in ("prefill", "decode"):
+        rows = [r for r in q["checks"] if r["graph"] == graph and r["output"] == "logits"]
+        print(f"quantization error, {graph} logits vs the unquantized model: worst cosine "
+              f"{min(r['cosine'] for r in rows):.5f}, worst rel L2 {max(r['rel_l2'] for r in rows):.3e} "
+              f"(floor {q['min_cosine']})")

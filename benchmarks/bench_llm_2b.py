@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_llm_2b.py [--workdir bench_out] [--prefill-len 512] [--max-context 1024]
                                                 [--tp 1] [--no-validate] [--simplify]
                                                 [--weights int8|int4] [--group-size 128] [--dequantize blocked]
+                                                [--method rtn|gptq] [--nsamples 128] [--seqlen 512]
 
 Shares the random checkpoint <workdir>/qwen2_vl_2b_random with bench_visual.py (streamed once, bf16 like the
 released weights). Prints wall time per stage, peak RSS, bytes written and the write rate they imply.
@@ -16,7 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import ARTIFACTS, PrintProgress, ensure_checkpoint, print_parity, rss_gb
+from _common import (ARTIFACTS, PrintProgress, add_weights_args, ensure_checkpoint, print_parity, print_quant_error,
+                     rss_gb, weights_export)
 
 
 def main() -> int:
@@ -31,20 +33,15 @@ def main() -> int:
     ap.add_argument("--simplify", action="store_true")
     ap.add_argument("--no-validate", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--weights", choices=("none", "int8", "int4"), default="none", help="export.weights.format")
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--dequantize", choices=("blocked", "explicit"), default="blocked")
+    add_weights_args(ap)
     args = ap.parse_args()
 
     from qvlc.config import config_from_dict
     from qvlc.pipeline import compile_artifact
 
     checkpoint = ensure_checkpoint(args.workdir, args.seed)
-    quant = "" if args.weights == "none" else f"_{args.weights}" + (f"g{args.group_size}" if args.weights == "int4"
-                                                                  else "")
+    quant, weights = weights_export(args)
     name = f"bench_llm_2b_{args.prefill_len}_{args.max_context}_tp{args.tp}_{args.dtype}{quant}"
-    weights = {} if args.weights == "none" else {
-        "opset": 21, "weights": {"format": args.weights, "group_size": args.group_size, "dequantize": args.dequantize}}
     out = args.workdir / ARTIFACTS
     shutil.rmtree(out / name, ignore_errors=True)
     cfg = config_from_dict({
@@ -75,13 +72,7 @@ def main() -> int:
     print(f"disk writes: {ws:.1f} s of the {export_s:.1f} s export stage ({written / 1e6 / max(ws, 1e-9):.0f} MB/s "
           f"while writing, fsync included; {written / 1e6 / export_s:.0f} MB/s over the whole export stage)")
     print_parity(result.report)
-    q = result.report.quantization if result.report else None
-    if q:
-        for graph in ("prefill", "decode"):
-            rows = [r for r in q["checks"] if r["graph"] == graph and r["output"] == "logits"]
-            print(f"quantization error, {graph} logits vs the unquantized model: worst cosine "
-                  f"{min(r['cosine'] for r in rows):.5f}, worst rel L2 {max(r['rel_l2'] for r in rows):.3e} "
-                  f"(floor {q['min_cosine']})")
+    print_quant_error(result.report)
     return 0
 
 

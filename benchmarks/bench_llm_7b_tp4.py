@@ -1,7 +1,8 @@
-"""Benchmark: compile and prove a random-weight Qwen2-VL-7B LLM part (real shapes) at tp = 4, fp16.
+"""Benchmark: compile and prove a random-weight Qwen2-VL-7B LLM part (real shapes) at tp = 4, fp16 (or with
+int8/int4 weights: --weights, as bench_llm_2b.py takes it).
 
     ../shared/tools/memcap 16 .venv/bin/python benchmarks/bench_llm_7b_tp4.py [--workdir bench_out]
-        [--workers 1] [--prefill-len 2048] [--max-context 4096] [--no-validate]
+        [--workers 1] [--prefill-len 2048] [--max-context 4096] [--no-validate] [--weights int8] ...
 
 The checkpoint (bf16, 16.6 GB, sharded like the released one) is written once by a streaming writer that never
 holds the model. Each rank is exported from only its own slices read from the checkpoint files (in this process,
@@ -20,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import ARTIFACTS, PrintProgress, print_parity, rss_gb
+from _common import ARTIFACTS, PrintProgress, add_weights_args, print_parity, print_quant_error, rss_gb, weights_export
 
 
 def ensure_7b(workdir: Path, seed: int) -> Path:
@@ -46,6 +47,7 @@ def main() -> int:
     ap.add_argument("--max-context", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-validate", action="store_true")
+    add_weights_args(ap)
     args = ap.parse_args()
 
     from qvlc.config import config_from_dict
@@ -53,13 +55,14 @@ def main() -> int:
 
     checkpoint = ensure_7b(args.workdir, args.seed)
     validate = not args.no_validate
-    name = f"bench_llm_7b_{args.prefill_len}_{args.max_context}_tp4_fp16_w{args.workers}"
+    quant, weights = weights_export(args)
+    name = f"bench_llm_7b_{args.prefill_len}_{args.max_context}_tp4_fp16{quant}_w{args.workers}"
     out = args.workdir / ARTIFACTS
     shutil.rmtree(out / name, ignore_errors=True)
     cfg = config_from_dict({
         "name": name, "part": "llm", "model": {"checkpoint": str(checkpoint)},
         "export": {"dtype": "fp16", "prefill_len": args.prefill_len, "max_context": args.max_context, "tp": 4,
-                   "workers": args.workers},
+                   "workers": args.workers, **weights},
         "validate": {"enabled": validate}, "output": {"dir": str(out)},
     })
     rss_before = rss_gb(resource.RUSAGE_SELF)
@@ -84,6 +87,7 @@ def main() -> int:
     print(f"bytes written: {result.export.bytes_written / 1e9:.2f} GB; {ws:.1f} s spent writing "
           f"({result.export.bytes_written / 1e6 / max(ws, 1e-9):.0f} MB/s while writing)")
     print_parity(result.report)
+    print_quant_error(result.report)
     return 0
 
 

@@ -12,7 +12,7 @@ from qvlc.precision import WeightFormat
 
 class QuantMethod(str, Enum):
     RTN = "rtn"  # round to nearest
-    GPTQ = "gptq"  # calibrated (not implemented yet: refused)
+    GPTQ = "gptq"  # calibrated on a text set (qvlc.export.calibrate)
 
     def __str__(self) -> str:
         return self.value
@@ -28,7 +28,7 @@ class Dequantize(str, Enum):
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    path: str = ""  # JSON/JSONL of texts (method gptq)
+    path: str = ""  # JSON/JSONL of texts or input_ids (method gptq); empty: the built-in set
     nsamples: int = 128
     seqlen: int = 512
 
@@ -60,12 +60,14 @@ def check_weights(cfg) -> None:
     if cfg.part != "llm":
         raise ConfigError("weight quantization applies to the llm part (the vision tower is not quantized yet)",
                           fix=f"remove {key} from the visual config", key=f"{key}.format")
-    if w.method == "gptq":
-        raise ConfigError("method gptq (calibrated) is not implemented yet", fix=f"use {key}.method: rtn",
-                          key=f"{key}.method")
-    if w.calibration != CalibrationConfig():  # read by method gptq only: never silently unused
-        raise ConfigError("calibration applies to method gptq, which is not implemented yet; rtn needs no data",
-                          fix=f"remove {key}.calibration", key=f"{key}.calibration")
+    c = w.calibration
+    if w.method != "gptq" and c != CalibrationConfig():  # read by method gptq only: never silently unused
+        raise ConfigError("calibration applies to method gptq; rtn (round to nearest) needs no data",
+                          fix=f"set {key}.method: gptq, or remove {key}.calibration", key=f"{key}.calibration")
+    for name, value, lo, hi in (("nsamples", c.nsamples, 1, 4096), ("seqlen", c.seqlen, 16, 32768)):
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} {value} is not in [{lo}, {hi}]", fix=f"e.g. {key}.calibration.{name}: "
+                              f"{getattr(CalibrationConfig(), name)}", key=f"{key}.calibration.{name}")
     bad = [i for i in w.include if i not in INCLUDE]
     if bad or not w.include:
         raise ConfigError(f"include {list(w.include)}: {'unknown ' + repr(bad[0]) if bad else 'empty'}",

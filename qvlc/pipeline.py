@@ -170,10 +170,19 @@ def _compile_locked(cfg: Config, force: bool, timed, timings: dict[str, float]) 
     with timed("check"):
         refuse_existing(final, force)
         plan = check(cfg)
+        if plan.calibrating:  # the calibration set is read and tokenized now: a bad file fails before any weight
+            from qvlc.export.calibration_data import calibration_set
+
+            plan = dataclasses.replace(plan, calibration=calibration_set(cfg, plan.checkpoint, plan.dims.text.vocab))
     stage = make_staging(final)
     try:
         with timed("load"):
             ck = load(plan)
+        if plan.calibrating:
+            with timed("calibrate"):  # GPTQ, streamed layer by layer: the integers every later stage reads
+                from qvlc.export.calibrate import calibrate
+
+                plan = dataclasses.replace(plan, calibrated=calibrate(plan, stage))
         if plan.auto and cfg.export.dtype == "fp16":
             with timed("fp32 probe"):  # export.fp32_layers: auto — the range check on the cases, before the export
                 from qvlc.validate.probe import probe_islands
@@ -205,6 +214,16 @@ def _compile_locked(cfg: Config, force: bool, timed, timings: dict[str, float]) 
     return CompileResult(final, report, timings, exported)
 
 
+def calibrated_store(folder: Path) -> Path:
+    from qvlc.models.common.gptq import STORE
+
+    store = Path(folder) / STORE
+    if not store.is_file():
+        raise QvlcError(f"{folder} was compiled with export.weights.method gptq, but its calibrated integers "
+                        f"({STORE}) are missing", fix="restore the artifact's calibration/ folder, or recompile")
+    return store
+
+
 def validate_artifact(folder: Path, progress: Progress | None = None,
                       runtimes: tuple[str, ...] | None = None) -> ParityReport:
     """`qvlc validate`: re-run the parity check of an existing artifact against its source checkpoint.
@@ -221,6 +240,8 @@ def validate_artifact(folder: Path, progress: Progress | None = None,
     cfg = config_from_dict(raw)
     with progress.stage("check"):
         plan = check(cfg)
+        if plan.calibrating:  # the integers the compile calibrated, as the artifact stores them
+            plan = dataclasses.replace(plan, calibrated=calibrated_store(folder))
         if plan.auto:  # what the compile's probe chose, as the manifest records it
             plan = dataclasses.replace(plan, auto_islands=Islands(m.fp32.units, m.fp32.residual_from) if m.fp32
                                        else Islands())

@@ -14,6 +14,7 @@ from qvlc.models.common.checkpoint import check_weight_shapes, read_config_json
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
 from qvlc.models.common.islands import Islands, islands
+from qvlc.models.common.gptq import CalibratedQuant
 from qvlc.models.common.imported import ImportedQuant, imported_quant
 from qvlc.models.common.quant import WeightQuant
 
@@ -26,6 +27,8 @@ class Plan:
     dims: ModelDims
     auto_islands: Islands | None = None  # export.fp32_layers: auto, once the range probe (or a manifest) resolved it
     imported: ImportedQuant | None = None  # the checkpoint's own quantization (GPTQ/AWQ), with the export dtype
+    calibration: object | None = None  # method gptq, compiling: the CalibrationSet (qvlc.export.calibration_data)
+    calibrated: Path | None = None  # method gptq: the store of the calibrated integers, once written
 
     @property
     def islands(self) -> Islands:
@@ -41,7 +44,17 @@ class Plan:
         export.weights (round to nearest), or None (floats in the export dtype)."""
         if self.cfg.part != "llm":
             return None
-        return self.imported or WeightQuant.of(self.cfg.export.weights, self.cfg.export.dtype)
+        w = self.cfg.export.weights
+        if w.enabled and w.method == "gptq":
+            if self.calibrated is None:
+                raise RuntimeError("method gptq: the weights are read from the calibration store, not written yet")
+            return CalibratedQuant(self.calibrated, w.format, tuple(w.include), self.cfg.export.dtype)
+        return self.imported or WeightQuant.of(w, self.cfg.export.dtype)
+
+    @property
+    def calibrating(self) -> bool:
+        w = self.cfg.export.weights
+        return self.cfg.part == "llm" and w.enabled and w.method == "gptq"
 
     @property
     def auto(self) -> bool:

@@ -260,6 +260,11 @@ class ParityReport:
         lines = ["", "## Quantization error", "", f"{q['format']} weights{groups} ({q['method']}, {kind}) against "
                  f"{q['reference']}; an output passes at cosine >= {q['min_cosine']}.", "",
                  "| graph | output | outputs | worst cosine | worst rel L2 | result |", "|---|---|---|---|---|---|"]
+        if (c := q.get("calibration")) and c["gptq_over_rtn"]:
+            r = c["gptq_over_rtn"]
+            lines[4:4] = ["", f"Calibrated by GPTQ on {c['nsamples']} windows of {c['seqlen']} tokens from "
+                          f"{c['source']} ({c['set_tokens']} tokens). On those tokens each Linear's output error "
+                          f"is {r['median']:.2f}x round to nearest's (median; worst {r['worst']:.2f}x)."]
         for (graph, output) in dict.fromkeys((r["graph"], r["output"]) for r in q["checks"]):
             rows = [r for r in q["checks"] if (r["graph"], r["output"]) == (graph, output)]
             verdict = "pass" if all(r["passed"] for r in rows) else "FAIL"

@@ -60,12 +60,12 @@ class _Recorder:
         return key_states, value_states
 
 
-def _causal(t: int) -> torch.Tensor:
+def causal(t: int) -> torch.Tensor:
     """transformers' eager causal mask: 0 where a query may attend, the fp32 minimum elsewhere."""
     return torch.full((t, t), torch.finfo(torch.float32).min).triu(1)[None, None]
 
 
-class _Shell:
+class Shell:
     """transformers' classes for a checkpoint, instantiated on the meta device (no weights, no memory): the
     source of the decoder-layer class, ``get_rope_index`` and the rotary embedding."""
 
@@ -120,7 +120,7 @@ class StreamedOracle(_Oracle):
     def __init__(self, family: Family, folder: Path, dims: ModelDims, quant: WeightQuant | None = None) -> None:
         """``quant``: read the included Linear weights dequantized from their integers (export.weights) — the
         transformers model carrying exactly the weights the quantized graphs carry."""
-        self.shell, self.dims = _Shell(family, folder), dims
+        self.shell, self.dims = Shell(family, folder), dims
         self.text, self.head = quantized_tree(*lazy_text_model(folder), quant)
 
     def _embed(self, seqs: list[OracleInput]) -> list[torch.Tensor]:
@@ -146,7 +146,7 @@ class StreamedOracle(_Oracle):
                 rec = _Recorder()
                 t = h.shape[1]
                 handles = ranges.hook(layer, f"{LAYERS}.{i}", [(seqs[j].name, 0, 1)], packed=False)
-                hidden[j] = layer(h, attention_mask=_causal(t), position_ids=pos[j][0], past_key_values=rec,
+                hidden[j] = layer(h, attention_mask=causal(t), position_ids=pos[j][0], past_key_values=rec,
                                   use_cache=True, cache_position=torch.arange(t), position_embeddings=rope[j])[0]
                 remove(handles)
                 kv[j].append(np.stack([x[0].numpy() for x in rec.kv]))

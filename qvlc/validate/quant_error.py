@@ -9,6 +9,8 @@ format's default when 0: ``WeightFormat.min_cosine`` says why each default is wh
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from qvlc.plan import Plan
@@ -39,6 +41,10 @@ def quantization_error(plan: Plan, report: ParityReport, runs: list, inputs: lis
     report.quantization = {"format": str(w.format), "group_size": w.group_size if w.format == "int4" else None,
                            "symmetric": w.symmetric, "method": str(w.method), "min_cosine": floor,
                            "reference": "the unquantized checkpoint (transformers' layers, fp32)", "checks": rows}
+    if plan.calibrated is not None:  # method gptq: what the calibration saw, and GPTQ against round to nearest
+        record = json.loads((plan.calibrated.parent / "calibration.json").read_text())
+        report.quantization["calibration"] = {k: record[k] for k in ("source", "set_tokens", "nsamples", "seqlen",
+                                                                      "gptq_over_rtn")}
 
 
 def recombine_kv(kv: list[np.ndarray], layouts: list) -> np.ndarray:
