@@ -23,6 +23,50 @@ VAMC_EQUIVALENT = {"part": "frontend.model_kwargs.build_visual", "model": "front
                    "export": "frontend.shape / frontend.model_kwargs.tp / backend.dtype", "output": "workspace.path"}
 
 
+QUANTIZE_TYPES = {"w8a16_gptq": "int8"}  # frontend.quantize.type → export.weights.format, calibrated by GPTQ
+DATASET_KEYS = {"path": "path", "nsamples": "nsamples", "seqlen": "seqlen"}
+
+
+def _quantize(flat: dict[str, Any], take) -> dict[str, Any]:
+    """frontend.quantize and the calibration dataset (``dataset:`` or ``frontend.dataset:``) → export.weights.
+
+    ``w8a16_gptq`` is int8 weights calibrated by GPTQ with fp16 activations (``backend.dtype: int8`` names the
+    weights; the activations are fp16). Every other quantize type is refused, never ignored: an fp16 artifact
+    built where int8 was asked for would pass for what the config wanted."""
+    keys = [k for k in flat if k.startswith(("frontend.quantize.", "frontend.dataset.", "dataset."))]
+    if not keys:
+        return {}
+    kind = take("frontend.quantize.type")
+    if kind not in QUANTIZE_TYPES:
+        what = f"quantize type {kind!r}" if kind is not None else "a calibration dataset without frontend.quantize.type"
+        raise ConfigError(f"{what}: qvlc implements {', '.join(QUANTIZE_TYPES)} (int8 weights, GPTQ-calibrated, fp16 "
+                          "activations)", fix="use frontend.quantize.type: w8a16_gptq, or remove frontend.quantize "
+                          "and the dataset block for an fp16 artifact", key="frontend.quantize.type")
+    calibration: dict[str, Any] = {}
+    for k in keys:
+        if k == "frontend.quantize.type":
+            continue
+        section, _, leaf = k.rpartition(".")
+        if section == "frontend.quantize" or leaf not in (*DATASET_KEYS, "name"):
+            raise ConfigError(f"{k} is not a key qvlc understands in a vamc quantize/dataset block",
+                              fix="keep frontend.quantize.type and dataset.{name, path, nsamples, seqlen}", key=k)
+        value = take(k)
+        if leaf in DATASET_KEYS:
+            calibration[DATASET_KEYS[leaf]] = value
+    name = flat.get("dataset.name", flat.get("frontend.dataset.name"))
+    if name is not None and "path" not in calibration:
+        raise ConfigError(f"dataset {name!r} has no path: qvlc reads calibration texts from a local file (there is no "
+                          "dataset download)", fix="add dataset.path: a JSON/JSONL file of texts, or remove the dataset "
+                          "block for qvlc's built-in set", key="dataset.path")
+    dt = flat.get("backend.dtype")
+    if dt is not None and str(dt).lower() != "int8":
+        raise ConfigError(f"frontend.quantize.type {kind} with backend.dtype {dt!r}", fix="write backend.dtype: int8 "
+                          "(the int8 weights; activations are fp16)", key="backend.dtype")
+    take("backend.dtype")
+    return {"dtype": "fp16", "opset": 21, "weights": {"format": QUANTIZE_TYPES[kind], "method": "gptq",
+                                                      **({"calibration": calibration} if calibration else {})}}
+
+
 def from_vamc(raw: dict[str, Any]) -> dict[str, Any]:
     """Map the vamc-style layout used by existing Qwen2-VL deployment repos onto the native schema."""
     flat = _flatten(raw)
@@ -48,15 +92,7 @@ def from_vamc(raw: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"native key {clash[0]!r} inside a vamc-style config (one with a frontend: block)",
                           fix=f"use the vamc key ({VAMC_EQUIVALENT[clash[0]]}) or write a native config without "
                               "frontend:", key=clash[0])
-    quantize = sorted((k for k in flat if k.split(".")[:2] in (["frontend", "quantize"], ["frontend", "dataset"])),
-                      key=lambda k: (not k.startswith("frontend.quantize"), k))
-    if quantize:  # building fp16 where int8 was asked for would pass for what the config wanted: refuse instead
-        kind = flat.get("frontend.quantize.type")
-        raise ConfigError(f"{'quantize type ' + repr(kind) if kind else 'a calibration dataset'} asked for: qvlc "
-                          "quantizes weights round-to-nearest only (calibrated GPTQ is not implemented yet), and "
-                          "only from a native config", fix="write a native config with export.weights.format: int8 "
-                          "(README, \"Weight quantization\"), or remove frontend.quantize and frontend.dataset for "
-                          "an fp16 artifact", key=quantize[0])
+    native["export"].update(_quantize(flat, take))
     if (ck := take("frontend.checkpoint")) is not None:
         native["model"]["checkpoint"] = ck
     ids = take("frontend.shape.input_ids")
@@ -85,9 +121,11 @@ def from_vamc(raw: dict[str, Any]) -> dict[str, Any]:
         native["declared_fullatt_blocks"] = tuple(full)
     if (tp := take("frontend.model_kwargs.tp")) is not None:
         native["export"]["tp"] = tp
-    if (dt := take("backend.dtype")) is not None:
+    if (dt := take("backend.dtype")) is not None and "weights" not in native["export"]:
         if str(dt).lower() not in _VAMC_DTYPES:
-            raise ConfigError(f"unsupported dtype {dt!r}", fix="use float16 or float32", key="backend.dtype")
+            fix = ("use float16 or float32" if str(dt).lower() != "int8" else
+                   "int8 is a quantized build: add frontend.quantize.type: w8a16_gptq (and a dataset: block)")
+            raise ConfigError(f"unsupported dtype {dt!r}", fix=fix, key="backend.dtype")
         native["export"]["dtype"] = _VAMC_DTYPES[str(dt).lower()]
     if (ws := take("workspace.path")) is not None:
         native["output"]["dir"] = ws

@@ -94,12 +94,12 @@ def estimate(cfg: "Config", dims: "ModelDims") -> Estimate:
             # the export runs first: each worker (or the isolated child) holds a rank's fp16 slices and the
             # exporter's working set (2B tp = 1: 5.28 GiB anonymous for 3.1 GB of weights; 7B: 4.27 GB per rank)
             rank = graph / e.tp * dt
-            export = min(e.workers, e.tp) * max(rank * 1.3, rank + 2.5 * GB)
+            export = min(e.workers, e.tp) * _rank_export(cfg, rank)
             if export > sum(parts.values()) * OVERHEAD:
                 parts.clear()
                 parts["export (each worker: one rank's weights and the exporter)"] = export / OVERHEAD
         else:
-            parts["one rank's weights"] = graph / e.tp * dt * 1.3
+            parts["one rank's weights"] = _rank_export(cfg, graph / e.tp * dt) / OVERHEAD
     else:
         n, v, p = e.max_patches, dims.vision, vision_params(dims)
         export = p * dt * EXPORT_COPIES
@@ -123,7 +123,35 @@ def estimate(cfg: "Config", dims: "ModelDims") -> Estimate:
                     parts["ONNX Runtime session (weights mapped, fp32 casts) and the oracle"] = 2 * p * dt + held
                 parts["attention"] = 1.5 * attention
     total = sum(v for k, v in parts.items() if k != "attention") * OVERHEAD + parts.get("attention", 0.0)
+    if cfg.part == "llm" and e.weights.enabled and e.weights.method == "gptq":  # calibration: a phase before export
+        cal = _calibration(cfg, dims)
+        if cal * OVERHEAD > total:
+            parts, total = {"GPTQ calibration (hidden states, one fp32 layer, H and its factors)": cal}, cal * OVERHEAD
     return Estimate(total, parts)
+
+
+def _rank_export(cfg: "Config", rank: float) -> float:
+    """One rank's export (``rank``: its weights in the export dtype). Quantized weights hold more: the modules'
+    dequantized weights, the integer slices taken, and the graph's float initializers while the pass swaps them
+    (7B tp = 4 int8: 9.30 GB anonymous for 3.54 GB of fp16 rank weights, measured when it was OOM-killed)."""
+    if cfg.export.weights.enabled:
+        return rank * 2.7
+    return max(rank * 1.3, rank + 2.5 * GB)
+
+
+def _calibration(cfg: "Config", dims: "ModelDims") -> float:
+    """The calibrate stage (qvlc.export.calibrate): the windows' hidden states twice (a layer's inputs and its
+    outputs), one decoder layer in fp32, the largest Linear's H with its Cholesky factors and GPTQ's copies of the
+    weight, eager attention over a batch of windows; the embedding table while the windows are embedded; lm_head
+    in fp32 several times over when it is included."""
+    t, c = dims.text, cfg.export.weights.calibration
+    hidden = 2 * c.nsamples * c.seqlen * t.hidden * 4
+    big_in = max(t.hidden, t.intermediate)
+    layer = (text_params(dims) - t.vocab * t.hidden) / t.layers * 4
+    batch = max(1, 2048 // c.seqlen)
+    gptq = 4 * big_in**2 * 4 + 5 * t.hidden * t.intermediate * 4 + batch * t.heads * c.seqlen**2 * 4 * 3
+    head = 5 * t.vocab * t.hidden * 4 if "lm_head" in cfg.export.weights.include else 0
+    return max(hidden + layer + gptq, hidden / 2 + t.vocab * t.hidden * 4, head)
 
 
 def available_bytes() -> tuple[float, str]:
@@ -179,6 +207,8 @@ def check_memory(cfg: "Config", dims: "ModelDims") -> None:
         return
     if "tvm" in cfg.validate.runtimes and any(k.startswith("TVM") for k in est.parts):
         key, fix = "validate.runtimes", "remove tvm from validate.runtimes (ONNX Runtime maps the weights instead), or"
+    elif cfg.part == "llm" and cfg.export.workers > 1 and any(k.startswith("export (each worker") for k in est.parts):
+        key, fix = "export.workers", "set export.workers: 1 (each worker holds a rank), or"
     elif cfg.part == "llm":
         key = "validate.enabled" if cfg.validate.enabled else "export.tp"
         fix = ("set validate.enabled: false (the export alone reads one rank's slices at a time), lower "

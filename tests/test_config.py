@@ -83,6 +83,19 @@ def test_vamc_layout_maps_and_reports_ignored_keys():
     assert vis.part == "visual" and vis.export.max_patches == 512
 
 
+def test_vamc_w8a16_gptq_maps_onto_calibrated_int8():
+    """The vendor flow's int8 build: quantize type, backend.dtype int8 and the dataset block become export.weights;
+    nothing of it is ignored."""
+    cfg = load_config(REPO / "examples" / "vamc_qwen2_vl_7b_llm_int8.yaml")
+    w = cfg.export.weights
+    assert (cfg.export.dtype, cfg.export.opset, cfg.export.tp, w.format, w.method) == ("fp16", 21, 4, "int8", "gptq")
+    assert (w.calibration.path, w.calibration.nsamples, w.calibration.seqlen) == ("data/calibration.jsonl", 128, 512)
+    assert cfg.ignored == ()
+    inline = config_from_dict({"name": "v", "frontend": {"quantize": {"type": "w8a16_gptq"},
+                                                         "dataset": {"nsamples": 16}}, "backend": {"dtype": "int8"}})
+    assert inline.export.weights.calibration.nsamples == 16 and inline.export.weights.calibration.path == ""
+
+
 def test_vamc_bad_shape_is_explained():
     e = error_of({"name": "v", "frontend": {"shape": {"input_ids": [128, 256]}}})
     assert e.key == "frontend.shape.input_ids" and "[[2048], [4096]]" in e.fix

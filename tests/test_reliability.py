@@ -127,6 +127,29 @@ def _vamc(**extra) -> dict:
     return raw
 
 
+def _gptq(e: Env, content: str = "", name: str = "c.jsonl", path: str | None = None, checkpoint: str = "") -> dict:
+    """An int8 GPTQ compile whose calibration set is ``content`` (written to ``name``), or ``path``, or built in."""
+    calibration = {"nsamples": 2, "seqlen": 16}
+    if content:
+        (e.tmp / name).write_text(content)
+        calibration["path"] = str(e.tmp / name)
+    elif path is not None:
+        calibration["path"] = str(e.tmp / path)
+    raw = e.llm(opset=21, weights={"format": "int8", "method": "gptq", "calibration": calibration})
+    if checkpoint:
+        raw["model"] = {"checkpoint": checkpoint}
+    return raw
+
+
+def _untokenized(e: Env) -> str:
+    """The tiny checkpoint without its tokenizer files."""
+    ck = e.tmp / "ck_no_tokenizer"
+    shutil.copytree(e.tiny, ck)
+    for f in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (ck / f).unlink(missing_ok=True)
+    return str(ck)
+
+
 CASES = [
     # ---- config files
     Case("config missing", 2, "not found", lambda e: ["compile", str(e.tmp / "nope.yaml")]),
@@ -174,10 +197,15 @@ CASES = [
         _vamc(frontend__model_kwargs__build_visual="no"))),
     Case("vamc with a native export block", 2, "native key 'export'", lambda e: e.compile(
         {**_vamc(), "export": {"tp": 2}})),
-    Case("vamc quantize type (not implemented: never silently fp16)", 2, "frontend.quantize.type", lambda e: e.compile(
-        _vamc(frontend__quantize__type="w8a16_gptq", frontend__dataset__nsamples=128))),
-    Case("vamc calibration dataset alone", 2, "frontend.dataset", lambda e: e.compile(
+    Case("vamc quantize type qvlc lacks (never silently fp16)", 2, "'w16kv8'", lambda e: e.compile(
+        _vamc(frontend__quantize__type="w16kv8", backend__dtype="float16"))),
+    Case("vamc calibration dataset alone", 2, "calibration dataset without", lambda e: e.compile(
         _vamc(frontend__dataset__path="texts.jsonl"))),
+    Case("vamc dataset by name only (no download)", 2, "dataset.path", lambda e: e.compile(
+        _vamc(frontend__quantize__type="w8a16_gptq", backend__dtype="int8", dataset__name="wikitext2"))),
+    Case("vamc quantize key qvlc lacks", 2, "frontend.quantize.bits", lambda e: e.compile(
+        _vamc(frontend__quantize__type="w8a16_gptq", frontend__quantize__bits=4))),
+    Case("vamc int8 without a quantize type", 2, "w8a16_gptq", lambda e: e.compile(_vamc(backend__dtype="int8"))),
     Case("vamc pixel_values malformed", 2, "frontend.shape.pixel_values", lambda e: e.compile(
         _vamc(frontend__shape__pixel_values=[256]))),
     Case("vamc pixel width wrong", 2, "1176", lambda e: e.compile(
@@ -187,6 +215,18 @@ CASES = [
     Case("vamc dtype unsupported", 2, "backend.dtype", lambda e: e.compile(_vamc(backend__dtype="int3"))),
     Case("vamc fullatt mismatch", 2, "[1, 3]", lambda e: e.compile(
         _vamc(frontend__checkpoint="tiny:qwen2_5_vl", backend__compile__fullatt_block_indexes=[7, 15]))),
+    # ---- calibration sets (export.weights.method: gptq): refused in the check stage, before any weight is read
+    Case("gptq calibration file missing", 2, "calibration.path", lambda e: e.compile(_gptq(e, path="gone.jsonl"))),
+    Case("gptq calibration not JSONL", 2, "not valid JSONL", lambda e: e.compile(_gptq(e, "{oops\n"))),
+    Case("gptq calibration record of another shape", 2, "record 1", lambda e: e.compile(
+        _gptq(e, json.dumps(["a text", {"ids": [1]}]), name="c.json"))),
+    Case("gptq calibration shorter than seqlen", 2, "fewer than one window", lambda e: e.compile(
+        _gptq(e, '{"input_ids": [1, 2, 3]}\n'))),
+    Case("gptq calibration token outside the vocabulary", 2, "outside the model's vocabulary", lambda e: e.compile(
+        _gptq(e, json.dumps({"input_ids": [99999] * 16}) + "\n"))),
+    Case("gptq texts without a tokenizer", 2, "has none", lambda e: e.compile(_gptq(e, "", checkpoint=_untokenized(e)))),
+    Case("calibration with method rtn", 2, "export.weights.calibration", lambda e: e.compile(
+        e.llm(opset=21, weights={"format": "int8", "calibration": {"nsamples": 4}}))),
     # ---- checkpoints
     Case("checkpoint missing", 2, "does not exist", lambda e: e.compile(
         {**e.llm(), "model": {"checkpoint": str(e.tmp / "gone [/]")}})),

@@ -163,3 +163,21 @@ def test_bad_tp_refused_before_loading(tp, fragment, monkeypatch):
     with pytest.raises(ConfigError) as info:
         check(cfg)
     assert fragment in str(info.value) and "tp = 1, 2, 4" in info.value.fix
+
+
+def test_a_killed_export_worker_is_an_error_not_a_hang():
+    """A worker the kernel kills (here: one that exits at once, as an OOM kill looks to the parent) stops the export
+    with an error naming export.workers; multiprocessing.Pool used to wait for its result forever."""
+    import os
+    import signal
+
+    from qvlc.errors import EnvironmentFailure
+    from qvlc.export.llm import run_in_workers
+
+    signal.alarm(300)  # a regression fails here instead of hanging CI
+    try:
+        with pytest.raises(EnvironmentFailure) as info:
+            run_in_workers(os._exit, [9, 9], 2)
+    finally:
+        signal.alarm(0)
+    assert info.value.key == "export.workers" and "export.workers: 1" in info.value.fix

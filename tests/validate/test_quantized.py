@@ -122,7 +122,8 @@ def test_the_error_floor_is_a_verdict(tmp_path):
 @pytest.mark.parametrize("weights,extra,key,fragment", [
     ({"format": "int4", "group_size": 64}, {"tp": 2}, "export.weights.group_size", "use group_size 16, 32"),
     ({"format": "int4", "group_size": 48}, {}, "export.weights.group_size", "does not divide"),
-    ({"format": "int8", "method": "gptq"}, {}, "export.weights.method", "not implemented"),
+    ({"format": "int8", "method": "gptq", "calibration": {"seqlen": 8}}, {}, "export.weights.calibration.seqlen",
+     "not in [16"),
     ({"format": "int8", "calibration": {"nsamples": 64}}, {}, "export.weights.calibration", "remove"),
     ({"format": "int8", "include": ["visual"]}, {}, "export.weights.include", "unknown 'visual'"),
     ({"format": "int4"}, {"opset": 18}, "export.opset", "opset >= 21"),
@@ -166,3 +167,28 @@ def test_validate_with_tvm_refuses_blocked_int4_before_running(compiled):
     with pytest.raises(ConfigError) as info:
         validate_artifact(r.folder, runtimes=("tvm",))
     assert info.value.key == "export.weights.dequantize"
+
+
+def test_7b_int8_memory_on_a_16_gib_runner(monkeypatch):
+    """The shipped 7B int8 config (workers 1) and the vendor's GPTQ config (calibration at 128 x 512) fit 16 GiB; two
+    int8 export workers do not (each holds a rank's dequantized weights, its integers and the graph's floats: one
+    was OOM-killed at 9.3 GB), and the refusal names export.workers."""
+    from pathlib import Path
+
+    from qvlc.config import load_config
+    from qvlc.memory import check_memory, estimate
+    from qvlc.models import family as family_of
+    from qvlc.models.common.tiny import shipped_config
+
+    monkeypatch.setenv("QVLC_MEMORY_LIMIT_GB", "16")
+    repo = Path(__file__).parents[2]
+    dims = family_of("qwen2_vl").dims(shipped_config("qwen2_vl_7b"))
+    raw = load_config(repo / "configs" / "qwen2_vl_7b_llm_int8.yaml").to_dict()
+    check_memory(config_from_dict(raw), dims)
+    gptq = load_config(repo / "examples" / "vamc_qwen2_vl_7b_llm_int8.yaml")
+    check_memory(gptq, dims)
+    assert "GPTQ calibration" in estimate(gptq, dims).describe()
+    raw["export"]["workers"] = 2
+    with pytest.raises(ConfigError) as info:
+        check_memory(config_from_dict(raw), dims)
+    assert info.value.key == "export.workers"
