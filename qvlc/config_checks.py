@@ -119,6 +119,17 @@ def _weight_groups(cfg: Config, dims: "ModelDims") -> None:
     w = cfg.export.weights
     if cfg.part == Part.LLM and w.format == "int4":
         _groups_fit(w.group_size, dims, cfg.export.tp, "export.weights.group_size", "group_size")
+    if cfg.part == Part.VISUAL and w.format == "int4":  # the tower's Linears take these input sizes
+        v = dims.vision
+        ins = {"attention": v.embed_dim, "MLP down projection": v.mlp_hidden, "merger": v.embed_dim * v.merge_unit}
+        bad = {k: n for k, n in ins.items() if n % w.group_size}
+        if bad:
+            name, n = next(iter(bad.items()))
+            groups = [g for g in range(16, v.embed_dim + 1, 16) if all(m % g == 0 for m in ins.values())]
+            raise ConfigError(f"group_size {w.group_size} does not divide the {n} input rows of the vision tower's "
+                              f"{name}", fix=f"use group_size {', '.join(map(str, groups[-6:]))}" if groups else
+                              "no int4 group size fits this tower: use format int8 (per output channel)",
+                              key="export.weights.group_size")
 
 
 def _groups_fit(group: int, dims: "ModelDims", tp: int, key: str, what: str) -> None:

@@ -40,7 +40,7 @@ class WeightsConfig:
     symmetric: bool = True  # signed integers, no zero point; false: unsigned with a zero point
     method: QuantMethod = QuantMethod.RTN
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    include: tuple[str, ...] = ("llm",)  # llm (decoder linears), lm_head
+    include: tuple[str, ...] = ("llm",)  # llm (decoder linears), lm_head, visual (the tower's linears)
     dequantize: Dequantize = Dequantize.BLOCKED
     min_cosine: float = 0.0  # floor of each output's cosine against the unquantized model; 0: the format's default
 
@@ -49,7 +49,8 @@ class WeightsConfig:
         return self.format != WeightFormat.NONE
 
 
-INCLUDE = ("llm", "lm_head")
+INCLUDE = ("llm", "lm_head", "visual")
+PART_INCLUDE = {"llm": ("llm", "lm_head"), "visual": ("visual",)}  # what each part's graphs hold
 
 
 def check_weights(cfg) -> None:
@@ -57,9 +58,18 @@ def check_weights(cfg) -> None:
     w, key = cfg.export.weights, "export.weights"
     if not w.enabled:
         return
-    if cfg.part != "llm":
-        raise ConfigError("weight quantization applies to the llm part (the vision tower is not quantized yet)",
-                          fix=f"remove {key} from the visual config", key=f"{key}.format")
+    bad = [i for i in w.include if i not in INCLUDE]
+    if bad or not w.include:
+        raise ConfigError(f"include {list(w.include)}: {'unknown ' + repr(bad[0]) if bad else 'empty'}",
+                          fix=f"list some of {', '.join(INCLUDE)}", key=f"{key}.include")
+    mine = [i for i in w.include if i in PART_INCLUDE[str(cfg.part)]]
+    if not mine:  # one weights block may serve both parts' configs, but it must quantize something of this one
+        raise ConfigError(f"include {list(w.include)} quantizes nothing of the {cfg.part} part",
+                          fix=f"add {' or '.join(PART_INCLUDE[str(cfg.part)])} to {key}.include",
+                          key=f"{key}.include")
+    if cfg.part != "llm" and w.method == "gptq":
+        raise ConfigError("method gptq calibrates the LLM on texts; the vision tower is quantized round to nearest",
+                          fix=f"use {key}.method: rtn in the visual config", key=f"{key}.method")
     c = w.calibration
     if w.method != "gptq" and c != CalibrationConfig():  # read by method gptq only: never silently unused
         raise ConfigError("calibration applies to method gptq; rtn (round to nearest) needs no data",
@@ -68,10 +78,6 @@ def check_weights(cfg) -> None:
         if not lo <= value <= hi:
             raise ConfigError(f"{name} {value} is not in [{lo}, {hi}]", fix=f"e.g. {key}.calibration.{name}: "
                               f"{getattr(CalibrationConfig(), name)}", key=f"{key}.calibration.{name}")
-    bad = [i for i in w.include if i not in INCLUDE]
-    if bad or not w.include:
-        raise ConfigError(f"include {list(w.include)}: {'unknown ' + repr(bad[0]) if bad else 'empty'}",
-                          fix=f"list some of {', '.join(INCLUDE)} (visual is not quantized yet)", key=f"{key}.include")
     if w.format == WeightFormat.INT4 and (w.group_size <= 0 or w.group_size % 16):
         raise ConfigError(f"{w.group_size} is not a positive multiple of 16", fix=f"use {key}.group_size: 128 "
                           "(or 64, 32: smaller groups, smaller error, more scales)", key=f"{key}.group_size")

@@ -52,6 +52,14 @@ class Plan:
         return self.imported or WeightQuant.of(w, self.cfg.export.dtype)
 
     @property
+    def visual_quant(self) -> WeightQuant | None:
+        """How the vision tower's Linear weights are read (``include: [visual]``, round to nearest), or None."""
+        w = self.cfg.export.weights
+        if self.cfg.part != "visual" or not w.enabled or "visual" not in w.include:
+            return None
+        return WeightQuant.of(w, self.cfg.export.dtype)
+
+    @property
     def calibrating(self) -> bool:
         w = self.cfg.export.weights
         return self.cfg.part == "llm" and w.enabled and w.method == "gptq"

@@ -7,6 +7,8 @@ import gc
 import shutil
 from pathlib import Path
 
+import torch
+
 from qvlc.contract import PREPROCESS, VISUAL, VISUAL_WEIGHTS
 from qvlc.errors import CheckpointError
 from qvlc.export.onnx_export import (
@@ -15,9 +17,12 @@ from qvlc.export.onnx_export import (
     finish_graphs,
     write_shared,
 )
+from qvlc.export.quantize import quantize_graph
 from qvlc.host.preprocess import PREPROCESSOR_CONFIG_NAME, PreprocessConfig
 from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.models.common.dims import VisionDims
+from qvlc.models.common.lazy import lazy_vision_tower
+from qvlc.models.common.quant import quantized_vision, vision_graph_name
 from qvlc.models.common.text import example_inputs
 from qvlc.plan import Plan
 
@@ -43,6 +48,19 @@ def preprocess_config(checkpoint: Path, vision: VisionDims) -> PreprocessConfig:
     return pre
 
 
+def _dequantize_tower(plan: Plan, tower) -> dict:
+    """``include: [visual]``: give the loaded tower's Linears their dequantized integers (quantized from the
+    checkpoint's own weights, as the oracle reads them); returns the integers by graph initializer name."""
+    quant = plan.visual_quant
+    if quant is None:
+        return {}
+    views = quantized_vision(lazy_vision_tower(plan.checkpoint), quant)
+    with torch.no_grad():
+        for name, view in views.items():
+            tower.get_parameter(name).copy_(view.narrow(0, 0, view.shape[0]))
+    return {vision_graph_name(name): view.taken for name, view in views.items()}
+
+
 def export_visual(plan: Plan, ck: LoadedCheckpoint, stage: Path) -> ExportResult:
     """visual.onnx (+ visual_weights.data) and preprocess.json in ``stage``."""
     e = plan.cfg.export
@@ -53,8 +71,14 @@ def export_visual(plan: Plan, ck: LoadedCheckpoint, stage: Path) -> ExportResult
 
     dtype = e.dtype.torch
     sig = plan.family.visual_signature(plan.visual_spec)
+    weights = _dequantize_tower(plan, ck.visual)
     module = plan.family.visual_graph(ck.visual, plan.dims, e.chunk_width, dtype, e.attention_block, plan.islands)
     graph = export_graph(VISUAL, module, example_inputs(sig, dtype), sig, e.opset, e.simplify, stage / "_work")
+    if weights:  # the modules computed with the dequantized integers; the graph now carries the integers
+        done = quantize_graph(graph.model, weights, e.weights.dequantize == "explicit")
+        if len(done) != len(weights):
+            raise RuntimeError(f"visual: quantized weights without a graph initializer: "
+                               f"{sorted(set(weights) - set(done))[:3]}")
     del module
     gc.collect()
     stats = write_shared([graph], stage, VISUAL_WEIGHTS)

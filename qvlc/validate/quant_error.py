@@ -16,6 +16,7 @@ import numpy as np
 from qvlc.plan import Plan
 from qvlc.validate.metrics import ParityReport, compare
 from qvlc.validate.oracle import OracleInput, StreamedOracle
+from qvlc.validate.vision_oracle import StreamedVisionOracle
 from qvlc.validate.ranges import RangeRecorder
 
 
@@ -23,8 +24,7 @@ def quantization_error(plan: Plan, report: ParityReport, runs: list, inputs: lis
                        layouts: list) -> None:
     """Compare every prefill and decode step of ``runs`` (ONNX Runtime's, tp ranks recombined) with the
     unquantized model; record the rows and the verdict in ``report.quantization``."""
-    w = plan.cfg.export.weights
-    floor = w.min_cosine or w.format.min_cosine
+    floor = _floor(plan)
     refs = StreamedOracle(plan.family, plan.checkpoint, plan.dims).run(inputs, RangeRecorder(enabled=False))
     rows = []
     for run, ref in zip(runs, refs):
@@ -38,13 +38,38 @@ def quantization_error(plan: Plan, report: ParityReport, runs: list, inputs: lis
                 rows.append({"graph": graph, "case": case, "output": output, "cosine": m["cosine"],
                              "rel_l2": m["rel_l2"], "max_abs": m["max_abs"],
                              "passed": bool(m["finite"] and m["cosine"] >= floor)})
-    report.quantization = {"format": str(w.format), "group_size": w.group_size if w.format == "int4" else None,
-                           "symmetric": w.symmetric, "method": str(w.method), "min_cosine": floor,
-                           "reference": "the unquantized checkpoint (transformers' layers, fp32)", "checks": rows}
+    _record(plan, report, rows, "the unquantized checkpoint (transformers' layers, fp32)")
     if plan.calibrated is not None:  # method gptq: what the calibration saw, and GPTQ against round to nearest
         record = json.loads((plan.calibrated.parent / "calibration.json").read_text())
         report.quantization["calibration"] = {k: record[k] for k in ("source", "set_tokens", "nsamples", "seqlen",
                                                                       "gptq_over_rtn")}
+
+
+def visual_quantization_error(plan: Plan, report: ParityReport, cases: list, outputs: dict[str, np.ndarray]) -> None:
+    """The visual graph's embeddings (ONNX Runtime's, per case) against the unquantized tower (streamed, fp32)."""
+    floor = _floor(plan)
+    refs = StreamedVisionOracle(plan.family, plan.checkpoint, plan.dims).run(
+        [(c.pixel_values, c.grids) for c in cases], [c.name for c in cases])
+    rows = []
+    for case, ref in zip(cases, refs):
+        if case.name in outputs:
+            m = compare(ref, outputs[case.name])
+            rows.append({"graph": "visual", "case": case.name, "output": "image_embeds", "cosine": m["cosine"],
+                         "rel_l2": m["rel_l2"], "max_abs": m["max_abs"],
+                         "passed": bool(m["finite"] and m["cosine"] >= floor)})
+    _record(plan, report, rows, "the unquantized vision tower (transformers' modules, fp32)")
+
+
+def _floor(plan: Plan) -> float:
+    w = plan.cfg.export.weights
+    return w.min_cosine or w.format.min_cosine
+
+
+def _record(plan: Plan, report: ParityReport, rows: list[dict], reference: str) -> None:
+    w = plan.cfg.export.weights
+    report.quantization = {"format": str(w.format), "group_size": w.group_size if w.format == "int4" else None,
+                           "symmetric": w.symmetric, "method": str(w.method), "min_cosine": _floor(plan),
+                           "reference": reference, "checks": rows}
 
 
 def recombine_kv(kv: list[np.ndarray], layouts: list) -> np.ndarray:

@@ -17,6 +17,7 @@ from torch import nn
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
 from qvlc.models.common.lazy import Tree, fill, lazy_vision_tower, materialize
+from qvlc.models.common.quant import WeightQuant, quantized_vision
 from qvlc.validate.ranges import RangeRecorder, Segments, remove
 
 VISUAL = "model.visual"  # transformers' module names, as the range report gives them
@@ -56,12 +57,15 @@ class _StreamedBlock(nn.Module):
 
 
 class StreamedVisionOracle:
-    def __init__(self, family: Family, folder: Path, dims: ModelDims) -> None:
+    def __init__(self, family: Family, folder: Path, dims: ModelDims, quant: WeightQuant | None = None) -> None:
+        """``quant``: read the tower's Linear weights dequantized from their integers (``include: [visual]``)."""
         config = family.hf_class("config").from_pretrained(folder).vision_config
         config._attn_implementation = "eager"
         with torch.device("meta"):
             tower = family.hf_class("vision")._from_config(config, dtype=torch.float32)
         tree = lazy_vision_tower(folder)
+        if quant is not None:
+            quantized_vision(tree, quant)
         block_cls = type(tower.blocks[0])
         tower.blocks = nn.ModuleList()  # no block is ever materialised here
         tower = fill(tower.to_empty(device="cpu").eval(), tree)

@@ -35,6 +35,7 @@ from qvlc.runtime.visual import VisualRuntime
 from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
 from qvlc.validate.metrics import ParityReport
+from qvlc.validate.quant_error import visual_quantization_error
 from qvlc.validate.ranges import RangeRecorder, remove
 from qvlc.validate.vision_oracle import StreamedVisionOracle, hook_tower
 
@@ -154,7 +155,7 @@ def reference_embeddings(plan: Plan, ck: LoadedCheckpoint | None, cases: list[Vi
     block's weights at a time — recording the fp16 ranges either way."""
     if ck is not None:
         return {c.name: oracle(ck, c, ranges, plan.visual_spec.merge_unit) for c in cases}
-    streamed = StreamedVisionOracle(plan.family, plan.checkpoint, plan.dims)
+    streamed = StreamedVisionOracle(plan.family, plan.checkpoint, plan.dims, plan.visual_quant)
     names = [c.name for c in cases]
     return dict(zip(names, streamed.run([(c.pixel_values, c.grids) for c in cases], names, ranges)))
 
@@ -179,6 +180,7 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
         report.notes.append(f"graph call {i}: " + ", ".join(f"{c.name} (grids {c.grids.tolist()})" for c in run) +
                             f": {sum(c.patches for c in run)} of {spec.max_patches} patches real")
     v = plan.cfg.validate
+    outputs: dict[str, np.ndarray] = {}  # ONNX Runtime's embeddings per case (the quantization error reads them)
     for rt in v.runtimes:  # one runtime's session alive at a time
         try:
             runtime = VisualRuntime(stage, spec, plan.family, rt)
@@ -189,10 +191,16 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
         todo = calls if rt == Runtime.ONNXRUNTIME else calls[:v.runtime_cases or len(calls)]
         with report.using(rt):
             for i, run in enumerate(todo):
-                check_call(report, runtime, run, refs, offsets, i)
+                got = check_call(report, runtime, run, refs, offsets, i)
+                if rt == Runtime.ONNXRUNTIME:
+                    outputs.update(got)
         if len(todo) < len(calls):
             report.notes.append(f"{rt}: graph calls 0..{len(todo) - 1} of {len(calls)} (validate.runtime_cases)")
         del runtime
+    if plan.visual_quant is not None:
+        report.notes.append("weights: the oracle carries the dequantized integers of the graph (exactness); "
+                            "'Quantization error' compares the graph with the unquantized tower")
+        visual_quantization_error(plan, report, cases, outputs)
     failed = next((c for c in report.checks if not c.passed and c.metrics), None)
     case = next((c for c in cases if failed is not None and c.name == failed.case), None)
     if case is not None:  # the first divergent block, on the first case that failed (run alone), on its runtime
@@ -204,13 +212,13 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
 
 
 def check_call(report: ParityReport, runtime: VisualRuntime, run: list[VisualCase], refs: dict[str, np.ndarray],
-               offsets: np.ndarray, i: int) -> None:
+               offsets: np.ndarray, i: int) -> dict[str, np.ndarray]:
     """One graph call holding the cases of ``run``: each case's rows against the oracle, per chunk and whole, and
-    the padding rows finite."""
+    the padding rows finite; returns each case's embeddings."""
     spec = runtime.spec
     feeds = runtime.feeds(np.concatenate([c.pixel_values for c in run]), np.concatenate([c.grids for c in run]))
     outs = runtime.run_graph(feeds)
-    start = 0
+    start, embeddings = 0, {}
     for case in run:
         rows = slice(start, start + case.patches // spec.merge_unit)
         start = rows.stop
@@ -219,6 +227,8 @@ def check_call(report: ParityReport, runtime: VisualRuntime, run: list[VisualCas
         for name, a, b in zip(spec.output_names, offsets[:-1], offsets[1:]):
             report.add(GRAPH, case.name, name, ref[:, a:b], got[:, a:b])
         report.add(GRAPH, case.name, "image_embeds", ref, got)
+        embeddings[case.name] = got
     for name in spec.output_names:
         if not np.isfinite(outs[name][feeds.tokens:]).all():
             report.fail(GRAPH, f"call{i}", f"{name}[padding rows]", "non-finite values in the padding rows")
+    return embeddings

@@ -68,9 +68,9 @@ def test_int4_ranks_split_their_groups(compiled, dequantize, runtimes):
     assert "stack.lm_head.weight_t.q" in inits
 
 
-def _rewrite(folder, name: str, edit) -> None:
-    """Apply ``edit`` (NumPy array → array) to initializer ``name`` in both graphs' storage, wherever it lives."""
-    for graph in ("llm_prefill.onnx", "llm_decode.onnx"):
+def _rewrite(folder, name: str, edit, graphs=("llm_prefill.onnx", "llm_decode.onnx")) -> None:
+    """Apply ``edit`` (NumPy array → array) to initializer ``name`` in the graphs' storage, wherever it lives."""
+    for graph in graphs:
         model = onnx.load(str(folder / graph), load_external_data=False)
         init = next(i for i in model.graph.initializer if i.name == name)
         if init.data_location == TensorProto.EXTERNAL:
@@ -125,7 +125,8 @@ def test_the_error_floor_is_a_verdict(tmp_path):
     ({"format": "int8", "method": "gptq", "calibration": {"seqlen": 8}}, {}, "export.weights.calibration.seqlen",
      "not in [16"),
     ({"format": "int8", "calibration": {"nsamples": 64}}, {}, "export.weights.calibration", "remove"),
-    ({"format": "int8", "include": ["visual"]}, {}, "export.weights.include", "unknown 'visual'"),
+    ({"format": "int8", "include": ["visual"]}, {}, "export.weights.include", "quantizes nothing of the llm part"),
+    ({"format": "int8", "include": ["vision"]}, {}, "export.weights.include", "unknown 'vision'"),
     ({"format": "int4"}, {"opset": 18}, "export.opset", "opset >= 21"),
     ({"format": "int8"}, {"opset": 18}, "export.opset", "opset >= 19"),
     ({"format": "int8", "min_cosine": 1.5}, {}, "export.weights.min_cosine", "not in [0, 1)"),
@@ -141,10 +142,65 @@ def test_bad_weight_configs_refused_before_loading(weights, extra, key, fragment
     assert info.value.key == key and fragment in str(info.value), str(info.value)
 
 
-def test_visual_part_is_not_quantized_yet():
+VISUAL = {"tiny": ({"format": "int8", "include": ["visual"]}, {}, 2 * 4 + 2),
+          "tiny:qwen2_5_vl": ({"format": "int4", "group_size": 16, "symmetric": False, "dequantize": "explicit",
+                               "include": ["llm", "lm_head", "visual"]}, {"dtype": "fp16"}, 4 * 5 + 2)}
+
+
+def _visual(compiled, checkpoint: str, runtimes=("onnxruntime",)):
+    weights, extra, _ = VISUAL[checkpoint]
+    return compiled(f"vq_{checkpoint[-5:]}", part="visual", checkpoint=checkpoint, opset=21, max_patches=256,
+                    weights=weights, validate={"runtimes": list(runtimes)}, **extra)
+
+
+@pytest.mark.parametrize("checkpoint,runtimes", [("tiny", ["onnxruntime"]), ("tiny:qwen2_5_vl", ["onnxruntime", "tvm"])])
+def test_visual_tower_quantized_is_exact_and_reports_its_error(compiled, checkpoint, runtimes):
+    """include: [visual]: every Linear of the blocks and the merger carries integers (not the patch embedding), the
+    graph is exact against the tower carrying the dequantized integers (Qwen2.5-VL's int4 explicit also on TVM), and
+    each case's error against the unquantized tower is reported. One weights block serves both parts' configs."""
+    r = _visual(compiled, checkpoint, runtimes)
+    assert r.report.passed, r.report.failures
+    assert {c.runtime for c in r.report.checks} == set(runtimes)
+    inits = _inits(r.folder / "visual.onnx")
+    q = [n for n in inits if n.endswith(".weight_t.q")]
+    assert len(q) == VISUAL[checkpoint][2] and "merger.fc2.weight_t.q" in q and "patch_embed.weight_t" in inits
+    record = json.loads((r.folder / "parity.json").read_text())["quantization_error"]
+    assert record["reference"].startswith("the unquantized vision tower") and len(record["checks"]) == 6
+    assert all(c["passed"] for c in record["checks"]) and min(c["cosine"] for c in record["checks"]) < 0.999999
+
+
+def test_visual_wrong_scale_is_caught(compiled, copy_artifact, reseal):
+    r = _visual(compiled, "tiny")
+    folder = copy_artifact(r.folder)
+    _rewrite(folder, "blocks.1.mlp.fc1.weight_t.scale", _scale_x2, graphs=("visual.onnx",))
+    reseal(folder)
+    report = validate_artifact(folder)
+    assert not report.passed and any(f.startswith("visual/") for f in report.failures)
+
+
+@pytest.mark.parametrize("weights,key,fragment", [
+    ({"format": "int8"}, "export.weights.include", "quantizes nothing of the visual part"),
+    ({"format": "int8", "include": ["visual"], "method": "gptq"}, "export.weights.method", "round to nearest"),
+])
+def test_visual_weight_configs_refused(weights, key, fragment):
     with pytest.raises(ConfigError) as info:
-        config_from_dict({"name": "x", "part": "visual", "export": {"opset": 21, "weights": {"format": "int8"}}})
-    assert info.value.key == "export.weights.format"
+        config_from_dict({"name": "x", "part": "visual", "export": {"opset": 21, "weights": weights}})
+    assert info.value.key == key and fragment in str(info.value)
+
+
+def test_qwen2_5_vl_tower_has_no_int4_group_size():
+    """Qwen2.5-VL's vision MLP has 3420 input rows: no multiple of 16 divides it, so int4 is refused naming int8."""
+    from qvlc.config_checks import _weight_groups
+    from qvlc.models import family as family_of
+    from qvlc.models.common.tiny import shipped_config
+
+    fam = family_of("qwen2_5_vl")
+    dims = fam.dims(shipped_config("qwen2_5_vl_7b", fam))
+    cfg = config_from_dict({"name": "x", "part": "visual", "export": {"opset": 21, "weights": {
+        "format": "int4", "include": ["visual"]}}})
+    with pytest.raises(ConfigError) as info:
+        _weight_groups(cfg, dims)
+    assert "3420" in str(info.value) and "format int8" in info.value.fix
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 16)])

@@ -107,6 +107,30 @@ def quantized_tree(text, head, quant):
     return text, head
 
 
+def quantized_vision(tree, quant: WeightQuant) -> dict[str, "DequantizedTensor"]:
+    """Wrap (in place) every Linear weight of a ``lazy_vision_tower`` tree — the blocks' attention and MLP, the
+    merger's MLP; not the patch embedding (a convolution) nor the norms — in ``quant``'s view; returns them by
+    their name in the tower (``blocks.0.attn.qkv.weight``)."""
+    out: dict[str, DequantizedTensor] = {}
+
+    def walk(node, prefix: str) -> None:
+        for key, child in list(node._children.items()):
+            name = f"{prefix}{key}"
+            if hasattr(child, "_children"):
+                walk(child, name + ".")
+            elif key == "weight" and len(child.shape) == 2 and not name.startswith("patch_embed."):
+                node._children[key] = out[name] = DequantizedTensor(child, quant)
+
+    walk(tree, "")
+    return out
+
+
+def vision_graph_name(name: str) -> str:
+    """A tower Linear's weight name in transformers → its initializer in the visual graph (the deployment modules
+    keep transformers' names; ``PatchMerger`` calls the merger's ``mlp.0``/``mlp.2`` ``fc1``/``fc2``)."""
+    return name.replace("merger.mlp.0.", "merger.fc1.").replace("merger.mlp.2.", "merger.fc2.") + "_t"
+
+
 @dataclass(frozen=True)
 class QuantWeight:
     """One quantized weight in the Hugging Face layout [out, in]: ``q`` the integers (int8 storage, unsigned values
