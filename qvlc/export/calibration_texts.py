@@ -1,6 +1,6 @@
 """The built-in calibration set of ``export.weights.method: gptq`` when ``calibration.path`` is not given.
 
-Short, varied texts written for qvlc (prose, dialogue in the chat format, code, numbers, tables, Chinese), plus
+Short, varied texts written for qvlc (prose, dialogue, code, numbers, tables, Chinese), plus
 the tiny tokenizer's training corpus. It is small (a few thousand tokens with Qwen2's tokenizer): windows of
 ``seqlen`` tokens are drawn from it at seeded offsets and overlap when ``nsamples × seqlen`` exceeds it. It makes
 ``method: gptq`` work out of the box; a deployment should calibrate on texts like the ones it will serve
@@ -13,14 +13,13 @@ from qvlc.models.common.build_tiny_tokenizer import CORPUS
 
 TEXTS: tuple[str, ...] = (
     CORPUS,
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is shown in this "
-    "picture?<|im_end|>\n<|im_start|>assistant\nThe photo shows a narrow street in an old town after rain. "
+    "System: You are a helpful assistant.\nUser: What is shown in this picture?\nAssistant: The photo shows a narrow street in an old town after rain. "
     "Wet cobblestones reflect the yellow light of the shop windows, a woman with a blue umbrella walks past a "
     "bakery, and two bicycles lean against a stone wall. In the background a church tower rises above the "
-    "roofs, and the sky is turning orange as the sun sets.<|im_end|>\n",
-    "<|im_start|>user\nRead the receipt and tell me the total.<|im_end|>\n<|im_start|>assistant\nThe receipt "
+    "roofs, and the sky is turning orange as the sun sets.\n",
+    "User: Read the receipt and tell me the total.\nAssistant: The receipt "
     "lists three items: coffee 3.20, croissant 2.80 and orange juice 4.50. The subtotal is 10.50, the tax of "
-    "8% adds 0.84, so the total is 11.34. It was paid by card on 14 March 2024 at 09:42.<|im_end|>\n",
+    "8% adds 0.84, so the total is 11.34. It was paid by card on 14 March 2024 at 09:42.\n",
     "def merge_intervals(intervals):\n    \"\"\"Merge overlapping [start, end] intervals.\"\"\"\n    result = []\n"
     "    for start, end in sorted(intervals):\n        if result and start <= result[-1][1]:\n"
     "            result[-1][1] = max(result[-1][1], end)\n        else:\n            result.append([start, end])\n"
