@@ -88,9 +88,9 @@ def export_rank(job: RankJob, text_model, lm_head) -> RankResult:
         graphs.append(export_graph(name, module, example_inputs(sigs[name], dtype), sigs[name], job.opset,
                                    job.simplify, stage / "_work" / f"rank{job.rank}"))
     if job.quant is not None:  # the modules computed with the dequantized integers; the graphs now carry them
-        weights = rank_weights(text_model, lm_head, job.quant)
+        weights, shared = rank_weights(text_model, lm_head, job.quant), {}
         for graph in graphs:
-            done = quantize_graph(graph.model, weights, job.dequantize_explicit)
+            done = quantize_graph(graph.model, weights, job.dequantize_explicit, shared)
             if set(done) != set(weights):
                 raise RuntimeError(f"{graph.name}: quantized weights without a graph initializer: "
                                    f"{sorted(set(weights) - set(done))[:3]}")
