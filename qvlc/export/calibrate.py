@@ -80,7 +80,7 @@ def _errors(w: np.ndarray, h: torch.Tensor, *quantized) -> list[float]:
 def calibrate(plan: Plan, stage: Path) -> Path:
     """Calibrate every included Linear on ``plan.calibration``'s windows and write the store and its record under
     ``stage``; returns the store's path."""
-    cfg, dims = plan.cfg, plan.dims
+    cfg = plan.cfg
     windows, source, set_tokens = plan.calibration.windows, plan.calibration.source, plan.calibration.set_tokens
     w = cfg.export.weights
     bits, group = w.format.bits, (None if w.format == "int8" else w.group_size)
@@ -110,49 +110,59 @@ def calibrate(plan: Plan, stage: Path) -> Path:
                         "seconds": round(time.perf_counter() - t0, 3)})
         return deq
 
-    n, seqlen = windows.shape
-    batch = max(1, TOKENS_PER_BATCH // seqlen)
-    with torch.no_grad():
-        table = read_float(text, "embed_tokens.weight")
-        hidden = table[torch.from_numpy(windows)]
-        del table
-        pos = torch.arange(seqlen).view(1, 1, -1).expand(3, batch, -1)
-        mask = causal(seqlen)
-
-        def run(layer: torch.nn.Module, out: torch.Tensor | None) -> None:
-            for a in range(0, n, batch):
-                h = hidden[a:a + batch]
-                p = pos[:, :len(h)]
-                y = layer(h, attention_mask=mask, position_ids=p[0], past_key_values=None, use_cache=False,
-                          cache_position=torch.arange(seqlen), position_embeddings=shell.rotary(h, p))
-                if out is not None:
-                    out[a:a + batch] = y[0] if isinstance(y, tuple) else y
-
-        if "llm" in w.include:
-            for i in range(dims.text.layers):
-                layer = materialize(shell.layer_cls, shell.text_config, i, tree=text.layers[i])
-                hooks = _Hessians({p: _module(layer, p) for p in LINEARS if p not in SHARED_INPUT})
-                run(layer, None)
-                hs = hooks.done(n * seqlen)
-                for path in LINEARS:
-                    linear = _module(layer, path)
-                    deq = quantize(_module(text.layers[i], path).weight.name, linear.weight.numpy(),
-                                   hs[SHARED_INPUT.get(path, path)])
-                    linear.weight.copy_(torch.from_numpy(deq))
-                del hs
-                out = torch.empty_like(hidden)
-                run(layer, out)
-                hidden = out
-                del layer
-        if "lm_head" in w.include:
-            norm = materialize(shell.norm_cls, dims.text.hidden, dims.text.rms_eps, tree=text.norm)
-            x = norm(hidden).reshape(-1, dims.text.hidden)
-            quantize(head.weight.name, read_float(head, "weight").numpy(), x.T @ x * (2.0 / len(x)))
-    store.close()
+    try:
+        _run_layers(plan, shell, text, head, windows, quantize)
+    finally:
+        store.close()
     ratio = [r["gptq_error"] / r["rtn_error"] for r in records if r["rtn_error"] > 0]
+    n, seqlen = windows.shape
     (stage / RECORD).write_text(json.dumps({
         "method": "gptq", "format": str(w.format), "group_size": group, "symmetric": w.symmetric,
         "source": source, "set_tokens": set_tokens, "nsamples": n, "seqlen": seqlen,
         "gptq_over_rtn": {"median": float(np.median(ratio)), "worst": float(np.max(ratio))} if ratio else None,
         "weights": records}, indent=1) + "\n")
     return stage / STORE
+
+
+@torch.no_grad()
+def _run_layers(plan: Plan, shell: Shell, text, head, windows: np.ndarray, quantize) -> None:
+    """Steps 1-4 of the module docstring over every layer, then lm_head; ``quantize(name, weight, H)`` quantizes
+    one Linear, stores it and returns its dequantized weight."""
+    dims, include = plan.dims, plan.cfg.export.weights.include
+    n, seqlen = windows.shape
+    batch = max(1, TOKENS_PER_BATCH // seqlen)
+    table = read_float(text, "embed_tokens.weight")
+    hidden = table[torch.from_numpy(windows)]
+    del table
+    pos = torch.arange(seqlen).view(1, 1, -1).expand(3, batch, -1)
+    mask = causal(seqlen)
+
+    def run(layer: torch.nn.Module, out: torch.Tensor | None) -> None:
+        for a in range(0, n, batch):
+            h = hidden[a:a + batch]
+            p = pos[:, :len(h)]
+            y = layer(h, attention_mask=mask, position_ids=p, past_key_values=None, use_cache=False,
+                      cache_position=torch.arange(seqlen), position_embeddings=shell.rotary(h, p))
+            if out is not None:
+                out[a:a + batch] = y[0] if isinstance(y, tuple) else y
+
+    if "llm" in include:
+        for i in range(dims.text.layers):
+            layer = materialize(shell.layer_cls, shell.text_config, i, tree=text.layers[i])
+            hooks = _Hessians({p: _module(layer, p) for p in LINEARS if p not in SHARED_INPUT})
+            run(layer, None)
+            hs = hooks.done(n * seqlen)
+            for path in LINEARS:
+                linear = _module(layer, path)
+                deq = quantize(_module(text.layers[i], path).weight.name, linear.weight.numpy(),
+                               hs[SHARED_INPUT.get(path, path)])
+                linear.weight.copy_(torch.from_numpy(deq))
+            del hs
+            out = torch.empty_like(hidden)
+            run(layer, out)
+            hidden = out
+            del layer
+    if "lm_head" in include:
+        norm = materialize(shell.norm_cls, dims.text.hidden, dims.text.rms_eps, tree=text.norm)
+        x = norm(hidden).reshape(-1, dims.text.hidden)
+        quantize(head.weight.name, read_float(head, "weight").numpy(), x.T @ x * (2.0 / len(x)))

@@ -105,6 +105,16 @@ def test_graphs_carry_the_stored_integers_and_both_proofs_pass(compiled):
         assert np.array_equal(zp.T, whole.zero_point[:, rank * half // 32:(rank + 1) * half // 32])
 
 
+def test_qwen2_5_vl_calibrates_too(compiled):
+    """The calibration runs the family's own decoder layers: Qwen2.5-VL's, int8 in fp16, exact and below round to
+    nearest on every Linear."""
+    r = compiled("gptq_q25", checkpoint="tiny:qwen2_5_vl", dtype="fp16", opset=21, **LEN,
+                 weights={"format": "int8", "method": "gptq", "calibration": CAL})
+    assert r.report.passed, r.report.failures
+    record = json.loads((r.folder / "calibration" / "calibration.json").read_text())
+    assert all(w["gptq_error"] < w["rtn_error"] for w in record["weights"])
+
+
 def test_validate_proves_against_the_stored_integers(compiled, copy_artifact, reseal):
     """``qvlc validate`` reads the artifact's store: it passes as compiled, and an integer changed in the store (the
     manifest resealed, so only the values can tell) makes the graphs disagree with the model carrying the store."""
