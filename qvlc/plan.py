@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qvlc.config import AUTO, Config
 from qvlc.config_checks import check_against_model, check_imported, part_units
@@ -18,6 +19,9 @@ from qvlc.models.common.gptq import CalibratedQuant
 from qvlc.models.common.imported import ImportedQuant, imported_quant
 from qvlc.models.common.quant import WeightQuant
 
+if TYPE_CHECKING:
+    from qvlc.export.calibration_data import CalibrationSet
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -27,7 +31,7 @@ class Plan:
     dims: ModelDims
     auto_islands: Islands | None = None  # export.fp32_layers: auto, once the range probe (or a manifest) resolved it
     imported: ImportedQuant | None = None  # the checkpoint's own quantization (GPTQ/AWQ), with the export dtype
-    calibration: object | None = None  # method gptq, compiling: the CalibrationSet (qvlc.export.calibration_data)
+    calibration: "CalibrationSet | None" = None  # method gptq, compiling: the windows, read in the check stage
     calibrated: Path | None = None  # method gptq: the store of the calibrated integers, once written
 
     @property
