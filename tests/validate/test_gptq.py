@@ -158,3 +158,21 @@ def test_calibration_set_reads_texts_and_ids_and_is_deterministic(tmp_path):
         **cfg.to_dict()["export"]["weights"], "calibration": {"path": str(as_json), "nsamples": 2, "seqlen": 16}}}})
     b = calibration_set(cfg2, plan.checkpoint, plan.dims.text.vocab)
     assert b.set_tokens == 40 and all(np.array_equal(w, np.arange(w[0], w[0] + 16)) for w in b.windows)
+
+
+def test_cli_shows_the_calibrate_stage_and_both_proofs(tmp_path):
+    """`qvlc compile` on a gptq config: the calibrate stage, the exactness rows and the quantization-error rows."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from qvlc.cli import app
+
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "part": "llm", "model": {"checkpoint": "tiny"},
+                                    "export": {"opset": 21, **LEN, "weights": {"format": "int8", "method": "gptq",
+                                                                               "calibration": {"nsamples": 2,
+                                                                                               "seqlen": 32}}},
+                                    "output": {"dir": str(tmp_path / "out")}}))
+    res = CliRunner().invoke(app, ["compile", str(path)], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "calibrate" in res.output and "logits vs unquantized (≥ 0.98)" in res.output
