@@ -86,6 +86,25 @@ def add_weights_args(ap) -> None:
     ap.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="export.weights.method")
     ap.add_argument("--nsamples", type=int, default=128, help="gptq: calibration.nsamples")
     ap.add_argument("--seqlen", type=int, default=512, help="gptq: calibration.seqlen")
+    ap.add_argument("--calibration", type=Path, default=None,
+                    help="gptq: calibration.path (default: qvlc's built-in texts as input_ids, see calibration_ids)")
+
+
+def calibration_ids(workdir: Path) -> Path:
+    """The random checkpoints have no tokenizer: qvlc's built-in calibration texts tokenized with the shipped tiny
+    tokenizer, written once as {"input_ids": [...]} records (ids < 1014, inside any Qwen2-VL vocabulary)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from qvlc.export.calibration_texts import TEXTS
+    from qvlc.models.common.tokenizer import tiny_tokenizer_files
+
+    path = workdir / "calibration_ids.jsonl"
+    if not path.is_file():
+        tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_files()[0].parent))
+        path.write_text("".join(json.dumps({"input_ids": tok(t)["input_ids"]}) + "\n" for t in TEXTS))
+    return path
 
 
 def weights_export(args) -> tuple[str, dict]:
@@ -96,7 +115,8 @@ def weights_export(args) -> tuple[str, dict]:
                "method": args.method}
     suffix = f"_{args.weights}" + (f"g{args.group_size}" if args.weights == "int4" else "")
     if args.method == "gptq":
-        weights["calibration"] = {"nsamples": args.nsamples, "seqlen": args.seqlen}
+        weights["calibration"] = {"nsamples": args.nsamples, "seqlen": args.seqlen,
+                                  "path": str(args.calibration or calibration_ids(args.workdir))}
         suffix += f"_gptq{args.nsamples}x{args.seqlen}"
     return suffix, {"opset": 21, "weights": weights}
 
@@ -106,6 +126,10 @@ def print_quant_error(report) -> None:
     q = report.quantization if report else None
     if not q:
         return
+    if c := q.get("calibration"):
+        r = c["gptq_over_rtn"]
+        print(f"GPTQ calibration: {c['nsamples']} x {c['seqlen']} tokens from {c['source']} ({c['set_tokens']} tokens); "
+              f"output error on them {r['median']:.3f}x round to nearest's (median over Linears; worst {r['worst']:.3f}x)")
     for graph in ("prefill", "decode"):
         rows = [r for r in q["checks"] if r["graph"] == graph and r["output"] == "logits"]
         print(f"quantization error, {graph} logits vs the unquantized model: worst cosine "
