@@ -227,8 +227,8 @@ def test_validate_with_tvm_refuses_blocked_int4_before_running(compiled):
 
 def test_7b_int8_memory_on_a_16_gib_runner(monkeypatch):
     """The shipped 7B int8 config (workers 1) and the vendor's GPTQ config (calibration at 128 x 512) fit 16 GiB; two
-    int8 export workers do not (each holds a rank's dequantized weights, its integers and the graph's floats: one
-    was OOM-killed at 9.3 GB), and the refusal names export.workers."""
+    int8 export workers do not (each holds a rank's dequantized weights and its integers: 7.40 GiB measured at
+    workers 1), and the refusal names export.workers."""
     from pathlib import Path
 
     from qvlc.config import load_config
