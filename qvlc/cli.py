@@ -100,12 +100,14 @@ def parity_table(report) -> Table:
         res = "[green]pass[/]" if tk.expected == tk.got else ("[red]FAIL[/]" if tk.required else "[yellow]reported[/]")
         t.add_row(escape(tk.graph), escape(f"greedy {tk.case}"), "1", "", "", f"{tk.matched}/{len(tk.expected)} tokens",
                   res)
-    q = report.quantization or {"checks": []}  # the second proof: against the unquantized model, at its own floor
-    for graph, output in dict.fromkeys((r["graph"], r["output"]) for r in q["checks"]):
-        rs = [r for r in q["checks"] if (r["graph"], r["output"]) == (graph, output)]
-        t.add_row(escape(graph), escape(f"{output} vs unquantized (≥ {q['min_cosine']})"), str(len(rs)),
+    from qvlc.validate.metrics import quantization_groups  # loaded already: the report is one
+
+    for graph, output, rs in quantization_groups(report.quantization):  # the second proof, at its own floor
+        floor = report.quantization["min_cosine"]
+        t.add_row(escape(graph), escape(f"{output} vs unquantized (≥ {floor})"), str(len(rs)),
                   f"{max(r['max_abs'] for r in rs):.2e}", f"{max(r['rel_l2'] for r in rs):.2e}",
-                  f"{min(r['cosine'] for r in rs):.7f}", "[green]pass[/]" if all(r["passed"] for r in rs) else "[red]FAIL[/]")
+                  f"{min(r['cosine'] for r in rs):.7f}",
+                  "[green]pass[/]" if all(r["passed"] for r in rs) else "[red]FAIL[/]")
     return t
 
 

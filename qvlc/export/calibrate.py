@@ -28,7 +28,7 @@ import torch
 
 from qvlc.models.common.gptq import STORE, GptqStore, StoreLayout, gptq_quantize
 from qvlc.models.common.lazy import lazy_text_model, materialize, read_float
-from qvlc.models.common.quant import LINEARS, quantize_rtn
+from qvlc.models.common.quant import LINEARS, linear_at, quantize_rtn
 from qvlc.plan import Plan
 from qvlc.validate.oracle import Shell, causal
 
@@ -36,13 +36,6 @@ RECORD = "calibration/calibration.json"
 SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
                 "mlp.up_proj": "mlp.gate_proj"}  # Linears that read the same tensor share its H
 TOKENS_PER_BATCH = 2048  # calibration windows run together (attention memory: batch × heads × seqlen²)
-
-
-def _module(layer: torch.nn.Module, path: str) -> torch.nn.Linear:
-    node = layer
-    for p in path.split("."):
-        node = getattr(node, p)
-    return node
 
 
 class _Hessians:
@@ -91,7 +84,7 @@ def calibrate(plan: Plan, stage: Path) -> Path:
     if "llm" in w.include:
         for layer in text.layers:
             for path in LINEARS:
-                t = _module(layer, path).weight
+                t = linear_at(layer, path).weight
                 shapes[t.name] = tuple(t.shape)
     if "lm_head" in w.include:
         shapes[head.weight.name] = tuple(head.weight.shape)
@@ -149,12 +142,12 @@ def _run_layers(plan: Plan, shell: Shell, text, head, windows: np.ndarray, quant
     if "llm" in include:
         for i in range(dims.text.layers):
             layer = materialize(shell.layer_cls, shell.text_config, i, tree=text.layers[i])
-            hooks = _Hessians({p: _module(layer, p) for p in LINEARS if p not in SHARED_INPUT})
+            hooks = _Hessians({p: linear_at(layer, p) for p in LINEARS if p not in SHARED_INPUT})
             run(layer, None)
             hs = hooks.done(n * seqlen)
             for path in LINEARS:
-                linear = _module(layer, path)
-                deq = quantize(_module(text.layers[i], path).weight.name, linear.weight.numpy(),
+                linear = linear_at(layer, path)
+                deq = quantize(linear_at(text.layers[i], path).weight.name, linear.weight.numpy(),
                                hs[SHARED_INPUT.get(path, path)])
                 linear.weight.copy_(torch.from_numpy(deq))
             del hs

@@ -86,12 +86,16 @@ def quantize_graph(model: ir.Model, weights: dict[str, QuantWeight], explicit: b
                    shared: dict | None = None) -> list[str]:
     """Replace each initializer named in ``weights`` by its integers and a dequantization inserted before its first
     consumer; returns the names replaced. ``shared`` (a dict kept across graphs of one weights file) makes the
-    graphs hold the same integer arrays. Raises RuntimeError when an initializer is not what ``weights``
-    dequantizes to (a bug: the module must have been built from these very integers)."""
+    graphs hold the same integer arrays. Raises RuntimeError when a weight has no initializer in the graph or an
+    initializer is not what ``weights`` dequantizes to (a bug: the module must have been built from these very
+    integers)."""
     graph = model.graph
+    missing = sorted(set(weights) - set(graph.initializers))
+    if missing:
+        raise RuntimeError(f"{graph.name}: quantized weights without a graph initializer: {missing[:3]}")
     order = {id(node): i for i, node in enumerate(graph)}
     done = []
-    for name in sorted(set(weights) & set(graph.initializers)):
+    for name in sorted(weights):
         value = graph.initializers[name]
         current = value.const_value.numpy()
         dtype = current.dtype

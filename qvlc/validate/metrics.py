@@ -74,6 +74,13 @@ class TokenCheck:
         return not self.required or (self.expected == self.got)
 
 
+def quantization_groups(q: dict | None) -> list[tuple[str, str, list[dict]]]:
+    """``quantization_error`` rows grouped by (graph, output), in order: what parity.md and the CLI table show."""
+    rows = (q or {}).get("checks", [])
+    return [(g, o, [r for r in rows if (r["graph"], r["output"]) == (g, o)])
+            for g, o in dict.fromkeys((r["graph"], r["output"]) for r in rows)]
+
+
 @dataclass
 class ParityReport:
     part: str
@@ -265,8 +272,7 @@ class ParityReport:
             lines[4:4] = ["", f"Calibrated by GPTQ on {c['nsamples']} windows of {c['seqlen']} tokens from "
                           f"{c['source']} ({c['set_tokens']} tokens). On those tokens each Linear's output error "
                           f"is {r['median']:.2f}x round to nearest's (median; worst {r['worst']:.2f}x)."]
-        for (graph, output) in dict.fromkeys((r["graph"], r["output"]) for r in q["checks"]):
-            rows = [r for r in q["checks"] if (r["graph"], r["output"]) == (graph, output)]
+        for graph, output, rows in quantization_groups(q):
             verdict = "pass" if all(r["passed"] for r in rows) else "FAIL"
             lines.append(f"| {graph} | {output} | {len(rows)} | {min(r['cosine'] for r in rows):.5f} | "
                          f"{max(r['rel_l2'] for r in rows):.3e} | {verdict} |")

@@ -32,12 +32,8 @@ def quantization_error(plan: Plan, report: ParityReport, runs: list, inputs: lis
         for k, (logits, kv) in enumerate(zip(run.logits, run.kv)):
             graph, case = ("prefill", run.case.name) if k == 0 else ("decode", f"{run.case.name}/step{k - 1}")
             ref_kv = ref.kv[..., :n, :] if k == 0 else ref.kv[..., n + k - 1:n + k, :]
-            for output, a, b in (("logits", ref.logits[k], np.concatenate(logits)),
-                                 ("present_key_values", ref_kv, recombine_kv(kv, layouts))):
-                m = compare(a, b)
-                rows.append({"graph": graph, "case": case, "output": output, "cosine": m["cosine"],
-                             "rel_l2": m["rel_l2"], "max_abs": m["max_abs"],
-                             "passed": bool(m["finite"] and m["cosine"] >= floor)})
+            rows += [_row(graph, case, "logits", ref.logits[k], np.concatenate(logits), floor),
+                     _row(graph, case, "present_key_values", ref_kv, recombine_kv(kv, layouts), floor)]
     _record(plan, report, rows, "the unquantized checkpoint (transformers' layers, fp32)")
     if plan.calibrated is not None:  # method gptq: what the calibration saw, and GPTQ against round to nearest
         record = json.loads((plan.calibrated.parent / "calibration.json").read_text())
@@ -50,14 +46,16 @@ def visual_quantization_error(plan: Plan, report: ParityReport, cases: list, out
     floor = _floor(plan)
     refs = StreamedVisionOracle(plan.family, plan.checkpoint, plan.dims).run(
         [(c.pixel_values, c.grids) for c in cases], [c.name for c in cases])
-    rows = []
-    for case, ref in zip(cases, refs):
-        if case.name in outputs:
-            m = compare(ref, outputs[case.name])
-            rows.append({"graph": "visual", "case": case.name, "output": "image_embeds", "cosine": m["cosine"],
-                         "rel_l2": m["rel_l2"], "max_abs": m["max_abs"],
-                         "passed": bool(m["finite"] and m["cosine"] >= floor)})
+    rows = [_row("visual", case.name, "image_embeds", ref, outputs[case.name], floor)
+            for case, ref in zip(cases, refs) if case.name in outputs]
     _record(plan, report, rows, "the unquantized vision tower (transformers' modules, fp32)")
+
+
+def _row(graph: str, case: str, output: str, ref: np.ndarray, got: np.ndarray, floor: float) -> dict:
+    """One output against the unquantized reference, with its verdict at ``floor``."""
+    m = compare(ref, got)
+    return {"graph": graph, "case": case, "output": output, "cosine": m["cosine"], "rel_l2": m["rel_l2"],
+            "max_abs": m["max_abs"], "passed": bool(m["finite"] and m["cosine"] >= floor)}
 
 
 def _floor(plan: Plan) -> float:

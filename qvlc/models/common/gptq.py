@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qvlc.models.common.quant import QuantWeight
+from qvlc.models.common.quant import QuantView, QuantWeight
 from qvlc.precision import Precision, WeightFormat
 
 DAMP = 0.01  # of the mean diagonal of H: the reference default (AutoGPTQ damp_percent, Qwen's GPTQ releases)
@@ -196,22 +196,13 @@ class CalibratedQuant:
         return CalibratedTensor(linear.weight, self)
 
 
-class CalibratedTensor:
-    """A Linear weight seen through the store: ``narrow`` returns the dequantized slice (float32 values of the
-    export dtype) and records the integer slice in ``taken``, like ``DequantizedTensor``."""
+class CalibratedTensor(QuantView):
+    """A Linear weight seen through the store (a block of output rows reads only those rows)."""
 
     def __init__(self, lazy, quant: CalibratedQuant) -> None:
-        self.quant, self.shape, self.name = quant, lazy.shape, lazy.name
-        self.taken: QuantWeight | None = None
+        self.quant, self.shape, self.name, self.dtype = quant, lazy.shape, lazy.name, quant.dtype
 
-    def detach(self) -> "CalibratedTensor":
-        return self
-
-    def narrow(self, dim: int, start: int, length: int):
-        import torch
-
+    def take(self, dim: int, start: int, length: int) -> QuantWeight:
         if dim == 0:
-            self.taken = read_store(self.quant.store, self.name, slice(start, start + length))
-        else:
-            self.taken = read_store(self.quant.store, self.name).narrow(dim, start, length)
-        return torch.from_numpy(self.taken.dequantize(self.quant.dtype.numpy).astype(np.float32))
+            return read_store(self.quant.store, self.name, slice(start, start + length))
+        return read_store(self.quant.store, self.name).narrow(dim, start, length)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qvlc.errors import CheckpointError
-from qvlc.models.common.quant import QuantWeight
+from qvlc.models.common.quant import QuantView, QuantWeight
 from qvlc.precision import Precision
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of a word holds output column 8c + AWQ_ORDER[k]
@@ -117,9 +117,8 @@ def read_imported(node, quant: ImportedQuant) -> QuantWeight:
     return QuantWeight(np.ascontiguousarray(q), scale, np.ascontiguousarray(zp), quant.bits, group)
 
 
-class ImportedTensor:
-    """A quantized Linear of the checkpoint seen as its weight [out, in]: ``narrow`` returns the dequantized slice
-    (float32 values of the export dtype) and records the integer slice in ``taken``, like DequantizedTensor."""
+class ImportedTensor(QuantView):
+    """A quantized Linear of the checkpoint (its packed tensors) seen as its weight [out, in]."""
 
     def __init__(self, node, quant: ImportedQuant, dtype) -> None:
         self.node, self.quant, self.dtype = node, quant, dtype
@@ -128,13 +127,6 @@ class ImportedTensor:
         n_out = scales.shape[1]
         q = node.qweight
         self.shape = (n_out, q.shape[0] * (32 // quant.bits) if quant.method == "gptq" else q.shape[0])
-        self.taken: QuantWeight | None = None
 
-    def detach(self) -> "ImportedTensor":
-        return self
-
-    def narrow(self, dim: int, start: int, length: int):
-        import torch
-
-        self.taken = read_imported(self.node, self.quant).narrow(dim, start, length)
-        return torch.from_numpy(self.taken.dequantize(self.dtype.numpy).astype(np.float32))
+    def take(self, dim: int, start: int, length: int) -> QuantWeight:
+        return read_imported(self.node, self.quant).narrow(dim, start, length)

@@ -45,29 +45,50 @@ class WeightQuant:
                             self.symmetric, self.dtype.numpy)
 
 
-class DequantizedTensor:
-    """A checkpoint tensor read through ``WeightQuant``: ``narrow`` returns the dequantized slice (float32 values
-    of the export dtype) and records the integer slice in ``taken``."""
+class QuantView:
+    """A quantized Linear weight [out, in] as the deployment modules and the oracles read a checkpoint tensor:
+    ``narrow`` returns the dequantized slice (float32 values of the export dtype, what the graph's dequantization
+    computes) and records the integer slice in ``taken``. Subclasses say where the integers come from (``take``):
+    round to nearest here, a GPTQ/AWQ checkpoint (``imported``), the calibration store (``gptq``)."""
 
-    def __init__(self, lazy, quant: WeightQuant) -> None:
-        self.lazy, self.quant, self.shape, self.name = lazy, quant, lazy.shape, lazy.name
-        self.taken: QuantWeight | None = None
+    shape: tuple
+    name: str
+    dtype: Precision
+    taken: "QuantWeight | None" = None
 
-    def detach(self) -> "DequantizedTensor":
+    def detach(self) -> "QuantView":
         return self
 
+    def take(self, dim: int, start: int, length: int) -> "QuantWeight":
+        raise NotImplementedError
+
     def narrow(self, dim: int, start: int, length: int):
+        import torch
+
+        self.taken = self.take(dim, start, length)
+        return torch.from_numpy(self.taken.dequantize(self.dtype.numpy).astype(np.float32))
+
+
+class DequantizedTensor(QuantView):
+    """A checkpoint tensor read through ``WeightQuant`` (round to nearest)."""
+
+    def __init__(self, lazy, quant: WeightQuant) -> None:
+        self.lazy, self.quant, self.shape, self.name, self.dtype = lazy, quant, lazy.shape, lazy.name, quant.dtype
+
+    def take(self, dim: int, start: int, length: int) -> "QuantWeight":
         """Round-to-nearest quantizes each output row on its own, so a block of rows reads and quantizes only
         those rows (the oracle's lm_head blocks, column-split ranks); a column slice needs whole rows (an int8
         row has one scale)."""
-        import torch
-
         if dim == 0:
-            self.taken = self.quant.quantize(self.lazy.narrow(0, start, length).float().numpy())
-        else:
-            full = self.quant.quantize(self.lazy.narrow(0, 0, self.shape[0]).float().numpy())
-            self.taken = full.narrow(dim, start, length)
-        return torch.from_numpy(self.taken.dequantize(self.quant.dtype.numpy).astype(np.float32))
+            return self.quant.quantize(self.lazy.narrow(0, start, length).float().numpy())
+        return self.quant.quantize(self.lazy.narrow(0, 0, self.shape[0]).float().numpy()).narrow(dim, start, length)
+
+
+def linear_at(layer, path: str):
+    """The Linear at dotted ``path`` (``mlp.down_proj``) of a decoder layer: a ``lazy.Tree`` node or a module."""
+    for p in path.split("."):
+        layer = getattr(layer, p)
+    return layer
 
 
 def rank_weights(text, head, quant: WeightQuant | None) -> dict[str, "QuantWeight"]:
@@ -78,9 +99,7 @@ def rank_weights(text, head, quant: WeightQuant | None) -> dict[str, "QuantWeigh
     out = {}
     for i, layer in enumerate(text.layers):
         for path in LINEARS:
-            node = layer
-            for p in path.split("."):
-                node = getattr(node, p)
+            node = linear_at(layer, path)
             if getattr(node.weight, "taken", None) is not None:
                 out[f"stack.layers.{i}.{path}.weight_t"] = node.weight.taken
     if getattr(head.weight, "taken", None) is not None:
@@ -96,11 +115,7 @@ def quantized_tree(text, head, quant):
     if "llm" in quant.include:
         for layer in text.layers:
             for path in LINEARS:
-                node = layer
-                *parents, leaf = path.split(".")
-                for p in parents:
-                    node = getattr(node, p)
-                linear = getattr(node, leaf)
+                linear = linear_at(layer, path)
                 linear._children["weight"] = quant.tensor(linear)
     if "lm_head" in quant.include:
         head._children["weight"] = quant.tensor(head)
