@@ -19,9 +19,14 @@ from qvlc.cli import app
 QVLC = [sys.executable, "-m", "qvlc"]
 
 
-def _config(tmp_path: Path, name: str = "slow", **validate) -> Path:
-    raw = {"name": name, "part": "llm", "export": {"prefill_len": 64, "max_context": 96},
-           "validate": {"decode_steps": 4, "generate_tokens": 8, **validate}, "output": {"dir": str(tmp_path / "out")}}
+def _config(tmp_path: Path, name: str = "slow", long: bool = False, **validate) -> Path:
+    """``long``: a compile that runs ~10 s after its staging folder appears (~4 s otherwise), so a signal sent once
+    the staging folder is seen lands mid-compile even when the test process is starved for seconds on a loaded CI
+    runner (a short one once finished first and took the SIGINT during interpreter shutdown: exit -2)."""
+    shapes, steps = ((256, 512), (64, 200)) if long else ((64, 96), (4, 8))
+    raw = {"name": name, "part": "llm", "export": {"prefill_len": shapes[0], "max_context": shapes[1]},
+           "validate": {"decode_steps": steps[0], "generate_tokens": steps[1], **validate},
+           "output": {"dir": str(tmp_path / "out")}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -48,7 +53,7 @@ def _wait_for_staging(out: Path, timeout: float = 60) -> None:
 
 
 def test_sigterm_mid_compile_removes_everything_and_exits_143(tmp_path):
-    cfg = _config(tmp_path)
+    cfg = _config(tmp_path, long=True)
     proc = _start(cfg)
     _wait_for_staging(tmp_path / "out")
     time.sleep(0.5)
@@ -60,12 +65,13 @@ def test_sigterm_mid_compile_removes_everything_and_exits_143(tmp_path):
 
 
 def test_sigint_mid_compile_exits_130(tmp_path):
-    cfg = _config(tmp_path)
+    cfg = _config(tmp_path, long=True)
     proc = _start(cfg)
     _wait_for_staging(tmp_path / "out")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted: SIGINT" in err and "Traceback" not in err + out
+    assert proc.returncode == 130, err
+    assert "interrupted: SIGINT" in err and "Traceback" not in err + out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
