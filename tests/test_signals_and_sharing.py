@@ -76,7 +76,7 @@ def test_sigint_mid_compile_exits_130(tmp_path):
 
 
 def test_second_compile_of_the_same_name_is_refused_at_once(tmp_path):
-    cfg = _config(tmp_path)
+    cfg = _config(tmp_path, long=True)  # still holding the lock when the second one, starting cold, checks
     first = _start(cfg)
     _wait_for_staging(tmp_path / "out")
     t0 = time.time()
