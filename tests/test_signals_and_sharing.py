@@ -20,9 +20,9 @@ QVLC = [sys.executable, "-m", "qvlc"]
 
 
 def _config(tmp_path: Path, name: str = "slow", long: bool = False, **validate) -> Path:
-    """``long``: a compile that runs ~10 s after its staging folder appears (~4 s otherwise), so a signal sent once
-    the staging folder is seen lands mid-compile even when the test process is starved for seconds on a loaded CI
-    runner (a short one once finished first and took the SIGINT during interpreter shutdown: exit -2)."""
+    """``long``: an ~11 s compile (~4 s otherwise; the staging folder appears after the first ~2 s), so a signal
+    sent once the staging folder is seen lands mid-compile even when the test process is starved for seconds on a
+    loaded CI runner (a short one once finished first and took the SIGINT during interpreter shutdown: exit -2)."""
     shapes, steps = ((256, 512), (64, 200)) if long else ((64, 96), (4, 8))
     raw = {"name": name, "part": "llm", "export": {"prefill_len": shapes[0], "max_context": shapes[1]},
            "validate": {"decode_steps": steps[0], "generate_tokens": steps[1], **validate},
