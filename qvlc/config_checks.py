@@ -122,27 +122,34 @@ def _weight_groups(cfg: Config, dims: "ModelDims") -> None:
     if cfg.part == Part.VISUAL and w.format == "int4":  # the tower's Linears take these input sizes
         v = dims.vision
         ins = {"attention": v.embed_dim, "MLP down projection": v.mlp_hidden, "merger": v.embed_dim * v.merge_unit}
-        bad = {k: n for k, n in ins.items() if n % w.group_size}
-        if bad:
-            name, n = next(iter(bad.items()))
-            groups = [g for g in range(16, v.embed_dim + 1, 16) if all(m % g == 0 for m in ins.values())]
+        misfit = _misfit(ins, w.group_size, v.embed_dim)
+        if misfit:
+            name, n, groups = misfit
             raise ConfigError(f"group_size {w.group_size} does not divide the {n} input rows of the vision tower's "
                               f"{name}", fix=f"use group_size {', '.join(map(str, groups[-6:]))}" if groups else
                               "no int4 group size fits this tower: use format int8 (per output channel)",
                               key="export.weights.group_size")
 
 
+def _misfit(inputs: dict[str, int], group: int, upto: int) -> tuple[str, int, list[int]] | None:
+    """None when ``group`` tiles every one of ``inputs`` (name → input rows); otherwise the first it does not tile,
+    its rows, and the group sizes (multiples of 16 up to ``upto``) that tile them all."""
+    bad = next(((k, n) for k, n in inputs.items() if n % group), None)
+    if bad is None:
+        return None
+    return (*bad, [g for g in range(16, upto + 1, 16) if all(n % g == 0 for n in inputs.values())])
+
+
 def _groups_fit(group: int, dims: "ModelDims", tp: int, key: str, what: str) -> None:
     """int4 groups of input rows must tile every rank's input slice: a group straddling the o_proj or down_proj
     split would need rows from two ranks."""
     t = dims.text
-    bad = {k: n for k, n in group_inputs(t, tp).items() if n % group}
-    if not bad:
+    misfit = _misfit(group_inputs(t, tp), group, t.hidden)
+    if misfit is None:
         return
-    groups = [g for g in range(16, t.hidden + 1, 16) if all(n % g == 0 for n in group_inputs(t, tp).values())]
+    name, n, groups = misfit
     tps = [v for v in valid_tp_values(t.heads, t.kv_heads, t.intermediate, t.vocab)
            if all(n % group == 0 for n in group_inputs(t, v).values())]
-    name, n = next(iter(bad.items()))
     fix = f"use group_size {', '.join(map(str, groups[-6:]))}" if groups and what == "group_size" else ""
     if tps:
         fix += f"{', or keep it and ' if fix else ''}use tp = {', '.join(map(str, tps))}"
