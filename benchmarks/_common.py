@@ -18,7 +18,7 @@ CHECKPOINT_DIR = "qwen2_vl_2b_random"
 
 
 def _build(folder: str, seed: int) -> None:
-    from qvlc.models.common.tiny import shipped_config, write_random_checkpoint_streaming
+    from qvlc.checkpoint.tiny import shipped_config, write_random_checkpoint_streaming
 
     write_random_checkpoint_streaming(shipped_config("qwen2_vl_2b"), Path(folder), seed)
 
@@ -97,8 +97,8 @@ def calibration_ids(workdir: Path) -> Path:
 
     from transformers import AutoTokenizer
 
+    from qvlc.checkpoint.tokenizer import tiny_tokenizer_files
     from qvlc.export.calibration_texts import TEXTS
-    from qvlc.models.common.tokenizer import tiny_tokenizer_files
 
     path = workdir / "calibration_ids.jsonl"
     if not path.is_file():

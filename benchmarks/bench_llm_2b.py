@@ -17,8 +17,16 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import (ARTIFACTS, PrintProgress, add_weights_args, ensure_checkpoint, print_parity, print_quant_error,
-                     rss_gb, weights_export)
+from _common import (
+    ARTIFACTS,
+    PrintProgress,
+    add_weights_args,
+    ensure_checkpoint,
+    print_parity,
+    print_quant_error,
+    rss_gb,
+    weights_export,
+)
 
 
 def main() -> int:

@@ -21,11 +21,19 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import ARTIFACTS, PrintProgress, add_weights_args, print_parity, print_quant_error, rss_gb, weights_export
+from _common import (
+    ARTIFACTS,
+    PrintProgress,
+    add_weights_args,
+    print_parity,
+    print_quant_error,
+    rss_gb,
+    weights_export,
+)
 
 
 def ensure_7b(workdir: Path, seed: int) -> Path:
-    from qvlc.models.common.tiny import shipped_config, write_random_checkpoint_streaming
+    from qvlc.checkpoint.tiny import shipped_config, write_random_checkpoint_streaming
 
     folder = workdir / "qwen2_vl_7b_random"
     if (folder / "config.json").is_file():

@@ -25,8 +25,8 @@ FAMILY_OF = {"qwen2_vl_2b": "qwen2_vl", "qwen2_vl_7b": "qwen2_vl", "qwen2_5_vl_3
 
 
 def ensure_vision_checkpoint(workdir: Path, model: str, seed: int) -> Path:
+    from qvlc.checkpoint.tiny import write_random_checkpoint_streaming
     from qvlc.models import family
-    from qvlc.models.common.tiny import write_random_checkpoint_streaming
 
     folder = workdir / f"{model}_vision_random"
     if (folder / "config.json").is_file():

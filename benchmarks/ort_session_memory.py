@@ -2,8 +2,11 @@
 
     ../shared/tools/memcap 24 .venv/bin/python benchmarks/ort_session_memory.py ARTIFACT_DIR base|nofold|noopt|noopt_noarena GRAPH.onnx
 """
-import resource, sys, time
+import resource
+import sys
+import time
 from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 

@@ -12,9 +12,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from qvlc.checkpoint.load import sha256_file
 from qvlc.contract import MANIFEST, FileRecord, GraphSig, Manifest, read_manifest
 from qvlc.errors import IntegrityError, QvlcError
-from qvlc.models.common.checkpoint import sha256_file
 
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnxsim", "numpy")
 

@@ -8,11 +8,8 @@ User text (paths, values, prompts) is never read as rich markup.
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -25,6 +22,7 @@ from rich.text import Text
 from qvlc import __version__
 from qvlc.errors import EXIT_FAILED, QvlcError
 from qvlc.guard import Exit, guarded
+from qvlc.quiet import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compile Qwen2-VL-family checkpoints into statically shaped ONNX artifacts, proven against "
@@ -49,19 +47,6 @@ class RichProgress:
             yield info
         detail = f"  {info['detail']}" if info.get("detail") else ""
         console.print(Text("✓ ", style="green") + Text(f"{name:<20} {time.perf_counter() - t0:7.1f} s{detail}"))
-
-
-def _quiet_libraries() -> None:
-    """The exporter and transformers log a lot that is noise for a user of qvlc (kept with QVLC_VERBOSE=1)."""
-    if os.environ.get("QVLC_VERBOSE"):
-        return
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import torch.onnx  # noqa: F401  (its loggers exist only once imported)
-
-    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch._export",
-                 "torch.export", "onnxscript", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def report(kind: str, text: str) -> None:
@@ -118,7 +103,7 @@ def compile(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Override output.dir."),
 ) -> None:
     """Compile one part (llm or visual) of a checkpoint into an artifact folder, then prove it."""
-    _quiet_libraries()
+    quiet_libraries()
     from dataclasses import replace
 
     from qvlc.config import OutputConfig, load_config
@@ -148,7 +133,7 @@ def validate(
                                       "onnxruntime; repeatable. Default: the runtimes the artifact was compiled with."),
 ) -> None:
     """Re-run the parity check of an existing artifact against its source checkpoint."""
-    _quiet_libraries()
+    quiet_libraries()
     from qvlc.pipeline import validate_artifact
 
     with command(f"the validation of {artifact}"):
@@ -195,7 +180,7 @@ def run(
         help="sha256 every artifact file before use (default: when an artifact is at most 4 GB)."),
 ) -> None:
     """Answer a prompt about images and videos with the compiled graphs in ONNX Runtime, streaming the text."""
-    _quiet_libraries()
+    quiet_libraries()
     from rich.control import strip_control_codes
 
     from qvlc.runtime.media import load_image, load_video

@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from qvlc.config_parse import AUTO, HIDDEN_FIELDS, build
-from qvlc.config_weights import WeightsConfig, check_weights
 from qvlc.config_vamc import from_vamc
+from qvlc.config_weights import WeightsConfig, check_weights
 from qvlc.errors import ConfigError
 from qvlc.models import TINY
 from qvlc.precision import Precision, Runtime

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from qvlc.errors import ConfigError
 
@@ -67,6 +67,34 @@ def _quantize(flat: dict[str, Any], take) -> dict[str, Any]:
                                                       **({"calibration": calibration} if calibration else {})}}
 
 
+def _shapes(take: Callable[[str], Any], native: dict[str, Any]) -> None:
+    """frontend.shape.* and backend.compile.fullatt_block_indexes onto ``native`` (checked for shape here)."""
+    ids = take("frontend.shape.input_ids")
+    if ids is not None:
+        try:
+            (prefill,), (ctx,) = ids
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"expected [[prefill_len], [max_context]], got {ids!r}",
+                              fix="write frontend.shape.input_ids: [[2048], [4096]]",
+                              key="frontend.shape.input_ids") from exc
+        native["export"].update(prefill_len=prefill, max_context=ctx)
+    pv = take("frontend.shape.pixel_values")
+    if pv is not None:
+        if not (isinstance(pv, list) and len(pv) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                               for x in pv)):
+            raise ConfigError(f"expected [N, patch_dim] (two integers), got {pv!r}",
+                              fix="write frontend.shape.pixel_values: [5120, 1176]", key="frontend.shape.pixel_values")
+        native["export"]["max_patches"] = pv[0]
+        native["declared_patch_dim"] = pv[1]
+    full = take("backend.compile.fullatt_block_indexes")
+    if full is not None:
+        if not (isinstance(full, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in full)):
+            raise ConfigError(f"expected a list of block indexes, got {full!r}",
+                              fix="write backend.compile.fullatt_block_indexes: [7, 15, 23, 31]",
+                              key="backend.compile.fullatt_block_indexes")
+        native["declared_fullatt_blocks"] = tuple(full)
+
+
 def from_vamc(raw: dict[str, Any]) -> dict[str, Any]:
     """Map the vamc-style layout used by existing Qwen2-VL deployment repos onto the native schema."""
     flat = _flatten(raw)
@@ -95,30 +123,7 @@ def from_vamc(raw: dict[str, Any]) -> dict[str, Any]:
     native["export"].update(_quantize(flat, take))
     if (ck := take("frontend.checkpoint")) is not None:
         native["model"]["checkpoint"] = ck
-    ids = take("frontend.shape.input_ids")
-    if ids is not None:
-        try:
-            (prefill,), (ctx,) = ids
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"expected [[prefill_len], [max_context]], got {ids!r}",
-                              fix="write frontend.shape.input_ids: [[2048], [4096]]",
-                              key="frontend.shape.input_ids") from exc
-        native["export"].update(prefill_len=prefill, max_context=ctx)
-    pv = take("frontend.shape.pixel_values")
-    if pv is not None:
-        if not (isinstance(pv, list) and len(pv) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                               for x in pv)):
-            raise ConfigError(f"expected [N, patch_dim] (two integers), got {pv!r}",
-                              fix="write frontend.shape.pixel_values: [5120, 1176]", key="frontend.shape.pixel_values")
-        native["export"]["max_patches"] = pv[0]
-        native["declared_patch_dim"] = pv[1]
-    full = take("backend.compile.fullatt_block_indexes")
-    if full is not None:
-        if not (isinstance(full, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in full)):
-            raise ConfigError(f"expected a list of block indexes, got {full!r}",
-                              fix="write backend.compile.fullatt_block_indexes: [7, 15, 23, 31]",
-                              key="backend.compile.fullatt_block_indexes")
-        native["declared_fullatt_blocks"] = tuple(full)
+    _shapes(take, native)
     if (tp := take("frontend.model_kwargs.tp")) is not None:
         native["export"]["tp"] = tp
     if (dt := take("backend.dtype")) is not None and "weights" not in native["export"]:

@@ -66,68 +66,80 @@ def vision_params(dims: "ModelDims") -> int:
 
 def estimate(cfg: "Config", dims: "ModelDims") -> Estimate:
     """Peak bytes of the compile: export alone, or export then validation when it is enabled."""
-    e, dt = cfg.export, cfg.export.dtype.bytes
-    parts: dict[str, float] = {}
-    if cfg.part == "llm":
-        graph, t = text_params(dims), dims.text
-        if cfg.validate.enabled:
-            s = e.prefill_len
-            if cfg.validate.oracle == "memory":
-                parts["fp32 oracle"] = (graph + t.vocab * t.hidden + vision_params(dims)) * 4
-                parts["ONNX Runtime sessions"] = graph * dt
-                parts.update(_tvm(cfg, graph * dt))
-            else:  # the phases run one after the other; the largest one counts
-                kv = 4 * t.layers * 2 * t.kv_heads * (s + 16) * t.head_dim * 4
-                unsplit = graph * dt if e.tp > 1 and graph * dt <= UNSPLIT_MAX_BYTES else 0
-                sessions = graph * dt / e.tp + t.vocab / e.tp * t.hidden * 4 + unsplit
-                phases = {"ONNX Runtime sessions (one rank's weights mapped from the file, lm_head's fp32 cast)":
-                          sessions, **_tvm(cfg, graph * dt),
-                          # a layer read from bf16 is briefly there twice; the graphs' prefill KV waits for the compare
-                          "streamed oracle (one layer, the embedding table, KV)": graph / t.layers * 4 * 1.5
-                          + t.vocab * t.hidden * 4 + kv + kv / 2,
-                          "fp32 vision tower (image rows of one prompt)": vision_params(dims) * 4}
-                name = max(phases, key=phases.get)
-                parts[name] = phases[name]
-            # fp32 scores [heads, T, T] several times over: the graph's softmax chain, the oracle's eager attention
-            # and the range check's copies (7B at S = 2048: the oracle phase peaked at 8.04 GiB anonymous)
-            parts["attention"] = t.heads * (s + 16) ** 2 * 4 * 5
-            # the export runs first: each worker (or the isolated child) holds a rank's fp16 slices and the
-            # exporter's working set (2B tp = 1: 5.28 GiB anonymous for 3.1 GB of weights; 7B: 4.27 GB per rank)
-            rank = graph / e.tp * dt
-            export = min(e.workers, e.tp) * _rank_export(cfg, rank)
-            if export > sum(parts.values()) * OVERHEAD:
-                parts.clear()
-                parts["export (each worker: one rank's weights and the exporter)"] = export / OVERHEAD
-        else:
-            parts["one rank's weights"] = _rank_export(cfg, graph / e.tp * dt) / OVERHEAD
-    else:
-        n, v, p = e.max_patches, dims.vision, vision_params(dims)
-        export = p * dt * EXPORT_COPIES
-        if not cfg.validate.enabled:
-            parts["export (tower in the export dtype, the exporter's copy)"] = export
-        else:
-            rows = e.attention_block if 0 < e.attention_block < n else n
-            attention = v.heads * rows * n * 4 * 4 + 2 * n * n  # fp32 scores of one block of query rows, the masks
-            held = p * 4 if cfg.validate.oracle == "memory" else p / v.depth * 4  # the oracle's tower, or a block
-            # the session maps the weights file; its calls cast weights to fp32 as they go (2B at N = 5120, blocks
-            # of 1024 rows: 4.80 GiB anonymous, measured)
-            tvm = _tvm(cfg, p * dt)
-            validation = (max([2 * p * dt, *tvm.values()]) + held) * OVERHEAD + 1.5 * attention
-            if export * OVERHEAD >= validation:
-                parts["export (tower in the export dtype, the exporter's copy)"] = export
-            else:
-                if tvm and max(tvm.values()) > 2 * p * dt:
-                    parts.update(tvm)
-                    parts["the oracle's block"] = held
-                else:
-                    parts["ONNX Runtime session (weights mapped, fp32 casts) and the oracle"] = 2 * p * dt + held
-                parts["attention"] = 1.5 * attention
+    parts = _llm_parts(cfg, dims) if cfg.part == "llm" else _visual_parts(cfg, dims)
     total = sum(v for k, v in parts.items() if k != "attention") * OVERHEAD + parts.get("attention", 0.0)
-    if cfg.part == "llm" and e.weights.enabled and e.weights.method == "gptq":  # calibration: a phase before export
+    w = cfg.export.weights
+    if cfg.part == "llm" and w.enabled and w.method == "gptq":  # calibration: a phase before export
         cal = _calibration(cfg, dims)
         if cal * OVERHEAD > total:
             parts, total = {"GPTQ calibration (hidden states, one fp32 layer, H and its factors)": cal}, cal * OVERHEAD
     return Estimate(total, parts)
+
+
+def _llm_parts(cfg: "Config", dims: "ModelDims") -> dict[str, float]:
+    """The LLM compile's phases; the largest validation phase and the attention, or the export alone."""
+    e, dt = cfg.export, cfg.export.dtype.bytes
+    parts: dict[str, float] = {}
+    graph, t = text_params(dims), dims.text
+    if cfg.validate.enabled:
+        s = e.prefill_len
+        if cfg.validate.oracle == "memory":
+            parts["fp32 oracle"] = (graph + t.vocab * t.hidden + vision_params(dims)) * 4
+            parts["ONNX Runtime sessions"] = graph * dt
+            parts.update(_tvm(cfg, graph * dt))
+        else:  # the phases run one after the other; the largest one counts
+            kv = 4 * t.layers * 2 * t.kv_heads * (s + 16) * t.head_dim * 4
+            unsplit = graph * dt if e.tp > 1 and graph * dt <= UNSPLIT_MAX_BYTES else 0
+            sessions = graph * dt / e.tp + t.vocab / e.tp * t.hidden * 4 + unsplit
+            phases = {"ONNX Runtime sessions (one rank's weights mapped from the file, lm_head's fp32 cast)":
+                      sessions, **_tvm(cfg, graph * dt),
+                      # a layer read from bf16 is briefly there twice; the graphs' prefill KV waits for the compare
+                      "streamed oracle (one layer, the embedding table, KV)": graph / t.layers * 4 * 1.5
+                      + t.vocab * t.hidden * 4 + kv + kv / 2,
+                      "fp32 vision tower (image rows of one prompt)": vision_params(dims) * 4}
+            name = max(phases, key=phases.get)
+            parts[name] = phases[name]
+        # fp32 scores [heads, T, T] several times over: the graph's softmax chain, the oracle's eager attention
+        # and the range check's copies (7B at S = 2048: the oracle phase peaked at 8.04 GiB anonymous)
+        parts["attention"] = t.heads * (s + 16) ** 2 * 4 * 5
+        # the export runs first: each worker (or the isolated child) holds a rank's fp16 slices and the
+        # exporter's working set (2B tp = 1: 5.28 GiB anonymous for 3.1 GB of weights; 7B: 4.27 GB per rank)
+        rank = graph / e.tp * dt
+        export = min(e.workers, e.tp) * _rank_export(cfg, rank)
+        if export > sum(parts.values()) * OVERHEAD:
+            parts.clear()
+            parts["export (each worker: one rank's weights and the exporter)"] = export / OVERHEAD
+    else:
+        parts["one rank's weights"] = _rank_export(cfg, graph / e.tp * dt) / OVERHEAD
+    return parts
+
+
+def _visual_parts(cfg: "Config", dims: "ModelDims") -> dict[str, float]:
+    """The visual compile's export, or its validation (session, oracle, attention) when that is larger."""
+    e, dt = cfg.export, cfg.export.dtype.bytes
+    parts: dict[str, float] = {}
+    n, v, p = e.max_patches, dims.vision, vision_params(dims)
+    export = p * dt * EXPORT_COPIES
+    if not cfg.validate.enabled:
+        parts["export (tower in the export dtype, the exporter's copy)"] = export
+    else:
+        rows = e.attention_block if 0 < e.attention_block < n else n
+        attention = v.heads * rows * n * 4 * 4 + 2 * n * n  # fp32 scores of one block of query rows, the masks
+        held = p * 4 if cfg.validate.oracle == "memory" else p / v.depth * 4  # the oracle's tower, or a block
+        # the session maps the weights file; its calls cast weights to fp32 as they go (2B at N = 5120, blocks
+        # of 1024 rows: 4.80 GiB anonymous, measured)
+        tvm = _tvm(cfg, p * dt)
+        validation = (max([2 * p * dt, *tvm.values()]) + held) * OVERHEAD + 1.5 * attention
+        if export * OVERHEAD >= validation:
+            parts["export (tower in the export dtype, the exporter's copy)"] = export
+        else:
+            if tvm and max(tvm.values()) > 2 * p * dt:
+                parts.update(tvm)
+                parts["the oracle's block"] = held
+            else:
+                parts["ONNX Runtime session (weights mapped, fp32 casts) and the oracle"] = 2 * p * dt + held
+            parts["attention"] = 1.5 * attention
+    return parts
 
 
 def _rank_export(cfg: "Config", rank: float) -> float:

@@ -7,8 +7,8 @@ Nothing here prints: progress goes through the ``Progress`` the caller passes.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ctypes
+import dataclasses
 import gc
 import time
 from dataclasses import dataclass
@@ -27,19 +27,19 @@ from qvlc.artifacts import (
     refuse_existing,
     write_manifest,
 )
-from qvlc.config import Config, OracleKind, Part, config_from_dict
-from qvlc.contract import Fp32Record, Manifest, SourceRecord, WeightFileRecord
-from qvlc.errors import ParityError, QvlcError
-from qvlc.export.onnx_export import ExportResult
-from qvlc.models.common.checkpoint import (
+from qvlc.checkpoint.load import (
     LoadedCheckpoint,
     load_checkpoint,
     load_vision_tower,
     sha256_file,
     weight_files,
 )
+from qvlc.checkpoint.tiny import TINY_SEED
+from qvlc.config import Config, OracleKind, Part, config_from_dict
+from qvlc.contract import Fp32Record, Manifest, SourceRecord, WeightFileRecord
+from qvlc.errors import ParityError, QvlcError
+from qvlc.export.onnx_export import ExportResult
 from qvlc.models.common.islands import Islands
-from qvlc.models.common.tiny import TINY_SEED
 from qvlc.plan import Plan, check
 from qvlc.validate.metrics import ParityReport
 
@@ -215,7 +215,7 @@ def _compile_locked(cfg: Config, force: bool, timed, timings: dict[str, float]) 
 
 
 def calibrated_store(folder: Path) -> Path:
-    from qvlc.models.common.gptq import STORE
+    from qvlc.weights.gptq import STORE
 
     store = Path(folder) / STORE
     if not store.is_file():

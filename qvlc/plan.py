@@ -7,17 +7,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qvlc.checkpoint.load import check_weight_shapes, read_config_json
 from qvlc.config import AUTO, Config
 from qvlc.config_checks import check_against_model, check_imported, part_units
 from qvlc.contract import LlmSpec, VisualSpec
 from qvlc.models import inspect_checkpoint, tiny_family
-from qvlc.models.common.checkpoint import check_weight_shapes, read_config_json
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
 from qvlc.models.common.islands import Islands, islands
-from qvlc.models.common.gptq import CalibratedQuant
-from qvlc.models.common.imported import ImportedQuant, imported_quant
-from qvlc.models.common.quant import WeightQuant
+from qvlc.weights.gptq import CalibratedQuant
+from qvlc.weights.imported import ImportedQuant, imported_quant
+from qvlc.weights.quant import WeightQuant
 
 if TYPE_CHECKING:
     from qvlc.export.calibration_data import CalibrationSet
@@ -87,7 +87,7 @@ def check(cfg: Config) -> Plan:
     """Every check that needs no weight: the config, then the checkpoint folder, its family and config.json."""
     tiny = tiny_family(cfg.model.checkpoint)
     if tiny is not None:
-        from qvlc.models.common.tiny import tiny_checkpoint
+        from qvlc.checkpoint.tiny import tiny_checkpoint
 
         folder = tiny_checkpoint(family=tiny)
     else:

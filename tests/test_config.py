@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from qvlc.checkpoint.tiny import shipped_config, tiny_checkpoint
 from qvlc.config import config_from_dict, load_config
 from qvlc.config_checks import check_against_model
-from qvlc.models.common.tp import valid_tp_values
 from qvlc.errors import CheckpointError, ConfigError
 from qvlc.models import inspect_checkpoint
+from qvlc.models.common.tp import valid_tp_values
 from qvlc.models.qwen2_vl import FAMILY as QWEN2_VL
-from qvlc.models.common.tiny import shipped_config, tiny_checkpoint
 from qvlc.plan import check
 
 REPO = Path(__file__).resolve().parents[1]

@@ -348,7 +348,7 @@ def artifacts(compiled) -> dict[str, Path]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_or_fault(case: Case, tmp_path, monkeypatch, artifacts):
-    from qvlc.models.common.tiny import tiny_checkpoint
+    from qvlc.checkpoint.tiny import tiny_checkpoint
 
     monkeypatch.setenv("QVLC_CACHE", str(Path(tiny_checkpoint()).parent))
     env = Env(tmp_path, monkeypatch, artifacts, tiny_checkpoint())

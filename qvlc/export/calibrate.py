@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qvlc.models.common.gptq import STORE, GptqStore, StoreLayout, gptq_quantize
-from qvlc.models.common.lazy import lazy_text_model, materialize, read_float
-from qvlc.models.common.quant import LINEARS, linear_at, quantize_rtn
+from qvlc.checkpoint.lazy import lazy_text_model, materialize, read_float
+from qvlc.models.common.quantized import LINEARS, linear_at
 from qvlc.plan import Plan
 from qvlc.validate.oracle import Shell, causal
+from qvlc.weights.gptq import STORE, GptqStore, StoreLayout, gptq_quantize
+from qvlc.weights.quant import quantize_rtn
 
 RECORD = "calibration/calibration.json"
 SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",

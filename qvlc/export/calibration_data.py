@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qvlc.checkpoint.tokenizer import has_tokenizer
 from qvlc.errors import CheckpointError, ConfigError
-from qvlc.models.common.tokenizer import has_tokenizer
 
 KEY = "export.weights.calibration"
 SEED = 0

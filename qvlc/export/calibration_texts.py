@@ -9,7 +9,7 @@ the tiny tokenizer's training corpus. It is small (a few thousand tokens with Qw
 
 from __future__ import annotations
 
-from qvlc.models.common.build_tiny_tokenizer import CORPUS
+from qvlc.checkpoint.build_tiny_tokenizer import CORPUS
 
 TEXTS: tuple[str, ...] = (
     CORPUS,

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qvlc.checkpoint.lazy import LazyRows, lazy_text_model
+from qvlc.checkpoint.load import LoadedCheckpoint
 from qvlc.contract import (
     DECODE,
     EMBED,
@@ -21,28 +23,27 @@ from qvlc.contract import (
     TpRecord,
     rank_dirs,
 )
+from qvlc.errors import EnvironmentFailure
 from qvlc.export.onnx_export import (
     ExportResult,
     export_graph,
     finish_graphs,
     write_shared,
 )
-from qvlc.errors import EnvironmentFailure
 from qvlc.export.quantize import quantize_graph
 from qvlc.host.embeddings import write_embed_table
 from qvlc.memory import text_params
 from qvlc.models import family as family_of
-from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.islands import Islands
-from qvlc.models.common.imported import ImportedQuant
-from qvlc.models.common.lazy import LazyRows, lazy_text_model
-from qvlc.models.common.quant import WeightQuant, quantized_tree, rank_weights
+from qvlc.models.common.quantized import quantized_tree, rank_weights
 from qvlc.models.common.text import example_inputs
 from qvlc.models.common.tp import rank_layout
 from qvlc.parallel.allreduce import DOMAIN, OP_TYPE
 from qvlc.plan import Plan
 from qvlc.precision import Precision
+from qvlc.weights.imported import ImportedQuant
+from qvlc.weights.quant import WeightQuant
 
 ISOLATE_BYTES = 1 << 30  # graph weights above which an export that validation follows runs in a child process
 
@@ -99,10 +100,14 @@ def export_rank(job: RankJob, text_model, lm_head) -> RankResult:
 
 
 def _worker_init() -> None:
-    """Ctrl-C reaches the whole process group: the parent alone reports it (and terminates the pool)."""
+    """Ctrl-C reaches the whole process group: the parent alone reports it (and terminates the pool). A spawned
+    worker starts with fresh loggers: quiet them as the parent's are."""
     import signal
 
+    from qvlc.quiet import quiet_libraries
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    quiet_libraries()
 
 
 def _export_rank_in_worker(job: RankJob) -> RankResult:

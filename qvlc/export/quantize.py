@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from qvlc.models.common.quant import QuantWeight
+from qvlc.weights.quant import QuantWeight
 
 
 def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

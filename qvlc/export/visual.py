@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from qvlc.checkpoint.lazy import lazy_vision_tower
+from qvlc.checkpoint.load import LoadedCheckpoint
 from qvlc.contract import PREPROCESS, VISUAL, VISUAL_WEIGHTS
 from qvlc.errors import CheckpointError
 from qvlc.export.onnx_export import (
@@ -19,10 +21,8 @@ from qvlc.export.onnx_export import (
 )
 from qvlc.export.quantize import quantize_graph
 from qvlc.host.preprocess import PREPROCESSOR_CONFIG_NAME, PreprocessConfig
-from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.models.common.dims import VisionDims
-from qvlc.models.common.lazy import lazy_vision_tower
-from qvlc.models.common.quant import quantized_vision, vision_graph_name
+from qvlc.models.common.quantized import quantized_vision, vision_graph_name
 from qvlc.models.common.text import example_inputs
 from qvlc.plan import Plan
 

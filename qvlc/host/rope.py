@@ -75,10 +75,20 @@ def get_rope_index(
         pos[mask == 0] = 1
         return np.broadcast_to(pos, (3, seq_len)).copy(), int(pos.max()) + 1 - seq_len
 
-    if mask is None:
-        mask = np.ones_like(ids)
-    keep = mask == 1
+    keep = np.ones(seq_len, dtype=bool) if mask is None else mask == 1
     real = ids[keep]
+    chunks = _position_chunks(real, tokens, merge_size, images, videos, video_time_steps)
+    if not chunks:
+        raise QvlcError("the sequence has no real token (attention_mask is all 0)", key="attention_mask")
+    llm = np.concatenate(chunks, axis=1)
+    positions = np.ones((3, seq_len), dtype=np.int64)
+    positions[:, keep] = llm
+    return positions, int(llm.max()) + 1 - seq_len
+
+
+def _announced(real: np.ndarray, tokens: TokenIds, images: np.ndarray | None,
+               videos: np.ndarray | None) -> tuple[int, int]:
+    """How many images and videos the prompt announces (vision_start + pad token); refuses missing grid rows."""
     starts = np.flatnonzero(real[:-1] == tokens.vision_start)  # a trailing vision_start announces nothing
     following = real[starts + 1]
     n_images = int((following == tokens.image).sum())
@@ -91,18 +101,25 @@ def get_rope_index(
                 fix=f"pass one (t, h, w) row in {what}_grid_thw per {what} in the prompt, in prompt order",
                 key=f"{what}_grid_thw",
             )
+    return n_images, n_videos
 
+
+def _text_chunk(length: int, start: int) -> np.ndarray:
+    return np.broadcast_to(np.arange(length, dtype=np.int64) + start, (3, length))
+
+
+def _position_chunks(real: np.ndarray, tokens: TokenIds, merge_size: int, images: np.ndarray | None,
+                     videos: np.ndarray | None, video_time_steps: Sequence[float] | None) -> list[np.ndarray]:
+    """The [3, n] position chunks of the real tokens: text runs and vision grids in prompt order."""
+    n_images, n_videos = _announced(real, tokens, images, videos)
     chunks: list[np.ndarray] = []
-    st = 0
-    next_pos = 0
-    image_index = video_index = 0
-    remain_images, remain_videos = n_images, n_videos
+    st = next_pos = image_index = video_index = 0
     end = len(real) + 1
     image_at = np.flatnonzero(real == tokens.image)
     video_at = np.flatnonzero(real == tokens.video)
     for _ in range(n_images + n_videos):
-        ed_image = _first_at_or_after(image_at, st, end) if remain_images > 0 else end
-        ed_video = _first_at_or_after(video_at, st, end) if remain_videos > 0 else end
+        ed_image = _first_at_or_after(image_at, st, end) if image_index < n_images else end
+        ed_video = _first_at_or_after(video_at, st, end) if video_index < n_videos else end
         if ed_image == end and ed_video == end:
             raise QvlcError(
                 "the prompt announces more images/videos (vision_start + pad token) than it has pad-token runs",
@@ -112,14 +129,12 @@ def get_rope_index(
         if ed_image < ed_video:
             t, h, w = (int(x) for x in images[image_index])  # type: ignore[index]
             image_index += 1
-            remain_images -= 1
-            ed, kind, pad = ed_image, "image", tokens.image
+            ed, kind, pad, step = ed_image, "image", tokens.image, 1.0
         else:
             t, h, w = (int(x) for x in videos[video_index])  # type: ignore[index]
             video_index += 1
-            remain_videos -= 1
             ed, kind, pad = ed_video, "video", tokens.video
-        step = 1.0 if kind == "image" or video_time_steps is None else float(video_time_steps[video_index - 1])
+            step = 1.0 if video_time_steps is None else float(video_time_steps[video_index - 1])
         gt, gh, gw = t, h // merge_size, w // merge_size
         if min(gt, gh, gw) < 1:
             raise QvlcError(
@@ -128,25 +143,17 @@ def get_rope_index(
                 key=f"{kind}_grid_thw",
             )
         _check_pad_run(real, ed, gt * gh * gw, pad, (t, h, w))
-        text_len = ed - st
-        chunks.append(np.broadcast_to(np.arange(text_len, dtype=np.int64) + next_pos, (3, text_len)))
+        chunks.append(_text_chunk(ed - st, next_pos))
         t_pos = (np.arange(gt, dtype=np.float64) * step).astype(np.int64)  # .long() truncates, as transformers
         grid = np.stack(
             [a.ravel() for a in np.meshgrid(t_pos, np.arange(gh), np.arange(gw), indexing="ij")]
         ).astype(np.int64)
-        chunks.append(grid + text_len + next_pos)
+        chunks.append(grid + (ed - st) + next_pos)
         next_pos = int(chunks[-1].max()) + 1
         st = ed + gt * gh * gw
     if st < len(real):
-        text_len = len(real) - st
-        chunks.append(np.broadcast_to(np.arange(text_len, dtype=np.int64) + next_pos, (3, text_len)))
-
-    if not chunks:
-        raise QvlcError("the sequence has no real token (attention_mask is all 0)", key="attention_mask")
-    llm = np.concatenate(chunks, axis=1)
-    positions = np.ones((3, seq_len), dtype=np.int64)
-    positions[:, keep] = llm
-    return positions, int(llm.max()) + 1 - seq_len
+        chunks.append(_text_chunk(len(real) - st, next_pos))
+    return chunks
 
 
 def _check_pad_run(real: np.ndarray, start: int, length: int, pad: int, grid: tuple[int, int, int]) -> None:

@@ -50,7 +50,7 @@ def tiny_family(checkpoint: str) -> "Family | None":
 def inspect_checkpoint(folder: Path) -> tuple["Family", "ModelDims"]:
     """Everything that can be checked about a checkpoint folder without reading a weight: its family (from
     config.json's model_type), its dims, and that its weight files are all there."""
-    from qvlc.models.common.checkpoint import (
+    from qvlc.checkpoint.load import (
         read_config_json,
         require_folder,
         weight_files,

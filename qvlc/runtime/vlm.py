@@ -24,7 +24,6 @@ from qvlc.models import inspect_checkpoint, tiny_family
 from qvlc.runtime.llm import LlmRuntime, Media
 from qvlc.runtime.media import Video, load_image
 from qvlc.runtime.visual import VisualRuntime
-from qvlc.validate.metrics import token_agreement  # noqa: F401  (qvlc run's fp16 agreement, re-exported)
 
 TokenCallback = Callable[[int, str], None]
 
@@ -41,7 +40,7 @@ def resolve_checkpoint(manifest: Manifest, override: Path | str | None = None) -
         name, where = str(manifest.source.checkpoint), "model.checkpoint"
     tiny = tiny_family(name)
     if tiny is not None:
-        from qvlc.models.common.tiny import TINY_SEED, tiny_checkpoint
+        from qvlc.checkpoint.tiny import TINY_SEED, tiny_checkpoint
 
         return tiny_checkpoint(seed=manifest.source.tiny_seed or TINY_SEED, family=tiny)
     folder = Path(name).expanduser()
@@ -137,7 +136,7 @@ class VlmPipeline:
                  verify_hashes: bool | None = None) -> None:
         """Both artifacts are checked before use (``qvlc.artifacts.checked_artifact``): manifest digest, every
         file's size, sha256 when ``verify_hashes`` (default: artifacts up to 4 GB), and a parity that passed."""
-        from qvlc.models.common.tokenizer import load_processor
+        from qvlc.checkpoint.tokenizer import load_processor
 
         self.llm_dir, self.visual_dir = Path(llm_dir), Path(visual_dir)
         llm_m = checked_artifact(self.llm_dir, "llm", "LLM_DIR", verify_hashes)

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from qvlc.artifacts import declared_graphs
+from qvlc.checkpoint.lazy import lazy_text_model
+from qvlc.checkpoint.load import LoadedCheckpoint
 from qvlc.contract import PREFILL
 from qvlc.host.rope import decode_position
 from qvlc.memory import UNSPLIT_MAX_BYTES, text_params
-from qvlc.models.common.checkpoint import LoadedCheckpoint
-from qvlc.models.common.lazy import lazy_text_model
-from qvlc.models.common.quant import quantized_tree
+from qvlc.models.common.quantized import quantized_tree
 from qvlc.models.common.tp import RankLayout, rank_layout
 from qvlc.plan import Plan
 from qvlc.precision import Runtime
@@ -42,7 +42,12 @@ from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
 from qvlc.validate.llm_cases import LlmCase, build_cases, with_image_rows
 from qvlc.validate.metrics import ParityReport, TokenCheck
-from qvlc.validate.oracle import InMemoryOracle, OracleInput, OracleOutput, StreamedOracle
+from qvlc.validate.oracle import (
+    InMemoryOracle,
+    OracleInput,
+    OracleOutput,
+    StreamedOracle,
+)
 from qvlc.validate.quant_error import quantization_error, recombine_kv
 from qvlc.validate.ranges import RangeRecorder
 from qvlc.validate.vision_oracle import StreamedVisionOracle
@@ -186,16 +191,7 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     v, dims, spec = plan.cfg.validate, plan.dims, plan.llm_spec
     steps = max(v.decode_steps, v.generate_tokens - 1)
     cases = llm_cases(plan, ck, seed)
-    unsplit = None
-    if spec.tp > 1:
-        size = text_params(dims) * spec.dtype.bytes
-        if size <= UNSPLIT_MAX_BYTES:
-            unsplit = unsplit_runtime(plan, ck, folder)
-        else:
-            report.notes.append(f"the tp = 1 comparison was not run: the unsplit module would hold "
-                                f"{size / 1e9:.1f} GB of {spec.dtype.value} weights in torch (it runs for models "
-                                f"up to {UNSPLIT_MAX_BYTES / 1e9:.1f} GB); every rank's slices and the "
-                                "recombined result are compared with the fp32 oracle")
+    unsplit = _unsplit(plan, ck, folder, report)
     runs = run_graphs(plan, folder, cases, steps, unsplit)
     del unsplit
     gc.collect()
@@ -221,6 +217,35 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
                             spec.dtype)
     report.notes.append(f"oracle: {type(oracle).__name__}; each prompt then {steps} greedy decode steps of the "
                         "graphs, the oracle teacher-forced on the tokens the graphs chose")
+    _quantization(plan, report, runs, inputs, layouts)
+    if others:
+        report.notes.append(f"{', '.join(map(str, others))}: {len(some)} of the {len(cases)} prompts "
+                            "(validate.runtime_cases); each decode step is fed the token ONNX Runtime chose, and the "
+                            "greedy check compares its own argmax at every step")
+    failed = next((c for c in report.checks if not c.passed and c.metrics), None)
+    if failed is not None:
+        run = next(r for r in runs if r.case.name == failed.case.split("/")[0])
+        with report.using(Runtime(failed.runtime)):
+            diagnose_prefill(plan, folder, report, run, oracle)
+
+
+def _unsplit(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: ParityReport):
+    """The unsplit (tp = 1) deployment module the rank graphs are compared with, when it is small enough."""
+    spec = plan.llm_spec
+    if spec.tp == 1:
+        return None
+    size = text_params(plan.dims) * spec.dtype.bytes
+    if size <= UNSPLIT_MAX_BYTES:
+        return unsplit_runtime(plan, ck, folder)
+    report.notes.append(f"the tp = 1 comparison was not run: the unsplit module would hold "
+                        f"{size / 1e9:.1f} GB of {spec.dtype.value} weights in torch (it runs for models "
+                        f"up to {UNSPLIT_MAX_BYTES / 1e9:.1f} GB); every rank's slices and the "
+                        "recombined result are compared with the fp32 oracle")
+    return None
+
+
+def _quantization(plan: Plan, report: ParityReport, runs, inputs, layouts) -> None:
+    """Imported integers: a note and an empty quantization record; our own: the error against the original."""
     if plan.imported is not None:
         i = plan.imported
         report.notes.append(f"weights: the checkpoint's own {i.method} int{i.bits} integers (groups of "
@@ -231,15 +256,6 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
         report.notes.append("weights: the oracle carries the dequantized integers of the graphs (exactness); "
                             "'Quantization error' compares the graphs with the unquantized checkpoint")
         quantization_error(plan, report, runs, inputs, layouts)
-    if others:
-        report.notes.append(f"{', '.join(map(str, others))}: {len(some)} of the {len(cases)} prompts "
-                            "(validate.runtime_cases); each decode step is fed the token ONNX Runtime chose, and the "
-                            "greedy check compares its own argmax at every step")
-    failed = next((c for c in report.checks if not c.passed and c.metrics), None)
-    if failed is not None:
-        run = next(r for r in runs if r.case.name == failed.case.split("/")[0])
-        with report.using(Runtime(failed.runtime)):
-            diagnose_prefill(plan, folder, report, run, oracle)
 
 
 def diagnose_prefill(plan: Plan, folder: Path, report: ParityReport, run: GraphRun, oracle) -> None:

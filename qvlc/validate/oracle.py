@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qvlc.checkpoint.lazy import lazy_text_model, materialize, read_float
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
-from qvlc.models.common.lazy import lazy_text_model, materialize, read_float
-from qvlc.models.common.quant import WeightQuant, quantized_tree
+from qvlc.models.common.quantized import quantized_tree
 from qvlc.validate.ranges import LINEAR, LINEAR_IN, RangeRecorder, remove
+from qvlc.weights.quant import WeightQuant
 
 LAYERS = "model.language_model.layers"  # transformers' module names, as the range report gives them
 

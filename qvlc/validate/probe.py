@@ -10,8 +10,8 @@ hazard the probe did not see is reported (and fails an fp16 compile) like any ot
 
 from __future__ import annotations
 
+from qvlc.checkpoint.load import LoadedCheckpoint
 from qvlc.config_checks import part_units
-from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.models.common.islands import Islands, islands
 from qvlc.plan import Plan
 from qvlc.validate.ranges import RESIDUAL, RangeRecorder

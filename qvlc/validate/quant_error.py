@@ -16,8 +16,8 @@ import numpy as np
 from qvlc.plan import Plan
 from qvlc.validate.metrics import ParityReport, compare
 from qvlc.validate.oracle import OracleInput, StreamedOracle
-from qvlc.validate.vision_oracle import StreamedVisionOracle
 from qvlc.validate.ranges import RangeRecorder
+from qvlc.validate.vision_oracle import StreamedVisionOracle
 
 
 def quantization_error(plan: Plan, report: ParityReport, runs: list, inputs: list[OracleInput],

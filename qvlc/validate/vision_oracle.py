@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from qvlc.checkpoint.lazy import Tree, fill, lazy_vision_tower, materialize
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
-from qvlc.models.common.lazy import Tree, fill, lazy_vision_tower, materialize
-from qvlc.models.common.quant import WeightQuant, quantized_vision
+from qvlc.models.common.quantized import quantized_vision
 from qvlc.validate.ranges import RangeRecorder, Segments, remove
+from qvlc.weights.quant import WeightQuant
 
 VISUAL = "model.visual"  # transformers' module names, as the range report gives them
 

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from qvlc.artifacts import declared_graphs
+from qvlc.checkpoint.load import LoadedCheckpoint
 from qvlc.contract import PREPROCESS, VisualSpec
 from qvlc.host.preprocess import PreprocessConfig, image_to_patches, video_to_patches
-from qvlc.models.common.checkpoint import LoadedCheckpoint
 from qvlc.plan import Plan
 from qvlc.precision import Runtime
 from qvlc.runtime.tvm_session import TvmBuildError

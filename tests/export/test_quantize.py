@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import onnx_ir as ir
-
 from qvlc.export.quantize import quantize_graph
-from qvlc.models.common.quant import quantize_rtn
 from qvlc.precision import Runtime
 from qvlc.runtime.sessions import open_session
+from qvlc.weights.quant import quantize_rtn
 
 IN, OUT, GROUP = 96, 40, 32
 

@@ -38,8 +38,8 @@ def test_visual_attention_in_blocks_passes(compiled, family):
                  max_patches=256, attention_block=48)
     assert r.report.passed, r.report.failures
     graph = onnx.load(str(r.folder / "visual.onnx"), load_external_data=False).graph
+    from qvlc.checkpoint.tiny import tiny_checkpoint
     from qvlc.models import family as family_of
-    from qvlc.models.common.tiny import tiny_checkpoint
 
     config = json.loads((tiny_checkpoint(family=family_of(family)) / "config.json").read_text())
     depth = config["vision_config"]["depth"]

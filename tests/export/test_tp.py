@@ -11,8 +11,8 @@ import pytest
 
 from qvlc.config import config_from_dict
 from qvlc.errors import ConfigError, ParityError
-from qvlc.parallel.allreduce import DOMAIN, OP_TYPE
 from qvlc.export.onnx_export import check_graph
+from qvlc.parallel.allreduce import DOMAIN, OP_TYPE
 from qvlc.pipeline import compile_artifact, validate_artifact
 from qvlc.plan import check
 from qvlc.runtime.llm import LlmRuntime
@@ -124,7 +124,8 @@ def test_swapped_rank_weights_are_caught(tp2, copy_artifact, reseal):
 
 def test_wrong_kv_replication_is_caught(tmp_path, monkeypatch):
     import qvlc.export.llm as export_llm
-    from qvlc.models.common.tp import RankLayout, rank_layout as right
+    from qvlc.models.common.tp import RankLayout
+    from qvlc.models.common.tp import rank_layout as right
 
     def wrong(text, tp, rank):  # round-robin kv heads: rank 1 would read kv head 1 for query head 1
         lay = right(text, tp, rank)

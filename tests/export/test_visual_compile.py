@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from qvlc.config import config_from_dict
+from qvlc.contract import PREPROCESS, VISUAL, VISUAL_WEIGHTS
 from qvlc.errors import CheckpointError, QvlcError
 from qvlc.export.visual import preprocess_config
 from qvlc.host.preprocess import PreprocessConfig, images_to_patches
 from qvlc.pipeline import CompileResult, compile_artifact, load
 from qvlc.plan import Plan, check
-from qvlc.contract import PREPROCESS, VISUAL, VISUAL_WEIGHTS
-from qvlc.runtime.visual import VisualRuntime
 from qvlc.precision import Precision
+from qvlc.runtime.visual import VisualRuntime
 from qvlc.validate.metrics import ParityReport
 from qvlc.validate.visual import validate_visual
 

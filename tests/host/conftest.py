@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qvlc.models.common.checkpoint import LoadedCheckpoint, load_checkpoint
-from qvlc.models.common.tiny import tiny_checkpoint
+from qvlc.checkpoint.load import LoadedCheckpoint, load_checkpoint
+from qvlc.checkpoint.tiny import tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 from transformers import Qwen2VLImageProcessor
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import (
+    smart_resize as hf_smart_resize,
+)
 
+from qvlc.checkpoint.tokenizer import tiny_tokenizer_files
 from qvlc.errors import QvlcError
 from qvlc.host.preprocess import (
     PreprocessConfig,
@@ -20,7 +23,6 @@ from qvlc.host.preprocess import (
     smart_resize,
     video_to_patches,
 )
-from qvlc.models.common.tokenizer import tiny_tokenizer_files
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
@@ -257,7 +259,9 @@ def test_video_close_to_transformers_video_processor() -> None:
     """Qwen2VLVideoProcessor resizes with torchvision (float bicubic, antialias) instead of PIL: same grid,
     values within ~2 uint8 levels on a smooth video (measured 0.030 after normalization)."""
     import torch
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import (
+        Qwen2VLVideoProcessor,
+    )
 
     video = smooth_frames(3, 90, 130)
     cfg = PreprocessConfig()

@@ -15,6 +15,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     apply_multimodal_rotary_pos_emb,
 )
 
+from qvlc.checkpoint.tiny import shipped_config
 from qvlc.errors import QvlcError
 from qvlc.host.rope import (
     decode_cos_sin,
@@ -25,7 +26,6 @@ from qvlc.host.rope import (
 )
 from qvlc.models.common.dims import ModelDims, TokenIds
 from qvlc.models.qwen2_vl import FAMILY as QWEN2_VL
-from qvlc.models.common.tiny import shipped_config
 
 PAD_ID = 0
 PATCH_DIM = 1176

@@ -12,10 +12,15 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     VisionRotaryEmbedding,
 )
 
+from qvlc.checkpoint.tiny import shipped_config
 from qvlc.errors import QvlcError
-from qvlc.host.vision import fit_grids, vision_attention_mask, vision_cos_sin, vision_inv_freq
+from qvlc.host.vision import (
+    fit_grids,
+    vision_attention_mask,
+    vision_cos_sin,
+    vision_inv_freq,
+)
 from qvlc.models.qwen2_vl import FAMILY as QWEN2_VL
-from qvlc.models.common.tiny import shipped_config
 
 GRIDS = {
     "one_image": [[1, 4, 6]],

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from qvlc.checkpoint.load import LoadedCheckpoint, load_checkpoint
+from qvlc.checkpoint.tiny import tiny_checkpoint
 from qvlc.host.vision import vision_attention_mask, vision_cos_sin
 from qvlc.models import FAMILIES
 from qvlc.models import family as family_of
-from qvlc.models.common.checkpoint import LoadedCheckpoint, load_checkpoint
 from qvlc.models.common.family import chunk_widths
 from qvlc.models.common.text import example_inputs
-from qvlc.models.common.tiny import tiny_checkpoint
 from qvlc.models.qwen2_vl.visual import VisualGraph
 from qvlc.precision import Precision
 from qvlc.validate.metrics import compare, passes

@@ -11,10 +11,11 @@ from PIL import Image
 from rich.control import strip_control_codes
 from typer.testing import CliRunner
 
+from qvlc.checkpoint.load import load_checkpoint
 from qvlc.cli import app
 from qvlc.errors import QvlcError
-from qvlc.models.common.checkpoint import load_checkpoint
-from qvlc.runtime.vlm import VlmPipeline, token_agreement
+from qvlc.runtime.vlm import VlmPipeline
+from qvlc.validate.metrics import token_agreement
 
 S, C, N = 256, 320, 512  # prefill window, KV capacity, visual patches (both images together: 244 patches)
 NEW = 12

@@ -4,17 +4,16 @@ video processor samples them; videos from a file (PyAV) and from a folder of fra
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from qvlc.checkpoint.load import load_checkpoint
 from qvlc.cli import app
 from qvlc.errors import QvlcError
 from qvlc.models import FAMILIES
-from qvlc.models.common.checkpoint import load_checkpoint
 from qvlc.runtime.media import Video, load_video, sample_indices
 from qvlc.runtime.vlm import VlmPipeline
 

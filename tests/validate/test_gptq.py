@@ -11,13 +11,13 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from qvlc.checkpoint.load import load_checkpoint
 from qvlc.config import config_from_dict
 from qvlc.export.calibration_data import calibration_set
-from qvlc.models.common.checkpoint import load_checkpoint
-from qvlc.models.common.gptq import STORE, gptq_quantize, read_store
-from qvlc.models.common.quant import quantize_rtn
 from qvlc.pipeline import validate_artifact
 from qvlc.plan import check
+from qvlc.weights.gptq import STORE, gptq_quantize, read_store
+from qvlc.weights.quant import quantize_rtn
 
 LEN = {"prefill_len": 64, "max_context": 96}
 CAL = {"nsamples": 8, "seqlen": 64}

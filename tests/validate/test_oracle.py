@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from qvlc.checkpoint.load import load_checkpoint
+from qvlc.checkpoint.tiny import tiny_checkpoint
 from qvlc.models import FAMILIES, inspect_checkpoint
 from qvlc.models import family as family_of
-from qvlc.models.common.checkpoint import load_checkpoint
-from qvlc.models.common.tiny import tiny_checkpoint
 from qvlc.validate.oracle import InMemoryOracle, OracleInput, StreamedOracle
 
 
@@ -108,7 +108,7 @@ def test_a_graph_diverging_at_token_k_is_reported_at_k(tmp_path, monkeypatch, k)
 def test_streamed_vision_tower_equals_the_loaded_one(tiny):
     """Every case in one forward of transformers' own tower, each block read once, equals the loaded tower run on
     each case alone (images, a video, grids with part-filled windows)."""
-    from qvlc.models.common.checkpoint import load_vision_tower
+    from qvlc.checkpoint.load import load_vision_tower
     from qvlc.validate.vision_oracle import StreamedVisionOracle
 
     fam, folder, dims, _ = tiny

@@ -14,9 +14,9 @@ from onnx import TensorProto
 
 from qvlc.config import config_from_dict
 from qvlc.errors import ConfigError, ParityError
-from qvlc.models.common.quant import quantize_rtn
 from qvlc.pipeline import compile_artifact, validate_artifact
 from qvlc.plan import check
+from qvlc.weights.quant import quantize_rtn
 
 LEN = {"prefill_len": 64, "max_context": 96}
 LINEARS_PER_LAYER, LAYERS = 7, 2  # the tiny model's decoder
@@ -190,9 +190,9 @@ def test_visual_weight_configs_refused(weights, key, fragment):
 
 def test_qwen2_5_vl_tower_has_no_int4_group_size():
     """Qwen2.5-VL's vision MLP has 3420 input rows: no multiple of 16 divides it, so int4 is refused naming int8."""
+    from qvlc.checkpoint.tiny import shipped_config
     from qvlc.config_checks import _weight_groups
     from qvlc.models import family as family_of
-    from qvlc.models.common.tiny import shipped_config
 
     fam = family_of("qwen2_5_vl")
     dims = fam.dims(shipped_config("qwen2_5_vl_7b", fam))
@@ -231,10 +231,10 @@ def test_7b_int8_memory_on_a_16_gib_runner(monkeypatch):
     workers 1), and the refusal names export.workers."""
     from pathlib import Path
 
+    from qvlc.checkpoint.tiny import shipped_config
     from qvlc.config import load_config
     from qvlc.memory import check_memory, estimate
     from qvlc.models import family as family_of
-    from qvlc.models.common.tiny import shipped_config
 
     monkeypatch.setenv("QVLC_MEMORY_LIMIT_GB", "16")
     repo = Path(__file__).parents[2]

@@ -10,11 +10,11 @@ import shutil
 import pytest
 import torch
 
+from qvlc.checkpoint.tiny import tiny_checkpoint
 from qvlc.config import config_from_dict
 from qvlc.errors import ParityError
 from qvlc.models import FAMILIES
 from qvlc.models import family as family_of
-from qvlc.models.common.tiny import tiny_checkpoint
 from qvlc.pipeline import compile_artifact
 from qvlc.validate.ranges import FP16_MAX, KINDS, LINEAR, SCORES, RangeRecorder
 

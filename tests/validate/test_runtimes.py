@@ -151,10 +151,10 @@ def test_the_schedule_changes_speed_not_arithmetic(tmp_path):
 def test_tvm_holding_7b_ranks_is_refused_before_loading(monkeypatch):
     """TVM's sessions hold every rank's weights in memory (ONNX Runtime maps them): the 7B tp = 4 LLM fits a 16 GiB
     runner on ONNX Runtime alone and is refused, naming validate.runtimes, with tvm; its visual part fits either way."""
+    from qvlc.checkpoint.tiny import shipped_config
     from qvlc.config import load_config
     from qvlc.memory import check_memory
     from qvlc.models import family as family_of
-    from qvlc.models.common.tiny import shipped_config
 
     monkeypatch.setenv("QVLC_MEMORY_LIMIT_GB", "16")
     fam = family_of("qwen2_vl")

@@ -22,14 +22,14 @@ from torch import nn
 
 from qvlc.models.common.dims import VisionDims
 from qvlc.models.common.family import chunk_widths
-from qvlc.models.common.layers import LayerNorm, Linear
 from qvlc.models.common.islands import Islands
+from qvlc.models.common.layers import LayerNorm, Linear
 from qvlc.models.common.vision import (
     PatchMerger,
     VisionAttention,
     VisionBlockBase,
-    edge_dtypes,
     activation,
+    edge_dtypes,
     patch_embed,
 )
 

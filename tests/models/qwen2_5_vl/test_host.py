@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from qvlc.checkpoint.tiny import tiny_checkpoint
 from qvlc.models import family
-from qvlc.models.common.tiny import tiny_checkpoint
 from qvlc.models.qwen2_5_vl.host import window_index
 
 FAM = family("qwen2_5_vl")
@@ -15,7 +15,7 @@ FAM = family("qwen2_5_vl")
 
 @pytest.fixture(scope="module")
 def model():
-    from qvlc.models.common.checkpoint import load_checkpoint
+    from qvlc.checkpoint.load import load_checkpoint
 
     return load_checkpoint(tiny_checkpoint(family=FAM)).model
 

@@ -6,9 +6,13 @@ import json
 
 import torch
 
-from qvlc.models.common.checkpoint import load_checkpoint, weight_files
-from qvlc.models.common.lazy import lazy_text_model
-from qvlc.models.common.tiny import shipped_config, tiny_checkpoint, write_random_checkpoint_streaming
+from qvlc.checkpoint.lazy import lazy_text_model
+from qvlc.checkpoint.load import load_checkpoint, weight_files
+from qvlc.checkpoint.tiny import (
+    shipped_config,
+    tiny_checkpoint,
+    write_random_checkpoint_streaming,
+)
 
 
 def test_tiny_default_is_randomised_gqa_with_two_layers():
@@ -38,7 +42,7 @@ def test_streamed_checkpoint_loads_completely_and_lazily(tmp_path):
 
 
 def test_vision_tower_alone_equals_the_full_models_tower():
-    from qvlc.models.common.checkpoint import load_vision_tower
+    from qvlc.checkpoint.load import load_vision_tower
 
     folder = tiny_checkpoint()
     full, alone = load_checkpoint(folder), load_vision_tower(folder)

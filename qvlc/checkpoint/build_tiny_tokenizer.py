@@ -1,4 +1,4 @@
-"""Build the tiny tokenizer shipped in ``tiny_tokenizer/``: run ``python -m qvlc.models.common.build_tiny_tokenizer``.
+"""Build the tiny tokenizer shipped in ``tiny_tokenizer/``: run ``python -m qvlc.checkpoint.build_tiny_tokenizer``.
 
 A byte-level BPE laid out like Qwen2-VL's: the same normalizer, pre-tokenizer regex and decoder, exactly
 1000 regular tokens (ids 0..999) trained on the built-in text below, then Qwen2-VL's 14 special tokens in

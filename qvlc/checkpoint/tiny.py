@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from qvlc.models.common.checkpoint import released_name
+from qvlc.checkpoint.load import released_name
 
 if TYPE_CHECKING:
     from qvlc.models.common.family import Family
@@ -71,7 +71,7 @@ def build_random_checkpoint(config: dict, folder: Path, seed: int, dtype: torch.
                             family: "Family | None" = None) -> Path:
     """Build a random model of ``family`` (default Qwen2-VL) from ``config`` and save_pretrained it into
     ``folder`` (atomically)."""
-    from qvlc.models.common.tokenizer import save_tiny_tokenizer_if_matching
+    from qvlc.checkpoint.tokenizer import save_tiny_tokenizer_if_matching
 
     fam = _family(family)
     folder = Path(folder)
@@ -124,6 +124,31 @@ def tiny_checkpoint(overrides: dict | None = None, seed: int = TINY_SEED, family
 
 
 @torch.no_grad()
+def _shards(params: list, itemsize: int, shard_bytes: int) -> list[list]:
+    """``params`` in order, cut into shards of at most ``shard_bytes`` (a tensor larger than that alone)."""
+    shards: list[list] = [[]]
+    size = 0
+    for name, p in params:
+        nbytes = p.numel() * itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, p))
+        size += nbytes
+    return shards
+
+
+def _random_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    """Matrices ~ N(0, 0.02), biases ~ N(0, 0.1), norm scales ~ 1 + N(0, 0.1); each from its own seeded generator."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
+    x = torch.randn(shape, generator=gen)
+    if name.endswith("bias"):
+        return x * 0.1
+    if "norm" in name or name.endswith("ln_q.weight"):
+        return 1.0 + x * 0.1
+    return x * 0.02
+
+
 def write_random_checkpoint_streaming(config: dict, folder: Path, seed: int, dtype: torch.dtype = torch.bfloat16,
                                       shard_bytes: int = 2 << 30, family: "Family | None" = None,
                                       vision_only: bool = False) -> Path:
@@ -149,33 +174,12 @@ def write_random_checkpoint_streaming(config: dict, folder: Path, seed: int, dty
     if vision_only:
         params = [(n, p) for n, p in params if released_name(n).startswith("visual.")]
     with _written_atomically(folder) as staging:
-        shards: list[list[str]] = [[]]
-        size = 0
-        for name, p in params:
-            nbytes = p.numel() * torch.finfo(dtype).bits // 8
-            if shards[-1] and size + nbytes > shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(name)
-            size += nbytes
-        shapes = dict(params)
         weight_map = {}
+        shards = _shards(params, torch.finfo(dtype).bits // 8, shard_bytes)
         for i, names in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
-            for name in names:
-                gen = torch.Generator().manual_seed(
-                    seed * 1_000_003 + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
-                shape = shapes[name].shape
-                x = torch.randn(shape, generator=gen)
-                if name.endswith("bias"):
-                    x = x * 0.1
-                elif "norm" in name or name.endswith("ln_q.weight"):
-                    x = 1.0 + x * 0.1
-                else:
-                    x = x * 0.02
-                tensors[released_name(name)] = x.to(dtype)
-                weight_map[released_name(name)] = file
+            tensors = {released_name(n): _random_tensor(n, p.shape, seed).to(dtype) for n, p in names}
+            weight_map.update(dict.fromkeys(tensors, file))
             save_file(tensors, str(staging / file), metadata={"format": "pt"})
             del tensors
         (staging / "model.safetensors.index.json").write_text(json.dumps(

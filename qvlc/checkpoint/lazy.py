@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from qvlc.models.common.checkpoint import INDEX_NAME, SINGLE_NAME
+from qvlc.checkpoint.load import INDEX_NAME, SINGLE_NAME
 
 # transformers >= 4.52 names the text model model.language_model.*; released checkpoints use model.*
 TEXT_PREFIXES = ("model.language_model.", "model.")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qvlc.models.common.quant import QuantView, QuantWeight
 from qvlc.precision import Precision, WeightFormat
+from qvlc.weights.quant import QuantView, QuantWeight
 
 DAMP = 0.01  # of the mean diagonal of H: the reference default (AutoGPTQ damp_percent, Qwen's GPTQ releases)
 BLOCK = 128  # columns updated together (lazy batch updates); with groups, a whole number of groups

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from qvlc.errors import CheckpointError
-from qvlc.models.common.quant import QuantView, QuantWeight
 from qvlc.precision import Precision
+from qvlc.weights.quant import QuantView, QuantWeight
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of a word holds output column 8c + AWQ_ORDER[k]
 

@@ -14,9 +14,9 @@ import pytest
 from onnx import numpy_helper
 from safetensors.numpy import load_file, save_file
 
+from qvlc.checkpoint.tiny import tiny_checkpoint
 from qvlc.config import config_from_dict
 from qvlc.errors import CheckpointError, ConfigError
-from qvlc.models.common.tiny import tiny_checkpoint
 from qvlc.pipeline import compile_artifact
 from qvlc.plan import check
 

@@ -11,11 +11,15 @@ import pytest
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, Qwen2Tokenizer, Qwen2VLProcessor
 
+from qvlc.checkpoint import build_tiny_tokenizer
+from qvlc.checkpoint.tiny import build_random_checkpoint, shipped_config
+from qvlc.checkpoint.tokenizer import (
+    load_processor,
+    save_tiny_tokenizer_if_matching,
+    tiny_tokenizer_files,
+)
 from qvlc.errors import QvlcError
 from qvlc.host.preprocess import PreprocessConfig, image_to_patches
-from qvlc.models.common import build_tiny_tokenizer
-from qvlc.models.common.tiny import build_random_checkpoint, shipped_config
-from qvlc.models.common.tokenizer import load_processor, save_tiny_tokenizer_if_matching, tiny_tokenizer_files
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
@@ -49,7 +53,7 @@ def test_shipped_files_are_what_the_builder_writes() -> None:
     built = build_tiny_tokenizer.tokenizer_files()
     assert sorted(shipped) == sorted(built)
     for name, text in built.items():
-        assert shipped[name] == text, f"{name} is stale: run python -m qvlc.models.common.build_tiny_tokenizer"
+        assert shipped[name] == text, f"{name} is stale: run python -m qvlc.checkpoint.build_tiny_tokenizer"
 
 
 def test_checkpoint_folder_gets_the_tokenizer(checkpoint: Path) -> None:

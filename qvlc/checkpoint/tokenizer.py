@@ -8,8 +8,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from qvlc.checkpoint.load import require_folder
 from qvlc.errors import CheckpointError, QvlcError
-from qvlc.models.common.checkpoint import require_folder
 
 TINY_TOKENIZER_PACKAGE_DIR = "tiny_tokenizer"
 TINY_VOCAB_SIZE = 1024
@@ -21,7 +21,7 @@ _TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 def tiny_tokenizer_files() -> list[Path]:
     """The files of the shipped tiny tokenizer (tokenizer, chat template, preprocessor config), sorted."""
-    folder = resources.files("qvlc.models.common").joinpath(TINY_TOKENIZER_PACKAGE_DIR)
+    folder = resources.files("qvlc.checkpoint").joinpath(TINY_TOKENIZER_PACKAGE_DIR)
     return sorted(Path(str(f)) for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
 
 

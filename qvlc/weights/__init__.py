@@ -1,0 +1,1 @@
+"""Weight formats: round to nearest, GPTQ (algorithm and store), imported GPTQ/AWQ. No family, no exporter."""
