@@ -209,6 +209,43 @@ def run(
 
 
 @app.command()
+def serve(
+    llm_dir: Path = typer.Argument(..., help="LLM artifact folder (`part: llm`)."),
+    visual_dir: Path = typer.Argument(..., help="Visual artifact folder (`part: visual`) of the same checkpoint."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Model id to report (default: LLM_DIR's name)."),
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests waiting or running before 429."),
+    media_dir: Optional[Path] = typer.Option(None, "--media-dir", help="Allow file:// image URLs inside this folder."),
+    max_image_pixels: int = typer.Option(50_000_000, "--max-image-pixels", help="Refuse larger images (header)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Folder with the tokenizer and template."),
+    verify_hashes: Optional[bool] = typer.Option(None, "--verify-hashes/--no-verify-hashes",
+                                                 help="sha256 every artifact file before serving."),
+) -> None:
+    """Serve the artifacts behind an OpenAI-compatible chat completions API (greedy decoding)."""
+    quiet_libraries()
+    from qvlc.serve.media import MediaLimits
+    from qvlc.serve.server import ServeOptions
+    from qvlc.serve.server import serve as run_server
+
+    def ready(url: str) -> None:
+        console.print(Text(f"qvlc serve: ready on {url} (POST /chat/completions; Ctrl-C stops)"), soft_wrap=True)
+        console.file.flush()
+
+    with command(f"qvlc serve on {llm_dir} and {visual_dir}"):
+        if max_image_pixels < 1:
+            raise QvlcError(f"--max-image-pixels is {max_image_pixels}", fix="use a positive pixel count",
+                            key="--max-image-pixels")
+        if media_dir is not None and not media_dir.is_dir():
+            raise QvlcError(f"--media-dir {str(media_dir)!r} is not a folder", fix="pass an existing folder",
+                            key="--media-dir")
+        limits = MediaLimits(max_pixels=max_image_pixels, media_dir=media_dir)
+        run_server(llm_dir, visual_dir, ServeOptions(host, port, model_name, max_queue, limits, checkpoint,
+                                                     verify_hashes), ready)
+    console.print("qvlc serve: stopped")
+
+
+@app.command()
 def version() -> None:
     """Print qvlc's version and the libraries it was tested with."""
     from qvlc.artifacts import library_versions

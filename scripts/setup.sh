@@ -8,5 +8,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-# tvm: the optional second runtime of the proof (validate.runtimes); its tests run in CI.
-.venv/bin/python -m pip install --quiet -e ".[test,tvm]"
+# tvm: the optional second runtime of the proof (validate.runtimes); serve: `qvlc serve`. Both are tested in CI.
+.venv/bin/python -m pip install --quiet -e ".[test,tvm,serve]"

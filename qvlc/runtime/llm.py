@@ -196,12 +196,13 @@ class LlmRuntime:
     # -- greedy generation --------------------------------------------------------------------------------
     def greedy(self, logits: np.ndarray, rope_delta: int, max_new_tokens: int,
                stop_ids: Collection[int] | None = None,
-               on_token: Callable[[int, bool], None] | None = None) -> list[int]:
+               on_token: Callable[[int, bool], bool | None] | None = None) -> list[int]:
         """Greedy decoding from the current KV state, whose last step produced ``logits``.
 
         Stops after ``max_new_tokens`` or at a token in ``stop_ids`` (kept, as transformers does; ``None`` means
-        never stop early). ``on_token(id, last)`` streams each token. The token written into slot ``slot`` sits
-        at M-RoPE position ``slot + rope_delta`` (transformers' cache_position + rope delta).
+        never stop early). ``on_token(id, last)`` streams each token; when it returns True, generation stops after
+        that token. The token written into slot ``slot`` sits at M-RoPE position ``slot + rope_delta``
+        (transformers' cache_position + rope delta).
         """
         stops = frozenset(stop_ids or ())
         tokens: list[int] = []
@@ -209,8 +210,8 @@ class LlmRuntime:
             tok = int(np.argmax(logits))
             tokens.append(tok)
             last = tok in stops or step == max_new_tokens - 1
-            if on_token is not None:
-                on_token(tok, last)
+            if on_token is not None and on_token(tok, last):
+                break
             if last:
                 break
             logits = self.logits_of(self.decode(self.embed.lookup(np.array([tok]))[0], self.slot + rope_delta))

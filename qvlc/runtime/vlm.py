@@ -19,10 +19,12 @@ from qvlc.host.preprocess import (
     image_to_patches,
     video_to_patches,
 )
+from qvlc.host.vision import fit_grids
 from qvlc.models import family as family_of
 from qvlc.models import inspect_checkpoint, tiny_family
 from qvlc.runtime.llm import LlmRuntime, Media
 from qvlc.runtime.media import Video, load_image
+from qvlc.runtime.stream import StreamDecoder
 from qvlc.runtime.visual import VisualRuntime
 
 TokenCallback = Callable[[int, str], None]
@@ -90,37 +92,6 @@ class VlmResult:
         """Tokens after the first one per second of decoding (0 when only one token was generated)."""
         t = self.seconds - self.time_to_first_token
         return (len(self.tokens) - 1) / t if len(self.tokens) > 1 and t > 0 else 0.0
-
-
-class _StreamDecoder:
-    """Incremental detokenization: the new text of each token, holding back incomplete UTF-8 sequences."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.prefix = 0  # window start: enough context for byte-level merges
-        self.read = 0  # tokens whose text was already emitted
-        self.emitted = ""
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def push(self, token: int) -> str:
-        self.tokens.append(token)
-        before = self._decode(self.tokens[self.prefix:self.read])
-        after = self._decode(self.tokens[self.prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            piece = after[len(before):]
-            self.prefix, self.read = self.read, len(self.tokens)
-            self.emitted += piece
-            return piece
-        return ""
-
-    def finish(self) -> tuple[str, str]:
-        """(the full text, what of it was not emitted yet)."""
-        text = self._decode(self.tokens)
-        rest = text[len(self.emitted):] if text.startswith(self.emitted) else ""
-        return text, rest
 
 
 class VlmPipeline:
@@ -210,11 +181,17 @@ class VlmPipeline:
 
     def prepare(self, images: Sequence[ImageLike | Path | str], prompt: str,
                 videos: Sequence[Video] = ()) -> VlmPrompt:
-        """Chat template → host preprocessing of each image and video (preprocess.json) → ids with each pad token
-        expanded to its item's t*h*w / merge² tokens (what the Qwen processors do with the same grids)."""
+        """One user turn (images, videos, prompt) → ``prepare_chat``."""
+        return self.prepare_chat(self.messages(len(images), prompt, len(videos)), images, videos)
+
+    def prepare_chat(self, messages: list[dict], images: Sequence[ImageLike | Path | str] = (),
+                     videos: Sequence[Video] = ()) -> VlmPrompt:
+        """Chat messages (transformers' format: ``content`` a string or parts ``{"type": "text"|"image"|"video"}``)
+        through the checkpoint's chat template → host preprocessing of each image and video (preprocess.json) → ids
+        with each pad token expanded to its item's t*h*w / merge² tokens (what the Qwen processors do with the same
+        grids). ``images`` and ``videos`` are in the order their parts appear."""
         pil = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
-        text = self.processor.apply_chat_template(self.messages(len(pil), prompt, len(videos)), tokenize=False,
-                                                  add_generation_prompt=True)
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         queue = {"image": [image_to_patches(im, self.preprocess) for im in pil],
                  "video": [video_to_patches(list(v.frames), self.preprocess) for v in videos]}
         pieces = re.split(f"({re.escape(self.pads['image'])}|{re.escape(self.pads['video'])})", text)
@@ -261,16 +238,18 @@ class VlmPipeline:
                             fix=f"shorten the prompt or use smaller images/videos, or recompile the LLM part with "
                                 f"export.prefill_len >= {-(-n // 16) * 16}", key="export.prefill_len")
 
+    def check_media(self, prompt: VlmPrompt) -> None:
+        """QvlcError (key ``export.max_patches``) when one image or video alone needs more patches than N."""
+        for _, _, grid in prompt.items:
+            fit_grids(np.asarray(grid)[None], self.visual_spec.max_patches)
+
     def media(self, prompt: VlmPrompt, rows: dict[str, np.ndarray | None]) -> Media:
         return Media(prompt.grids("image"), rows["image"], prompt.grids("video"), rows["video"],
                      prompt.second_per_grid_ts)
 
     # -- generation -------------------------------------------------------------------------------------------
-    def generate(self, images: Sequence[ImageLike | Path | str], prompt: str, max_new_tokens: int = 32,
-                 stop_at_eos: bool = True, on_token: TokenCallback | None = None,
-                 videos: Sequence[Video] = ()) -> VlmResult:
-        """Greedy generation; ``on_token(id, text)`` receives each token and its new text (may be "", e.g. for a
-        special token or an incomplete UTF-8 sequence; the held-back text comes with a later token)."""
+    def check_new_tokens(self, max_new_tokens: int) -> None:
+        """QvlcError unless 1 <= max_new_tokens <= the KV room (max_context - prefill_len)."""
         s = self.spec
         room = s.max_context - s.prefill_len
         if not 1 <= max_new_tokens <= room:
@@ -278,26 +257,39 @@ class VlmPipeline:
                             f"{room} new tokens (max_context {s.max_context} - prefill_len {s.prefill_len})",
                             fix=f"use 1 <= max_new_tokens <= {room}, or recompile with a larger export.max_context",
                             key="export.max_context" if max_new_tokens > room else "max_new_tokens")
-        t0 = time.perf_counter()
-        prepared = self.prepare(images, prompt, videos)
-        self.check_fits(prepared)  # before the visual graph runs
-        window = self.llm.prompt_window(prepared.input_ids, self.media(prepared, self.vision_rows(prepared)))
-        stream = _StreamDecoder(self.tokenizer)
-        text, ttft = "", 0.0
 
-        def emit(tok: int, last: bool) -> None:
-            nonlocal text, ttft
+    def generate(self, images: Sequence[ImageLike | Path | str], prompt: str, max_new_tokens: int = 32,
+                 stop_at_eos: bool = True, on_token: TokenCallback | None = None,
+                 videos: Sequence[Video] = ()) -> VlmResult:
+        """Greedy generation; ``on_token(id, text)`` receives each token and its new text (may be "", e.g. for a
+        special token or an incomplete UTF-8 sequence; the held-back text comes with a later token)."""
+        self.check_new_tokens(max_new_tokens)
+        t0 = time.perf_counter()
+        return self.generate_prepared(self.prepare(images, prompt, videos), max_new_tokens, stop_at_eos, on_token, t0)
+
+    def generate_prepared(self, prepared: VlmPrompt, max_new_tokens: int, stop_at_eos: bool = True,
+                          on_token: TokenCallback | None = None, t0: float | None = None) -> VlmResult:
+        """Greedy generation from a prepared prompt. ``on_token`` may return True to stop after that token (a stop
+        string the caller found in the text); the result then holds the tokens up to it."""
+        t0 = time.perf_counter() if t0 is None else t0
+        self.check_new_tokens(max_new_tokens)
+        self.check_fits(prepared)  # before the visual graph runs
+        self.check_media(prepared)
+        window = self.llm.prompt_window(prepared.input_ids, self.media(prepared, self.vision_rows(prepared)))
+        stream = StreamDecoder(self.tokenizer)
+        ttft = 0.0
+
+        def emit(tok: int, last: bool) -> bool:
+            nonlocal ttft
             if not ttft:
                 ttft = time.perf_counter() - t0
             piece = stream.push(tok)
             if last:  # flush what the stream decoder held back, with the last token
-                text, rest = stream.finish()
-                piece += rest
-            if on_token is not None:
-                on_token(tok, piece)
+                piece += stream.finish()[1]
+            return bool(on_token(tok, piece)) if on_token is not None else False
 
         logits = self.llm.logits_of(self.llm.prefill(window.embeds, window.positions, window.mask))
         tokens = self.llm.greedy(logits, window.delta, max_new_tokens, self.stop_ids if stop_at_eos else None, emit)
         stopped = stop_at_eos and tokens[-1] in self.stop_ids
-        return VlmResult(tokens, text, len(prepared.input_ids), prepared.image_tokens, stopped, ttft,
+        return VlmResult(tokens, stream.finish()[0], len(prepared.input_ids), prepared.image_tokens, stopped, ttft,
                          time.perf_counter() - t0)
