@@ -214,11 +214,11 @@ def test_stops_at_eos_like_generate(pipelines, images, expected, monkeypatch):
 
 def test_streamed_pieces_join_to_the_text(pipelines):
     """Multi-byte characters split over byte-level tokens are held back until complete."""
-    from qvlc.runtime.vlm import _StreamDecoder
+    from qvlc.runtime.stream import StreamDecoder
 
     tok = pipelines["fp32"].tokenizer
     text = "naïve café, 東京 🙂 ok"
-    stream = _StreamDecoder(tok)
+    stream = StreamDecoder(tok)
     pieces = [stream.push(t) for t in tok.encode(text)]
     full, rest = stream.finish()
     assert full == text and "".join(pieces) + rest == text and "\ufffd" not in "".join(pieces)
