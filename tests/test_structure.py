@@ -147,6 +147,15 @@ def test_runtime_imports_neither_the_compiler_nor_the_proof():
     assert not bad, f"the runtime imports compiler or proof code: {bad} (move what both need to a leaf)"
 
 
+def test_serving_imports_the_runtime_never_the_compiler():
+    bad = offending("qvlc.serve", ("qvlc.export", "qvlc.pipeline", "qvlc.plan", "qvlc.weights", "qvlc.validate",
+                                   "qvlc.config"))
+    assert not bad, f"qvlc.serve imports compiler or proof code: {bad}"
+    users = {m for m, p in MODULES.items() if not m.startswith("qvlc.serve") and m != "qvlc.cli"
+             and any(i.startswith("qvlc.serve") for i in qvlc_imports(p, False))}
+    assert not users, f"only the CLI reaches qvlc.serve: {sorted(users)}"
+
+
 def test_files_stay_readable():
     long = {module_name(p): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES}
     assert not long, f"files over {MAX_FILE_LINES} lines: {long}"
@@ -165,5 +174,5 @@ def test_functions_stay_readable():
 def test_the_structure_rules_see_the_layout():
     """The rules above would pass vacuously on a renamed package: each package they guard exists and has modules."""
     assert set(FAMILY_DIRS) >= {"qwen2_vl", "qwen2_5_vl"}
-    for package in ("qvlc.weights", "qvlc.checkpoint", "qvlc.runtime", "qvlc.models.common"):
+    for package in ("qvlc.weights", "qvlc.checkpoint", "qvlc.runtime", "qvlc.models.common", "qvlc.serve"):
         assert len(imports_of_package(package)) > 1, package
