@@ -9,12 +9,11 @@ import hashlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from qvlc.checkpoint.load import sha256_file
-from qvlc.contract import MANIFEST, FileRecord, GraphSig, Manifest, read_manifest
-from qvlc.errors import IntegrityError, QvlcError
+from qvlc.contract import MANIFEST, FileRecord, Manifest
+from qvlc.errors import QvlcError
 
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnxsim", "numpy")
 
@@ -180,14 +179,17 @@ class CompileLock:
             self.fd = None
 
 
-def _listed(folder: Path) -> list[Path]:
-    return sorted(q for q in folder.rglob("*") if q.is_file() and q.relative_to(folder).as_posix() not in NOT_LISTED)
+def listed_files(folder: Path) -> list[Path]:
+    """Every file and symlink under ``folder`` but the manifest, its digest and the marker (a symlink is listed so
+    the integrity check can refuse it; it is never followed)."""
+    return sorted(q for q in folder.rglob("*") if (q.is_symlink() or q.is_file())
+                  and q.relative_to(folder).as_posix() not in NOT_LISTED)
 
 
 def file_table(folder: Path) -> tuple[FileRecord, ...]:
     """Every file under ``folder`` except the manifest, its digest and the marker, sorted, with bytes and sha256."""
     return tuple(FileRecord(p.relative_to(folder).as_posix(), p.stat().st_size, sha256_file(p))
-                 for p in _listed(folder))
+                 for p in listed_files(folder))
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
@@ -196,116 +198,3 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     text = dataclasses.replace(manifest, files=file_table(folder)).to_json()
     (folder / MANIFEST).write_text(text)
     (folder / MANIFEST_DIGEST).write_text(f"{hashlib.sha256(text.encode()).hexdigest()}  {MANIFEST}\n")
-
-
-def manifest_problems(folder: Path) -> list[str]:
-    """Why manifest.json cannot be trusted (empty when its digest matches)."""
-    digest, manifest = Path(folder) / MANIFEST_DIGEST, Path(folder) / MANIFEST
-    if not digest.is_file():
-        return [f"{MANIFEST_DIGEST}: missing, so {MANIFEST} cannot be checked"]
-    want = digest.read_text(errors="replace").split()[:1]
-    if want != [sha256_file(manifest)]:
-        return [f"{MANIFEST}: changed after the compile (its sha256 differs from {MANIFEST_DIGEST})"]
-    return []
-
-
-def file_problems(folder: Path, manifest: Manifest, hashes: bool = True) -> list[str]:
-    """Every listed file's presence and size (and sha256 when ``hashes``), and files the manifest does not know."""
-    problems = []
-    listed = {row.path: row for row in manifest.files}
-    for rel, row in listed.items():
-        p = folder / rel
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif p.stat().st_size != row.bytes:
-            problems.append(f"{rel}: {p.stat().st_size} bytes, manifest says {row.bytes}")
-        elif hashes and sha256_file(p) != row.sha256:
-            problems.append(f"{rel}: sha256 differs from the manifest")
-    extra = [p.relative_to(folder).as_posix() for p in _listed(folder) if p.relative_to(folder).as_posix() not in listed]
-    return problems + [f"{rel}: not in the manifest" for rel in extra]
-
-
-def declared_graphs(folder: Path, family, llm=None, visual=None) -> list[tuple[str, Path, GraphSig]]:
-    """(label, file, signature the family declares) of every graph an artifact with this spec holds: the one
-    list both validation and ``checked_artifact`` check the files against."""
-    from qvlc.contract import VISUAL, rank_dirs
-
-    if llm is not None:
-        ranked = llm.tp > 1
-        return [(name.removesuffix(".onnx").removeprefix("llm_") + (f"[rank{r}]" if ranked else ""), d / name, sig)
-                for r, d in enumerate(rank_dirs(folder, llm.tp)) for name, sig in family.llm_signatures(llm).items()]
-    return [("visual", Path(folder) / VISUAL, family.visual_signature(visual))] if visual is not None else []
-
-
-def signature_problems(folder: Path, m: Manifest) -> list[str]:
-    """Each graph's actual interface against the one its family declares for the manifest's spec: a manifest
-    whose shapes disagree with the graphs is refused before a runtime feeds them."""
-    from qvlc.contract import graph_io
-    from qvlc.models import family
-
-    problems = []
-    for _, path, sig in declared_graphs(folder, family(m.family), m.llm, m.visual):
-        io = graph_io(path)
-        problems += [f"{path.relative_to(folder)}: {name}: {what}" for name, what in sig.mismatches(io.inputs,
-                                                                                                   io.outputs)]
-    return problems
-
-
-HASH_BY_DEFAULT_BYTES = 4 << 30  # sha256 runs at ~1.7 GB/s here: up to 4 GB costs ~2.5 s before a run
-
-
-def require_artifact(folder: Path, key: str) -> Path:
-    """A folder with a manifest.json; QvlcError (bad input) when the path is not an artifact at all."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise QvlcError(f"artifact folder {str(folder)!r} does not exist",
-                        fix="give the folder of a finished `qvlc compile`", key=key)
-    if not (folder / MANIFEST).is_file():
-        raise QvlcError(f"{folder} has no {MANIFEST}, so it is not a finished artifact",
-                        fix="give the folder of a finished `qvlc compile`", key=key)
-    return folder
-
-
-def checked_artifact(folder: Path, part: str | None, key: str, hashes: bool | None = None) -> Manifest:
-    """What `run` and `validate` use: the manifest (digest checked) of a ``part`` artifact (None: either part)
-    whose files all have their recorded sizes — and sha256 when ``hashes`` (default: when the artifact is at most
-    4 GB) — whose graphs match the manifest's interfaces, and whose parity did not fail. IntegrityError listing
-    every problem otherwise."""
-    from qvlc.contract import read_part_manifest
-
-    folder = require_artifact(folder, key)
-    problems = manifest_problems(folder)
-    if problems:
-        raise IntegrityError("; ".join(problems), fix="recompile the artifact (or restore it from a copy)", key=key)
-    m = read_part_manifest(folder, part, key) if part else read_manifest(folder)
-    if hashes is None:
-        hashes = sum(f.bytes for f in m.files) <= HASH_BY_DEFAULT_BYTES
-    problems = file_problems(folder, m, hashes)
-    if not problems:
-        problems = signature_problems(folder, m)
-    if m.parity.get("passed") is False or folder.name.endswith(FAILED_SUFFIX):
-        problems.insert(0, f"its parity check failed when it was compiled (see {folder / 'parity.md'})")
-    if problems:
-        raise IntegrityError(f"{folder} cannot be used: " + "; ".join(problems),
-                             fix="recompile the artifact (`qvlc verify` lists what changed)", key=key)
-    return m
-
-
-@dataclass
-class VerifyResult:
-    checked: int
-    problems: list[str]
-
-
-def verify(folder: Path) -> VerifyResult:
-    """The manifest's own digest, then every file's size and sha256 against it, files it does not know, and
-    whether the artifact's parity failed at compile time."""
-    folder = require_artifact(folder, str(folder))
-    problems = manifest_problems(folder)
-    if problems:
-        return VerifyResult(0, problems)
-    manifest = read_manifest(folder)
-    problems = file_problems(folder, manifest)
-    if manifest.parity.get("passed") is False:
-        problems.append(f"parity: FAILED when it was compiled, the files are as written (see {folder / 'parity.md'})")
-    return VerifyResult(len(manifest.files), problems)

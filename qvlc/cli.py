@@ -7,61 +7,32 @@ User text (paths, values, prompts) is never read as rich markup.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from qvlc import __version__
-from qvlc.errors import EXIT_FAILED, QvlcError
-from qvlc.guard import Exit, guarded
+from qvlc.cli_common import (
+    EXPECT_DIGEST,
+    Digests,
+    RichProgress,
+    command,
+    console,
+    problem,
+)
+from qvlc.cli_serve import eval_, serve
+from qvlc.errors import EXIT_FAILED, QvlcError, printable
 from qvlc.quiet import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compile Qwen2-VL-family checkpoints into statically shaped ONNX artifacts, proven against "
                        "PyTorch.")
-# Not on a terminal (CI logs), rich would assume 80 columns and truncate the parity table.
-_WIDTH = max(shutil.get_terminal_size((120, 24)).columns, 110)
-console = Console(highlight=False, width=_WIDTH)
-err = Console(stderr=True, highlight=False, width=_WIDTH)
-
-STYLES = {"error": "bold red", "parity failed": "bold red", "integrity": "bold red", "environment": "bold red",
-          "interrupted": "bold yellow", "internal error": "bold magenta"}
-
-
-class RichProgress:
-    """One line per stage: a spinner while it runs, then its wall time."""
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[dict]:
-        t0 = time.perf_counter()
-        info: dict = {}
-        with console.status(Text(f"{name} …", style="bold"), spinner="dots"):
-            yield info
-        detail = f"  {info['detail']}" if info.get("detail") else ""
-        console.print(Text("✓ ", style="green") + Text(f"{name:<20} {time.perf_counter() - t0:7.1f} s{detail}"))
-
-
-def report(kind: str, text: str) -> None:
-    """One failure message on stderr; ``text`` is printed as is (never as markup)."""
-    err.print(Text(f"{kind}: ", style=STYLES.get(kind, "bold red")) + Text(text), soft_wrap=True)
-
-
-@contextlib.contextmanager
-def command(action: str) -> Iterator[None]:
-    """A command body: every failure becomes one message and its documented exit code."""
-    try:
-        with guarded(action, report):
-            yield
-    except Exit as e:
-        raise typer.Exit(e.code) from None
+app.command()(serve)
+app.command("eval")(eval_)
 
 
 def parity_table(report) -> Table:
@@ -85,7 +56,9 @@ def parity_table(report) -> Table:
         res = "[green]pass[/]" if tk.expected == tk.got else ("[red]FAIL[/]" if tk.required else "[yellow]reported[/]")
         t.add_row(escape(tk.graph), escape(f"greedy {tk.case}"), "1", "", "", f"{tk.matched}/{len(tk.expected)} tokens",
                   res)
-    from qvlc.validate.metrics import quantization_groups  # loaded already: the report is one
+    from qvlc.validate.metrics import (
+        quantization_groups,  # loaded already: the report is one
+    )
 
     for graph, output, rs in quantization_groups(report.quantization):  # the second proof, at its own floor
         floor = report.quantization["min_cosine"]
@@ -114,16 +87,17 @@ def compile(
         if output_dir is not None:
             cfg = replace(cfg, output=OutputConfig(dir=str(output_dir)))
         for key in cfg.ignored:
-            err.print(Text("note: ", style="yellow") + Text(f"{key} has no meaning for qvlc and is ignored"),
-                      soft_wrap=True)
-        console.print(f"qvlc {__version__} · compiling {cfg.name} (part {cfg.part}, {cfg.export.dtype}"
-                      f"{f', tp {cfg.export.tp}' if cfg.part == 'llm' else ''}) from {cfg.model.checkpoint}",
+            problem(f"{printable(key, 120)} has no meaning for qvlc and is ignored", "note: ", "yellow")
+        console.print(printable(f"qvlc {__version__} · compiling {cfg.name} (part {cfg.part}, {cfg.export.dtype}"
+                                f"{f', tp {cfg.export.tp}' if cfg.part == 'llm' else ''}) from {cfg.model.checkpoint}"),
                       markup=False, soft_wrap=True)
         result = compile_artifact(cfg, force=force, progress=RichProgress())
     if result.report is not None:
         console.print(parity_table(result.report))
     mb = result.export.bytes_written / 1e6
-    console.print(Text("done", style="bold green") + Text(f" → {result.folder}  ({mb:.1f} MB written)"))
+    console.print(Text("done", style="bold green") + Text(printable(f" → {result.folder}  ({mb:.1f} MB written)")))
+    if result.digest:  # what CI pins: `qvlc verify/run/validate/serve --expect-digest`
+        console.print(Text(f"digest {result.digest}  (sha256 of manifest.json)"))
 
 
 @app.command()
@@ -131,33 +105,38 @@ def validate(
     artifact: Path = typer.Argument(..., help="An artifact folder written by `qvlc compile`."),
     runtime: list[str] = typer.Option([], "--runtime", help="Also run the cases on this runtime (tvm), beside "
                                       "onnxruntime; repeatable. Default: the runtimes the artifact was compiled with."),
+    expect_digest: Digests = EXPECT_DIGEST,
 ) -> None:
     """Re-run the parity check of an existing artifact against its source checkpoint."""
     quiet_libraries()
+    from qvlc.integrity import check_digest_options
     from qvlc.pipeline import validate_artifact
 
     with command(f"the validation of {artifact}"):
-        parity = validate_artifact(artifact, progress=RichProgress(), runtimes=tuple(runtime) or None)
+        parity = validate_artifact(artifact, progress=RichProgress(), runtimes=tuple(runtime) or None,
+                                   expect_digest=check_digest_options(expect_digest))
     console.print(parity_table(parity))
     if not parity.passed:
         for f in parity.failures:
-            err.print(Text("✗ ", style="red") + Text(f), soft_wrap=True)
+            problem(f)
         if parity.cause:
-            err.print(Text("→ ", style="yellow") + Text(parity.cause), soft_wrap=True)
+            problem(parity.cause, "→ ", "yellow")
         raise typer.Exit(EXIT_FAILED)
     console.print("[bold green]parity holds[/]")
 
 
 @app.command()
-def verify(artifact: Path = typer.Argument(..., help="An artifact folder written by `qvlc compile`.")) -> None:
+def verify(artifact: Path = typer.Argument(..., help="An artifact folder written by `qvlc compile`."),
+           expect_digest: Digests = EXPECT_DIGEST) -> None:
     """Check that every file still matches the size and sha256 recorded in manifest.json."""
-    from qvlc.artifacts import verify as verify_folder
+    from qvlc.integrity import check_digest_options
+    from qvlc.integrity import verify as verify_folder
 
     with command(f"the verification of {artifact}"):
-        result = verify_folder(artifact)
+        result = verify_folder(artifact, check_digest_options(expect_digest))
     if result.problems:
         for p in result.problems:
-            err.print(Text("✗ ", style="red") + Text(p), soft_wrap=True)
+            problem(p)
         raise typer.Exit(EXIT_FAILED)
     console.print(Text("✓ ", style="green") + Text(f"{result.checked} files match manifest.json"))
 
@@ -178,11 +157,13 @@ def run(
     verify_hashes: Optional[bool] = typer.Option(
         None, "--verify-hashes/--no-verify-hashes",
         help="sha256 every artifact file before use (default: when an artifact is at most 4 GB)."),
+    expect_digest: Digests = EXPECT_DIGEST,
 ) -> None:
     """Answer a prompt about images and videos with the compiled graphs in ONNX Runtime, streaming the text."""
     quiet_libraries()
     from rich.control import strip_control_codes
 
+    from qvlc.integrity import check_digest_options
     from qvlc.runtime.media import load_image, load_video
     from qvlc.runtime.vlm import VlmPipeline
 
@@ -195,7 +176,7 @@ def run(
             raise QvlcError(f"--fps {fps} and --frames-fps {frames_fps} must be positive", fix="use e.g. --fps 2",
                             key="--fps")
         images = [load_image(p) for p in image or []]  # bad image paths fail before anything is loaded
-        pipe = VlmPipeline(llm_dir, visual_dir, checkpoint, verify_hashes)
+        pipe = VlmPipeline(llm_dir, visual_dir, checkpoint, verify_hashes, check_digest_options(expect_digest))
         tps = pipe.preprocess.temporal_patch_size
         videos = [load_video(p, frames_fps, tps, fps) for p in video or []]
         result = pipe.generate(images, prompt, max_new_tokens=max_new_tokens, on_token=stream, videos=videos)
@@ -206,81 +187,6 @@ def run(
                   f"{len(videos)} video{'s' * (len(videos) != 1)}) · "
                   f"first token {result.time_to_first_token:.2f} s · "
                   f"{result.decode_tokens_per_second:.1f} tokens/s[/]")
-
-
-@app.command()
-def serve(
-    llm_dir: Path = typer.Argument(..., help="LLM artifact folder (`part: llm`)."),
-    visual_dir: Path = typer.Argument(..., help="Visual artifact folder (`part: visual`) of the same checkpoint."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
-    port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port)."),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Model id to report (default: LLM_DIR's name)."),
-    max_queue: int = typer.Option(16, "--max-queue", help="Requests waiting or running before 429."),
-    media_dir: Optional[Path] = typer.Option(None, "--media-dir", help="Allow file:// image URLs inside this folder."),
-    max_image_pixels: int = typer.Option(50_000_000, "--max-image-pixels", help="Refuse larger images (header)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Folder with the tokenizer and template."),
-    verify_hashes: Optional[bool] = typer.Option(None, "--verify-hashes/--no-verify-hashes",
-                                                 help="sha256 every artifact file before serving."),
-) -> None:
-    """Serve the artifacts behind an OpenAI-compatible chat completions API (greedy decoding)."""
-    quiet_libraries()
-    from qvlc.serve.media import MediaLimits
-    from qvlc.serve.server import ServeOptions
-    from qvlc.serve.server import serve as run_server
-
-    def ready(url: str) -> None:
-        console.print(Text(f"qvlc serve: ready on {url} (POST /chat/completions; Ctrl-C stops)"), soft_wrap=True)
-        console.file.flush()
-
-    with command(f"qvlc serve on {llm_dir} and {visual_dir}"):
-        if max_image_pixels < 1:
-            raise QvlcError(f"--max-image-pixels is {max_image_pixels}", fix="use a positive pixel count",
-                            key="--max-image-pixels")
-        if media_dir is not None and not media_dir.is_dir():
-            raise QvlcError(f"--media-dir {str(media_dir)!r} is not a folder", fix="pass an existing folder",
-                            key="--media-dir")
-        limits = MediaLimits(max_pixels=max_image_pixels, media_dir=media_dir)
-        run_server(llm_dir, visual_dir, ServeOptions(host, port, model_name, max_queue, limits, checkpoint,
-                                                     verify_hashes), ready)
-    console.print("qvlc serve: stopped")
-
-
-@app.command("eval")
-def eval_(
-    llm_dir: Path = typer.Argument(..., help="LLM artifact folder (`part: llm`)."),
-    visual_dir: Path = typer.Argument(..., help="Visual artifact folder (`part: visual`) of the same checkpoint."),
-    data: Path = typer.Option(..., "--data", help="Benchmark file: MMBench-layout .tsv, or .jsonl {image, question, "
-                              "answer}."),
-    reference: bool = typer.Option(False, "--reference", help="Also run the original transformers model (fp32)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N items."),
-    out: Path = typer.Option(Path("results.json"), "--out", help="Where to write the results."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens per answer (capped at the KV room)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Folder with the tokenizer and template."),
-) -> None:
-    """Score a benchmark with the artifacts (and the original model), as VLMEvalKit prompts and scores it."""
-    quiet_libraries()
-    from rich.progress import Progress
-
-    from qvlc.serve.eval import evaluate
-
-    with command(f"qvlc eval of {data}"), Progress(console=err, transient=True) as bar:
-        def progress(total: int):
-            task = bar.add_task("items", total=total)
-            return lambda done: bar.update(task, completed=done)
-
-        res = evaluate(llm_dir, visual_dir, data, out, reference, limit, max_new_tokens, checkpoint, progress)
-    t = Table(title=f"{res['items']} items · {data.name}")
-    for col in ("category", "items", "accuracy", *(("reference", "agreement") if reference else ())):
-        t.add_column(col, justify="left" if col == "category" else "right")
-    for cat, row in {**res["per_category"], "all": {**res, "items": res["items"]}}.items():
-        ref = (f"{row['reference_accuracy']:.3f}", f"{res['agreement']:.3f}" if cat == "all" else "") if reference \
-            else ()
-        t.add_row(escape(cat), str(row["items"]), f"{row['accuracy']:.3f}", *ref)
-    console.print(t)
-    ttft = res["time_to_first_token_s"]["median"]
-    console.print(f"[dim]first token {ttft or 0:.2f} s (median) · "
-                  f"{res['decode_tokens_per_second']['median'] or 0:.1f} tokens/s · {res['errors']} items the "
-                  f"artifacts could not take · results in {escape(str(out))}[/]")
 
 
 @app.command()

@@ -239,11 +239,40 @@ def read_manifest(folder: Path) -> Manifest:
     if not path.is_file():
         raise QvlcError(f"{folder} has no {MANIFEST}, so it is not a finished artifact",
                         fix="give the folder of a finished `qvlc compile`", key=str(folder))
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise IntegrityError(f"{path} is {path.stat().st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}",
+                             fix="recompile the artifact", key=str(path))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IntegrityError(f"{path} is not valid JSON ({exc})", fix="recompile the artifact", key=str(path)) from exc
-    return Manifest.from_dict(data, str(path))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        what = "nested too deeply" if isinstance(exc, RecursionError) else f"not valid JSON ({exc})"
+        raise IntegrityError(f"{path} is {what}", fix="recompile the artifact", key=str(path)) from None
+    m = Manifest.from_dict(data, str(path))
+    if problems := bound_problems(m):
+        raise IntegrityError(f"{path}: " + "; ".join(problems), fix="recompile the artifact", key=str(path))
+    return m
+
+
+MAX_MANIFEST_BYTES = 64 << 20
+# Numbers a manifest may hold, checked before any of them sizes work (rank paths, buffers, loops).
+BOUNDS = {"tp": 64, "prefill_len": 1 << 20, "max_context": 1 << 20, "hidden": 1 << 17, "layers": 1024,
+          "head_dim": 4096, "kv_heads_per_rank": 1024, "vocab": 1 << 22, "max_patches": 1 << 20, "patch_dim": 1 << 16,
+          "merge_size": 16, "out_hidden": 1 << 17, "window": 1 << 10}
+
+
+def bound_problems(m: "Manifest") -> list[str]:
+    """Each spec number outside 1..its bound (window may be 0), and more than 100000 files or 1024 chunks."""
+    problems = []
+    for section in (m.llm, m.visual):
+        for name, limit in BOUNDS.items():
+            value = getattr(section, name, None)
+            if value is not None and not (0 if name == "window" else 1) <= value <= limit:
+                problems.append(f"{name} is {value}, outside 1..{limit}")
+    if m.visual is not None and not 1 <= len(m.visual.chunk_widths) <= 1024:
+        problems.append(f"{len(m.visual.chunk_widths)} chunk widths")
+    if len(m.files) > 100_000:
+        problems.append(f"{len(m.files)} files listed")
+    return problems
 
 
 def graph_io(path: Path, file: str = "", rank: int = 0) -> GraphRecord:

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INPUT = 2
@@ -70,3 +72,14 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         self.signum = signum
         super().__init__(signum)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object, limit: int = 0) -> str:
+    """User-derived text made safe for a terminal: control characters (an ESC sequence could erase or fake a line)
+    shown as ``\\xNN``, and cut to ``limit`` characters (0: whole)."""
+    out = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                       str(text))
+    return out if not limit or len(out) <= limit else out[:limit] + "…"

@@ -18,7 +18,6 @@ from typing import Iterator, Protocol
 from qvlc import __version__
 from qvlc.artifacts import (
     CompileLock,
-    checked_artifact,
     discard,
     keep_failed,
     library_versions,
@@ -39,6 +38,7 @@ from qvlc.config import Config, OracleKind, Part, config_from_dict
 from qvlc.contract import Fp32Record, Manifest, SourceRecord, WeightFileRecord
 from qvlc.errors import ParityError, QvlcError
 from qvlc.export.onnx_export import ExportResult
+from qvlc.integrity import checked_artifact, manifest_digest
 from qvlc.models.common.islands import Islands
 from qvlc.plan import Plan, check
 from qvlc.validate.metrics import ParityReport
@@ -60,6 +60,7 @@ class CompileResult:
     report: ParityReport | None
     timings: dict[str, float]
     export: ExportResult
+    digest: str = ""  # sha256 of the published manifest.json: what `--expect-digest` pins
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -211,7 +212,7 @@ def _compile_locked(cfg: Config, force: bool, timed, timings: dict[str, float]) 
     finally:
         if stage.exists():
             discard(stage)
-    return CompileResult(final, report, timings, exported)
+    return CompileResult(final, report, timings, exported, manifest_digest(final))
 
 
 def calibrated_store(folder: Path) -> Path:
@@ -224,15 +225,15 @@ def calibrated_store(folder: Path) -> Path:
     return store
 
 
-def validate_artifact(folder: Path, progress: Progress | None = None,
-                      runtimes: tuple[str, ...] | None = None) -> ParityReport:
+def validate_artifact(folder: Path, progress: Progress | None = None, runtimes: tuple[str, ...] | None = None,
+                      expect_digest: frozenset[str] | None = None) -> ParityReport:
     """`qvlc validate`: re-run the parity check of an existing artifact against its source checkpoint.
 
     Reads the resolved config from the manifest; writes nothing into the artifact. ``runtimes`` (names) run the
     cases on those runtimes beside ONNX Runtime instead of the ones the compile used.
     """
     progress = progress or NullProgress()
-    m = checked_artifact(folder, None, str(folder), hashes=True)  # the full sha256 is cheap next to validation
+    m = checked_artifact(folder, None, str(folder), hashes=True, expect_digest=expect_digest)  # sha256: cheap here
     raw = m.config
     if runtimes is not None:
         raw = {**raw, "validate": {**raw.get("validate", {}),

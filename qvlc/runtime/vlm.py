@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from qvlc.artifacts import checked_artifact
 from qvlc.contract import PREPROCESS, Manifest
 from qvlc.errors import QvlcError
 from qvlc.host.preprocess import (
@@ -20,6 +19,7 @@ from qvlc.host.preprocess import (
     video_to_patches,
 )
 from qvlc.host.vision import fit_grids
+from qvlc.integrity import checked_artifact
 from qvlc.models import family as family_of
 from qvlc.models import inspect_checkpoint, tiny_family
 from qvlc.runtime.llm import LlmRuntime, Media
@@ -104,14 +104,15 @@ class VlmPipeline:
     """
 
     def __init__(self, llm_dir: Path | str, visual_dir: Path | str, checkpoint: Path | str | None = None,
-                 verify_hashes: bool | None = None) -> None:
+                 verify_hashes: bool | None = None, expect_digests: frozenset[str] = frozenset()) -> None:
         """Both artifacts are checked before use (``qvlc.artifacts.checked_artifact``): manifest digest, every
-        file's size, sha256 when ``verify_hashes`` (default: artifacts up to 4 GB), and a parity that passed."""
+        file's size, sha256 when ``verify_hashes`` (default: artifacts up to 4 GB), and a parity that passed; with
+        ``expect_digests`` (pinned manifest sha256s), each artifact's manifest must be one of them."""
         from qvlc.checkpoint.tokenizer import load_processor
 
         self.llm_dir, self.visual_dir = Path(llm_dir), Path(visual_dir)
-        llm_m = checked_artifact(self.llm_dir, "llm", "LLM_DIR", verify_hashes)
-        vis_m = checked_artifact(self.visual_dir, "visual", "VISUAL_DIR", verify_hashes)
+        llm_m = checked_artifact(self.llm_dir, "llm", "LLM_DIR", verify_hashes, expect_digests or None)
+        vis_m = checked_artifact(self.visual_dir, "visual", "VISUAL_DIR", verify_hashes, expect_digests or None)
         self.spec, self.visual_spec = llm_m.llm, vis_m.visual
         self.family = family_of(llm_m.family)
         pre = self.visual_dir / PREPROCESS

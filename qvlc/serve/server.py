@@ -25,6 +25,7 @@ class ServeOptions:
     limits: MediaLimits = MediaLimits()
     checkpoint: Path | None = None
     verify_hashes: bool | None = None
+    expect_digests: frozenset[str] = frozenset()  # pinned manifest sha256s (--expect-digest)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -52,7 +53,7 @@ def serve(llm_dir: Path, visual_dir: Path, options: ServeOptions, ready: Callabl
 
     if not 1 <= options.max_queue <= 4096:
         raise QvlcError(f"--max-queue is {options.max_queue}", fix="use 1 <= --max-queue <= 4096", key="--max-queue")
-    pipe = VlmPipeline(llm_dir, visual_dir, options.checkpoint, options.verify_hashes)
+    pipe = VlmPipeline(llm_dir, visual_dir, options.checkpoint, options.verify_hashes, options.expect_digests)
     name = options.model_name or Path(llm_dir).resolve().name
     sock = bind(options.host, options.port)
     app = create_app(Engine(pipe, options.max_queue), name, options.limits)

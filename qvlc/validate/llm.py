@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qvlc.artifacts import declared_graphs
 from qvlc.checkpoint.lazy import lazy_text_model
 from qvlc.checkpoint.load import LoadedCheckpoint
 from qvlc.contract import PREFILL
 from qvlc.host.rope import decode_position
+from qvlc.integrity import declared_graphs
 from qvlc.memory import UNSPLIT_MAX_BYTES, text_params
 from qvlc.models.common.quantized import quantized_tree
 from qvlc.models.common.tp import RankLayout, rank_layout

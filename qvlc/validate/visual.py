@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qvlc.artifacts import declared_graphs
 from qvlc.checkpoint.load import LoadedCheckpoint
 from qvlc.contract import PREPROCESS, VisualSpec
 from qvlc.host.preprocess import PreprocessConfig, image_to_patches, video_to_patches
+from qvlc.integrity import declared_graphs
 from qvlc.plan import Plan
 from qvlc.precision import Runtime
 from qvlc.runtime.tvm_session import TvmBuildError

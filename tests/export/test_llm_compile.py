@@ -9,12 +9,12 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from qvlc.artifacts import verify
 from qvlc.checkpoint.load import load_checkpoint
 from qvlc.checkpoint.tiny import tiny_checkpoint
 from qvlc.cli import app
 from qvlc.config import config_from_dict
 from qvlc.errors import ParityError, QvlcError
+from qvlc.integrity import verify
 from qvlc.pipeline import compile_artifact, validate_artifact
 
 S, C = 64, 128
