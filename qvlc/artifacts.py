@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -49,6 +51,9 @@ def is_ours(folder: Path) -> bool:
 
 
 def refuse_existing(final: Path, force: bool) -> None:
+    if final.is_symlink():
+        raise QvlcError(f"{final} is a symlink; qvlc publishes and replaces only folders it wrote, never a link",
+                        fix="remove the link yourself, or change `name` / output.dir", key="name")
     if final.exists() and not force:
         raise QvlcError(f"artifact folder {final} already exists",
                         fix="pass --force to replace it, or change `name` in the config", key="name")
@@ -127,8 +132,8 @@ def keep_failed(staging: Path, final: Path) -> Path:
     """A staging folder whose parity failed, kept as ``<name>.failed/`` for inspection (replacing an older one
     only if qvlc wrote it)."""
     failed = final.parent / f"{final.name}{FAILED_SUFFIX}"
-    if failed.exists():
-        if not is_ours(failed):
+    if failed.exists() or failed.is_symlink():
+        if failed.is_symlink() or not is_ours(failed):
             raise QvlcError(f"{failed} exists and was not written by qvlc", key="name",
                             fix="move it away yourself; qvlc keeps a failed compile there")
         discard(failed)
@@ -154,7 +159,7 @@ class CompileLock:
     def __enter__(self) -> "CompileLock":
         output_folder(self.path.parent / "x")
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -170,6 +175,24 @@ class CompileLock:
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
         return self
+
+    def _open(self) -> int:
+        """The lock file, never through a symlink nor onto another file's data: a link planted at the lock's path
+        would make the compile truncate and write whatever it points to."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o666)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                raise
+            fd = -1
+        st = os.fstat(fd) if fd >= 0 else None
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            if fd >= 0:
+                os.close(fd)
+            raise QvlcError(f"{self.path} is not a plain lock file (a symlink, a hard link, a folder or a device "
+                            "stands there); qvlc will not write through it", key="output.dir",
+                            fix=f"remove {self.path} yourself, or set output.dir to a folder only you write")
+        return fd
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:

@@ -19,7 +19,7 @@ import yaml
 from qvlc.config_parse import AUTO, HIDDEN_FIELDS, build
 from qvlc.config_vamc import from_vamc
 from qvlc.config_weights import WeightsConfig, check_weights
-from qvlc.errors import ConfigError
+from qvlc.errors import ConfigError, printable, quoted
 from qvlc.models import TINY
 from qvlc.precision import Precision, Runtime
 
@@ -45,7 +45,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     dtype: Precision = Precision.FP32
-    opset: int = 18
+    opset: int = 0  # 0: the lowest that expresses the graphs (18; 19 for int8 weights, 21 for blocked int4)
     prefill_len: int = 128  # llm: S, static prefill length (multiple of 16)
     max_context: int = 256  # llm: C, KV capacity including the new token (multiple of 16)
     tp: int = 1  # llm: tensor-parallel ranks
@@ -159,18 +159,31 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """YAML that refuses a key given twice in one mapping (PyYAML would silently keep the last one)."""
+    """YAML that refuses a key given twice in one mapping (PyYAML would silently keep the last one), and aliases
+    (``*name``): a few hundred bytes of nested aliases expand to gigabytes (a "billion laughs" config)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}: YAML aliases (*{printable(event.anchor, 40)}) are "
+                              "not allowed in qvlc configs", fix="write the value out where the alias stands",
+                              key="CONFIG")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise ConfigError(f"key {key!r} appears twice in one block (line {key_node.start_mark.line + 1}); "
-                                  "YAML would silently keep only the last", fix=f"merge the two {key!r} blocks into one",
+                raise ConfigError(f"key {quoted(key)} appears twice in one block (line "
+                                  f"{key_node.start_mark.line + 1}); YAML would silently keep only the last",
+                                  fix=f"merge the two {quoted(key)} blocks into one",
                                   key=str(key))
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def load_config(path: str | Path) -> Config:
@@ -178,6 +191,9 @@ def load_config(path: str | Path) -> Config:
     if path.is_dir():
         raise ConfigError(f"{str(path)!r} is a folder, not a config file", fix="pass the path of a YAML config file",
                           key="CONFIG")
+    if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{printable(path, 200)} is {path.stat().st_size} bytes; a config is at most "
+                          f"{MAX_CONFIG_BYTES}", fix="pass a qvlc config (a few dozen lines of YAML)", key="CONFIG")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
@@ -199,13 +215,13 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def check_values(cfg: Config) -> None:
     """Checks on the YAML alone."""
     if not _NAME_RE.match(cfg.name):
-        raise ConfigError(f"{cfg.name!r} is not a usable folder name",
+        raise ConfigError(f"{quoted(cfg.name)} is not a usable folder name",
                           fix="use letters, digits, '.', '_' and '-' only", key="name")
     if cfg.name.endswith(".failed"):
-        raise ConfigError(f"{cfg.name!r} ends with .failed, the suffix qvlc gives the folder of a failed compile",
+        raise ConfigError(f"{quoted(cfg.name)} ends with .failed, the suffix qvlc gives the folder of a failed compile",
                           fix=f"use another name, e.g. {cfg.name[:-len('.failed')] or 'model'}", key="name")
     e = cfg.export
-    if not MIN_OPSET <= e.opset <= MAX_OPSET:
+    if e.opset != 0 and not MIN_OPSET <= e.opset <= MAX_OPSET:
         raise ConfigError(f"opset {e.opset} is outside what qvlc exports and proves ({MIN_OPSET}..{MAX_OPSET})",
                           fix=f"use an opset from {MIN_OPSET} to {MAX_OPSET}", key="export.opset")
     _positive(cfg.validate.decode_steps, "validate.decode_steps")

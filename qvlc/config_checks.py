@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from qvlc.config import Config, Part
-from qvlc.errors import ConfigError
+from qvlc.errors import ConfigError, quoted
 from qvlc.memory import check_memory
 from qvlc.models.common.tp import tp_problems, valid_tp_values
 
@@ -78,7 +78,7 @@ def _fp32_layers(cfg: Config, dims: "ModelDims") -> None:
     if bad:
         raise ConfigError(f"{', '.join(map(repr, bad))} names no module of the {cfg.part} part",
                           fix=f"use transformers' module names as the parity report's fp16 ranges give them, e.g. "
-                              f"{units[1]!r}, {units[-2]!r} or a pattern such as {units[1].rsplit('.', 2)[0]}.*.mlp",
+                              f"{quoted(units[1])}, {units[-2]!r} or a pattern such as {units[1].rsplit('.', 2)[0]}.*.mlp",
                           key="export.fp32_layers")
 
 
@@ -87,6 +87,11 @@ def group_inputs(t, tp: int) -> dict[str, int]:
     return {"q/k/v, gate/up and lm_head (hidden)": t.hidden,
             "o_proj (heads x head_dim / tp)": t.heads // tp * t.head_dim,
             "down_proj (intermediate / tp)": t.intermediate // tp}
+
+
+def imported_opset(imported, cfg: Config) -> int:
+    """The lowest opset that expresses a GPTQ/AWQ checkpoint's integers: in groups (blocked) 21, per channel 19."""
+    return 21 if imported.group_size != -1 and cfg.export.weights.dequantize == "blocked" else 19
 
 
 def check_imported(cfg: Config, dims: "ModelDims", imported) -> None:
@@ -106,8 +111,8 @@ def check_imported(cfg: Config, dims: "ModelDims", imported) -> None:
     if blocked and imported.bits == 4 and "tvm" in cfg.validate.runtimes:
         raise ConfigError("tvm is in validate.runtimes, and TVM 0.27 does not import blocked int4 DequantizeLinear",
                           fix="set export.weights.dequantize: explicit, or remove tvm", key="export.weights.dequantize")
-    needed = 21 if blocked else 19
-    if cfg.export.opset < needed:
+    needed = imported_opset(imported, cfg)
+    if 0 < cfg.export.opset < needed:  # only an opset the user set is refused; 0 resolves to `needed`
         raise ConfigError(f"the checkpoint's {imported.method} weights need opset >= {needed} (DequantizeLinear "
                           f"{'in blocks' if blocked else 'with fp16 scales'}); this compile asks for "
                           f"{cfg.export.opset}", fix="set export.opset: 21", key="export.opset")

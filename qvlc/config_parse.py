@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from qvlc.errors import ConfigError
+from qvlc.errors import ConfigError, quoted
 
 AUTO = "auto"  # export.fp32_layers: auto (the modules the range check flags)
 HIDDEN_FIELDS = ("ignored", "llm_holds_patches", "declared_patch_dim", "declared_fullatt_blocks")
@@ -27,36 +27,38 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         choices = [m.value for m in typ]
         if value not in choices:
             raise ConfigError(
-                f"{value!r} is not one of {', '.join(map(repr, choices))}",
+                f"{quoted(value)} is not one of {', '.join(map(repr, choices))}",
                 fix=f"set {key} to one of {', '.join(map(str, choices))}",
                 key=key,
             )
         return typ(value)
     if typ is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"expected true or false, got {value!r}", fix=f"write {key}: true|false", key=key)
+            raise ConfigError(f"expected true or false, got {quoted(value)}", fix=f"write {key}: true|false", key=key)
         return value
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"expected a number, got {value!r}", fix=f"write {key} as a number, e.g. 0.99", key=key)
+            raise ConfigError(f"expected a number, got {quoted(value)}", fix=f"write {key} as a number, e.g. 0.99",
+                              key=key)
         return float(value)
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"expected an integer, got {value!r}", fix=f"write {key} as a whole number", key=key)
+            raise ConfigError(f"expected an integer, got {quoted(value)}", fix=f"write {key} as a whole number",
+                              key=key)
         return value
     if get_origin(typ) is tuple and isinstance(get_args(typ)[0], type) and issubclass(get_args(typ)[0], Enum):
         member = get_args(typ)[0]  # a list of enum values, e.g. validate.runtimes: [onnxruntime, tvm]
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not value:
-            raise ConfigError(f"expected a non-empty list, got {value!r}",
+            raise ConfigError(f"expected a non-empty list, got {quoted(value)}",
                               fix=f"write {key}: [{', '.join(m.value for m in member)}]", key=key)
         return tuple(_coerce(v, member, key) for v in value)
     if typ == tuple[str, ...]:  # a list of strings; the single word auto is ("auto",)
         if value == AUTO:
             return (AUTO,)
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(f"expected a list of module names or auto, got {value!r}",
+            raise ConfigError(f"expected a list of module names or auto, got {quoted(value)}",
                               fix=f"write {key}: [model.visual.blocks.31.mlp, ...] or {key}: auto", key=key)
         if AUTO in value:
             raise ConfigError("auto cannot be combined with module names", fix=f"write {key}: auto, or only names",
@@ -64,14 +66,15 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         return tuple(value)
     if typ is str:
         if not isinstance(value, (str, Path)):
-            raise ConfigError(f"expected a string, got {value!r}", fix=f"quote the value of {key}", key=key)
+            raise ConfigError(f"expected a string, got {quoted(value)}", fix=f"quote the value of {key}", key=key)
         return str(value)
-    raise TypeError(f"unsupported config annotation {typ!r} for {key}")  # a bug in this file, not user input
+    raise TypeError(f"unsupported config annotation {quoted(typ)} for {key}")  # a bug in this file, not user input
 
 
 def build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"expected a mapping, got {data!r}", fix=f"write {prefix} as a block of key: value lines",
+        raise ConfigError(f"expected a mapping, got {quoted(data)}",
+                          fix=f"write {prefix} as a block of key: value lines",
                           key=prefix)
     hints = get_type_hints(cls)
     names = [f.name for f in fields(cls) if f.name not in HIDDEN_FIELDS]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from qvlc.errors import ConfigError
+from qvlc.errors import ConfigError, quoted
 
 _VAMC_DTYPES = {"float16": "fp16", "fp16": "fp16", "half": "fp16", "float32": "fp32", "fp32": "fp32", "float": "fp32"}
 
@@ -38,7 +38,8 @@ def _quantize(flat: dict[str, Any], take) -> dict[str, Any]:
         return {}
     kind = take("frontend.quantize.type")
     if kind not in QUANTIZE_TYPES:
-        what = f"quantize type {kind!r}" if kind is not None else "a calibration dataset without frontend.quantize.type"
+        what = f"quantize type {quoted(kind)}" if kind is not None else \
+            "a calibration dataset without frontend.quantize.type"
         raise ConfigError(f"{what}: qvlc implements {', '.join(QUANTIZE_TYPES)} (int8 weights, GPTQ-calibrated, fp16 "
                           "activations)", fix="use frontend.quantize.type: w8a16_gptq, or remove frontend.quantize "
                           "and the dataset block for an fp16 artifact", key="frontend.quantize.type")
@@ -55,12 +56,14 @@ def _quantize(flat: dict[str, Any], take) -> dict[str, Any]:
             calibration[DATASET_KEYS[leaf]] = value
     name = flat.get("dataset.name", flat.get("frontend.dataset.name"))
     if name is not None and "path" not in calibration:
-        raise ConfigError(f"dataset {name!r} has no path: qvlc reads calibration texts from a local file (there is no "
-                          "dataset download)", fix="add dataset.path: a JSON/JSONL file of texts, or remove the dataset "
-                          "block for qvlc's built-in set", key="dataset.path")
+        raise ConfigError(f"dataset {quoted(name)} has no path: qvlc reads calibration texts from a local file "
+                          "(there is no dataset download)",
+                          fix="add dataset.path: a JSON/JSONL file of texts, or remove the dataset block for qvlc's "
+                              "built-in set", key="dataset.path")
     dt = flat.get("backend.dtype")
     if dt is not None and str(dt).lower() != "int8":
-        raise ConfigError(f"frontend.quantize.type {kind} with backend.dtype {dt!r}", fix="write backend.dtype: int8 "
+        raise ConfigError(f"frontend.quantize.type {kind} with backend.dtype {quoted(dt)}",
+                          fix="write backend.dtype: int8 "
                           "(the int8 weights; activations are fp16)", key="backend.dtype")
     take("backend.dtype")
     return {"dtype": "fp16", "opset": 21, "weights": {"format": QUANTIZE_TYPES[kind], "method": "gptq",
@@ -74,7 +77,7 @@ def _shapes(take: Callable[[str], Any], native: dict[str, Any]) -> None:
         try:
             (prefill,), (ctx,) = ids
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"expected [[prefill_len], [max_context]], got {ids!r}",
+            raise ConfigError(f"expected [[prefill_len], [max_context]], got {quoted(ids)}",
                               fix="write frontend.shape.input_ids: [[2048], [4096]]",
                               key="frontend.shape.input_ids") from exc
         native["export"].update(prefill_len=prefill, max_context=ctx)
@@ -82,14 +85,14 @@ def _shapes(take: Callable[[str], Any], native: dict[str, Any]) -> None:
     if pv is not None:
         if not (isinstance(pv, list) and len(pv) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
                                                                for x in pv)):
-            raise ConfigError(f"expected [N, patch_dim] (two integers), got {pv!r}",
+            raise ConfigError(f"expected [N, patch_dim] (two integers), got {quoted(pv)}",
                               fix="write frontend.shape.pixel_values: [5120, 1176]", key="frontend.shape.pixel_values")
         native["export"]["max_patches"] = pv[0]
         native["declared_patch_dim"] = pv[1]
     full = take("backend.compile.fullatt_block_indexes")
     if full is not None:
         if not (isinstance(full, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in full)):
-            raise ConfigError(f"expected a list of block indexes, got {full!r}",
+            raise ConfigError(f"expected a list of block indexes, got {quoted(full)}",
                               fix="write backend.compile.fullatt_block_indexes: [7, 15, 23, 31]",
                               key="backend.compile.fullatt_block_indexes")
         native["declared_fullatt_blocks"] = tuple(full)
@@ -106,7 +109,7 @@ def from_vamc(raw: dict[str, Any]) -> dict[str, Any]:
 
     build_visual = take("frontend.model_kwargs.build_visual")
     if build_visual is not None and not isinstance(build_visual, bool):
-        raise ConfigError(f"expected true or false, got {build_visual!r}",
+        raise ConfigError(f"expected true or false, got {quoted(build_visual)}",
                           fix="write frontend.model_kwargs.build_visual: true (visual part) or false (LLM part)",
                           key="frontend.model_kwargs.build_visual")
     part = "visual" if build_visual else "llm"
@@ -117,7 +120,7 @@ def from_vamc(raw: dict[str, Any]) -> dict[str, Any]:
             used.update(k for k in flat if k == section or k.startswith(section + "."))
     clash = [k for k in ("part", "model", "export", "output") if k in raw]
     if clash:
-        raise ConfigError(f"native key {clash[0]!r} inside a vamc-style config (one with a frontend: block)",
+        raise ConfigError(f"native key {quoted(clash[0])} inside a vamc-style config (one with a frontend: block)",
                           fix=f"use the vamc key ({VAMC_EQUIVALENT[clash[0]]}) or write a native config without "
                               "frontend:", key=clash[0])
     native["export"].update(_quantize(flat, take))
@@ -130,7 +133,7 @@ def from_vamc(raw: dict[str, Any]) -> dict[str, Any]:
         if str(dt).lower() not in _VAMC_DTYPES:
             fix = ("use float16 or float32" if str(dt).lower() != "int8" else
                    "int8 is a quantized build: add frontend.quantize.type: w8a16_gptq (and a dataset: block)")
-            raise ConfigError(f"unsupported dtype {dt!r}", fix=fix, key="backend.dtype")
+            raise ConfigError(f"unsupported dtype {quoted(dt)}", fix=fix, key="backend.dtype")
         native["export"]["dtype"] = _VAMC_DTYPES[str(dt).lower()]
     if (ws := take("workspace.path")) is not None:
         native["output"]["dir"] = ws

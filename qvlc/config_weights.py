@@ -53,6 +53,13 @@ INCLUDE = ("llm", "lm_head", "visual")
 PART_INCLUDE = {"llm": ("llm", "lm_head"), "visual": ("visual",)}  # what each part's graphs hold
 
 
+def weights_opset(w: "WeightsConfig") -> int:
+    """The lowest opset that expresses these weights: DequantizeLinear with fp16 scales needs 19, INT4 blocks 21."""
+    if w.format == WeightFormat.NONE:
+        return 18
+    return 21 if w.format == WeightFormat.INT4 and w.dequantize == "blocked" else 19
+
+
 def check_weights(cfg) -> None:
     """export.weights on the YAML alone (the group size against the model: config_checks)."""
     w, key = cfg.export.weights, "export.weights"
@@ -81,8 +88,8 @@ def check_weights(cfg) -> None:
     if w.format == WeightFormat.INT4 and (w.group_size <= 0 or w.group_size % 16):
         raise ConfigError(f"{w.group_size} is not a positive multiple of 16", fix=f"use {key}.group_size: 128 "
                           "(or 64, 32: smaller groups, smaller error, more scales)", key=f"{key}.group_size")
-    needed = 21 if w.format == WeightFormat.INT4 and w.dequantize == "blocked" else 19
-    if cfg.export.opset < needed:
+    needed = weights_opset(w)
+    if 0 < cfg.export.opset < needed:  # only an opset the user set is refused; 0 resolves to `needed`
         raise ConfigError(f"{w.format} weights{' with blocked dequantization' if needed == 21 else ''} need opset "
                           f">= {needed} (DequantizeLinear with {'INT4 blocks' if needed == 21 else 'fp16 scales'}); "
                           f"this compile asks for {cfg.export.opset}", fix=f"set export.opset: {max(needed, 21)}",

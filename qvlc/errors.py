@@ -83,3 +83,8 @@ def printable(text: object, limit: int = 0) -> str:
     out = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
                        str(text))
     return out if not limit or len(out) <= limit else out[:limit] + "…"
+
+
+def quoted(value: object, limit: int = 80) -> str:
+    """A user's value in a message: its repr, printable, at most ``limit`` characters (a YAML value can be huge)."""
+    return printable(repr(value), limit)

@@ -8,8 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qvlc.checkpoint.load import check_weight_shapes, read_config_json
-from qvlc.config import AUTO, Config
-from qvlc.config_checks import check_against_model, check_imported, part_units
+from qvlc.config import AUTO, MIN_OPSET, Config
+from qvlc.config_checks import (
+    check_against_model,
+    check_imported,
+    imported_opset,
+    part_units,
+)
+from qvlc.config_weights import weights_opset
 from qvlc.contract import LlmSpec, VisualSpec
 from qvlc.models import inspect_checkpoint, tiny_family
 from qvlc.models.common.dims import ModelDims
@@ -98,6 +104,10 @@ def check(cfg: Config) -> Plan:
     if imported is not None:
         imported = replace(imported, dtype=cfg.export.dtype)
         check_imported(cfg, dims, imported)
+    if cfg.export.opset == 0:  # not set: the lowest opset that expresses the graphs
+        needed = max(MIN_OPSET, weights_opset(cfg.export.weights),
+                     imported_opset(imported, cfg) if imported is not None and cfg.part == "llm" else MIN_OPSET)
+        cfg = replace(cfg, export=replace(cfg.export, opset=needed))
     check_against_model(cfg, dims, family)
     check_weight_shapes(folder, family, config, vision_only=cfg.part == "visual", imported=imported)
     return Plan(cfg, folder, family, dims, imported=imported)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qvlc.errors import CheckpointError
+from qvlc.errors import CheckpointError, quoted
 
 if TYPE_CHECKING:
     import torch
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+MAX_HEADER = 100 << 20  # a safetensors header's JSON (7B: ~60 KB)
 VISUAL_PREFIXES = ("visual.", "model.visual.")  # released checkpoints / transformers >= 4.52 names
 
 
@@ -57,12 +58,43 @@ def read_config_json(folder: Path) -> dict[str, Any]:
     return cfg
 
 
+REMOTE_CODE_FILES = (CONFIG_NAME, "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+                     "video_preprocessor_config.json", "generation_config.json")
+
+
+def refuse_remote_code(folder: Path) -> None:
+    """A checkpoint whose configs name Python code (``auto_map``) is refused: qvlc never runs checkpoint code
+    (every load also passes ``trust_remote_code=False``), and transformers would otherwise ask on the terminal."""
+    for name in REMOTE_CODE_FILES:
+        path = Path(folder) / name
+        if path.is_file() and path.stat().st_size < (16 << 20) and '"auto_map"' in path.read_text(errors="replace"):
+            raise CheckpointError(f"{path} asks to run Python code from the checkpoint (auto_map); qvlc never runs "
+                                  "checkpoint code", fix="use the model's own transformers classes: remove auto_map "
+                                  "(and the .py files it names) from the checkpoint", key="model.checkpoint")
+
+
+def _index_names(index: Path) -> list[str]:
+    """The shard names of model.safetensors.index.json: plain file names in the folder (never a path)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index} is not a safetensors index ({type(exc).__name__}: {exc})",
+                              fix="restore the index that ships with the checkpoint", key="model.checkpoint") from None
+    bad = [n for n in names if not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", "..")]
+    if bad:
+        raise CheckpointError(f"{index} names a shard outside the checkpoint folder: {quoted(bad[0])}",
+                              fix="a weight_map names files beside the index, e.g. model-00001-of-00002.safetensors",
+                              key="model.checkpoint")
+    return names
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files a checkpoint folder needs; raises if any is missing."""
     folder = Path(folder)
     index = folder / INDEX_NAME
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = _index_names(index)
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise CheckpointError(
@@ -81,13 +113,32 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _entry_ok(t: Any) -> bool:
+    """A header entry whose dtype is known and whose byte range is exactly its shape's size."""
+    try:
+        start, end = t["data_offsets"]
+        count = 1
+        for d in t["shape"]:
+            if not isinstance(d, int) or d < 0:
+                return False
+            count *= d
+        return isinstance(start, int) and isinstance(end, int) and 0 <= start <= end and \
+            end - start == count * DTYPE_BYTES[t["dtype"]]
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def _header(path: Path) -> dict:
     """The JSON header of a safetensors file; CheckpointError when the file is cut short or not safetensors."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 0 or 8 + n > size:
+        if n <= 0 or 8 + n > size or n > MAX_HEADER:
             raise CheckpointError(f"{path} is not a complete safetensors file ({size} bytes)",
                                   fix="download the file again", key="model.checkpoint")
         try:
@@ -95,11 +146,17 @@ def _header(path: Path) -> dict:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path} has a damaged safetensors header ({exc})", fix="download the file again",
                                   key="model.checkpoint") from exc
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    tensors = {k: t for k, t in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
+    if tensors is None or not all(_entry_ok(t) for t in tensors.values()):
+        bad = "not a JSON object" if tensors is None else \
+            next(f"tensor {quoted(k)}: {quoted(t, 160)}" for k, t in tensors.items() if not _entry_ok(t))
+        raise CheckpointError(f"{path} has a malformed safetensors header ({bad}): its dtype, shape and byte range "
+                              "must agree", fix="download the file again", key="model.checkpoint")
+    end = max((t["data_offsets"][1] for t in tensors.values()), default=0)
     if 8 + n + end != size:
         raise CheckpointError(f"{path} holds {size} bytes but its header describes {8 + n + end}: the file is "
                               "truncated or damaged", fix="download the file again", key="model.checkpoint")
-    return {k: t for k, t in header.items() if k != "__metadata__"}
+    return tensors
 
 
 def check_weight_shapes(folder: Path, family: "Family", config: dict, vision_only: bool = False,
@@ -194,7 +251,8 @@ def load_checkpoint(folder: Path, family: "Family | None" = None, dims: "ModelDi
     import torch
 
     family, dims = _resolve(folder, family, dims)
-    model = family.hf_class("model").from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model = family.hf_class("model").from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
+                                                     trust_remote_code=False, local_files_only=True)
     model.eval().requires_grad_(False)
     return LoadedCheckpoint(folder=Path(folder), dims=dims, model=model)
 
@@ -209,7 +267,8 @@ def load_vision_tower(folder: Path, family: "Family | None" = None, dims: "Model
     from safetensors import safe_open
 
     family, dims = _resolve(folder, family, dims)
-    vcfg = family.hf_class("config").from_pretrained(folder).vision_config
+    vcfg = family.hf_class("config").from_pretrained(folder, trust_remote_code=False,
+                                                     local_files_only=True).vision_config
     vcfg._attn_implementation = "eager"
     tower = family.hf_class("vision")._from_config(vcfg, dtype=dtype or torch.float32)
     targets, unexpected = tower.state_dict(), []

@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from qvlc.checkpoint.load import require_folder
+from qvlc.checkpoint.load import refuse_remote_code, require_folder
 from qvlc.errors import CheckpointError, QvlcError
 
 TINY_TOKENIZER_PACKAGE_DIR = "tiny_tokenizer"
@@ -58,6 +58,7 @@ def load_processor(folder: Path) -> Any:
     from transformers.utils import is_torchvision_available
 
     folder = require_folder(folder)
+    refuse_remote_code(folder)
     if not has_tokenizer(folder):
         raise CheckpointError(
             f"{folder} has no tokenizer (neither tokenizer.json nor vocab.json + merges.txt)",
@@ -66,9 +67,9 @@ def load_processor(folder: Path) -> Any:
             key="model.checkpoint",
         )
     if is_torchvision_available():
-        processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+        processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         if type(processor.image_processor) is not Qwen2VLImageProcessor:
-            processor.image_processor = Qwen2VLImageProcessor.from_pretrained(str(folder), local_files_only=True)
+            processor.image_processor = Qwen2VLImageProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         return processor
     return _image_only_processor(folder)
 
@@ -91,8 +92,8 @@ def _image_only_processor(folder: Path) -> Any:
                 )
             return super().__call__(images=images, text=text, **kwargs)
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    image_processor = Qwen2VLImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    image_processor = Qwen2VLImageProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     return ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                      chat_template=_chat_template(folder, tokenizer))
 

@@ -65,7 +65,7 @@ def _tokenize(records: list, folder: Path, where: str) -> list[list[int]]:
                                   key=f"{KEY}.path")
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         for i, t in texts:
             if not isinstance(t, str):
                 raise ConfigError(f"{where}: record {i} has a text that is not a string", fix="write "

@@ -52,13 +52,20 @@ def inspect_checkpoint(folder: Path) -> tuple["Family", "ModelDims"]:
     config.json's model_type), its dims, and that its weight files are all there."""
     from qvlc.checkpoint.load import (
         read_config_json,
+        refuse_remote_code,
         require_folder,
         weight_files,
     )
+    from qvlc.models.common.dims import bound_problems
 
     folder = require_folder(folder)
     config = read_config_json(folder)
+    refuse_remote_code(folder)
     fam = family(str(config.get("model_type")))
     dims = fam.dims(config, str(Path(folder) / "config.json"))
+    if problems := bound_problems(dims):
+        raise CheckpointError(f"{Path(folder) / 'config.json'} describes a model beyond any qvlc builds: "
+                              + "; ".join(problems), fix="use the config.json that ships with the checkpoint",
+                              key="model.checkpoint")
     weight_files(folder)
     return fam, dims

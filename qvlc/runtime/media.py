@@ -4,33 +4,46 @@ of frames, sampled as the Qwen processors sample them (NumPy + PIL; PyAV only fo
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from qvlc.errors import QvlcError
+from qvlc.errors import QvlcError, printable, quoted
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_FPS = 2.0  # frames sampled per second of video (transformers' Qwen2-VL/Qwen2.5-VL processors)
 MIN_FRAMES, MAX_FRAMES = 4, 768
+MAX_IMAGE_PIXELS = 50_000_000  # ~7000 x 7000: far beyond any Qwen-VL max_pixels, far below a decompression bomb
+MAX_VIDEO_BYTES = 2_000_000_000  # sampled frames kept in memory (RGB uint8), at most
 
 
-def load_image(path: Path | str) -> Image.Image:
-    """Open an image file fully as RGB; QvlcError (key ``image``) when it is missing or not a readable image."""
+def load_image(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image file as RGB; QvlcError (key ``image``) when it is missing, not a readable image, or larger
+    than ``max_pixels`` — read from the header, before a pixel is decoded (a 37 KB PNG can claim 13000 x 13000)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise QvlcError(f"{str(p)!r} " + ("is a folder, not an image file" if p.is_dir() else "does not exist"),
+        raise QvlcError(f"{quoted(str(p), 200)} " + ("is a folder, not an image file" if p.is_dir() else
+                                                      "does not exist" if not p.exists() else "is not a regular file"),
                         fix="pass the path of an image file (PNG, JPEG, …)", key="image")
     try:
-        with Image.open(p) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise QvlcError(f"{str(p)!r} is not a readable image ({type(exc).__name__}: {exc})",
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise QvlcError(f"{quoted(str(p), 200)} is {w}x{h} = {w * h} pixels; qvlc decodes at most "
+                                    f"{max_pixels}", fix="pass a smaller image (the Qwen processors resize to at "
+                                    "most a few million pixels anyway)", key="image")
+                im.load()
+                return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise QvlcError(f"{quoted(str(p), 200)} is not a readable image ({type(exc).__name__}: {printable(exc, 200)})",
                         fix="pass a valid image file in a format Pillow reads (PNG, JPEG, WebP, BMP, …)",
-                        key="image") from exc
+                        key="image") from None
 
 
 @dataclass(frozen=True)
@@ -63,41 +76,87 @@ def sample_indices(total: int, video_fps: float, temporal_patch_size: int, fps: 
 
 def load_video(path: Path | str, frames_fps: float = DEFAULT_FPS, temporal_patch_size: int = 2,
                fps: float = DEFAULT_FPS) -> Video:
-    """A video file (any format PyAV/FFmpeg decodes) or a folder of frame images (sorted by name, taken as
-    ``frames_fps`` frames per second), sampled to ``fps`` frames per second."""
+    """A video file (a container qvlc knows: MP4/MOV, Matroska/WebM, AVI, FLV, Ogg, MPEG-TS) or a folder of frame
+    images (sorted by name, taken as ``frames_fps`` frames per second), sampled to ``fps`` frames per second.
+    Only the sampled frames are decoded and kept, within ``MAX_VIDEO_BYTES``."""
     p = Path(path).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         if not files:
-            raise QvlcError(f"the folder {str(p)!r} holds no frame images ({', '.join(IMAGE_SUFFIXES)})",
+            raise QvlcError(f"the folder {quoted(str(p), 200)} holds no frame images ({', '.join(IMAGE_SUFFIXES)})",
                             fix="pass a video file, or a folder of frames named in order", key="video")
-        frames, rate = [np.asarray(load_image(f)) for f in files], frames_fps
+        keep = sample_indices(len(files), frames_fps, temporal_patch_size, fps)
+        frames = [np.asarray(load_image(files[i])) for i in keep]
+        _check_budget(len(keep), *frames[0].shape[:2])
     elif p.is_file():
-        frames, rate = _decode(p)
+        frames = _decode(p, lambda total, rate: sample_indices(total, rate, temporal_patch_size, fps))
     else:
-        raise QvlcError(f"{str(p)!r} does not exist", fix="pass a video file or a folder of frames", key="video")
-    keep = sample_indices(len(frames), rate, temporal_patch_size, fps)
+        raise QvlcError(f"{quoted(str(p), 200)} " + ("does not exist" if not p.exists() else "is not a regular file"),
+                        fix="pass a video file or a folder of frames", key="video")
     # transformers' processors report temporal_patch_size / fps seconds per temporal patch whatever the sampling
     # achieved (a short video padded up to min_frames included); the M-RoPE time positions follow that.
-    return Video(tuple(frames[i] for i in keep), 1.0 / fps)
+    return Video(tuple(frames), 1.0 / fps)
 
 
-def _decode(path: Path) -> tuple[list[np.ndarray], float]:
-    """Every frame of a video file as RGB uint8, and its frame rate."""
+def _check_budget(frames: int, height: int, width: int) -> None:
+    if frames * height * width * 3 > MAX_VIDEO_BYTES:
+        raise QvlcError(f"{frames} sampled frames of {width}x{height} need {frames * height * width * 3 / 1e9:.1f} GB; "
+                        f"qvlc keeps at most {MAX_VIDEO_BYTES / 1e9:.1f} GB of frames", key="--fps",
+                        fix="sample fewer frames (a lower --fps) or pass a shorter or smaller video")
+
+
+def container_format(path: Path) -> str:
+    """The FFmpeg demuxer for the file's magic bytes; QvlcError for anything else (playlists, protocols, images):
+    a playlist would make FFmpeg open other files and URLs, or wait forever for a live stream."""
+    with open(path, "rb") as f:
+        head = f.read(192)
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"):
+        return "mov"
+    if head[:4] == b"\x1aE\xdf\xa3":
+        return "matroska"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    if head[:3] == b"FLV":
+        return "flv"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if len(head) > 188 and head[0] == head[188] == 0x47:
+        return "mpegts"
+    raise QvlcError(f"{quoted(str(path), 200)} is not a video container qvlc reads (MP4/MOV, Matroska/WebM, AVI, FLV, "
+                    "Ogg, MPEG-TS); playlists and stream descriptions are never opened",
+                    fix="pass a video file in one of those containers, or a folder of frames", key="video")
+
+
+def _decode(path: Path, pick: Callable[[int, float], np.ndarray]) -> list[np.ndarray]:
+    """The frames ``pick(total, rate)`` selects, decoded in one pass (the others are decoded and dropped, never
+    converted or kept): the packets are counted first to know the total without decoding."""
     try:
         import av
     except ImportError as exc:  # PyAV is a dependency; a broken install is the user's environment
         raise QvlcError("PyAV is not importable, so video files cannot be decoded",
                         fix="pip install av (or pass a folder of frames)", key="video") from exc
+    fmt = container_format(path)
+    options = {"protocol_whitelist": "file"}
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path), format=fmt, options=options) as container:
             stream = container.streams.video[0]
             rate = float(stream.average_rate or stream.guessed_rate or DEFAULT_FPS)
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            total = sum(1 for packet in container.demux(stream) if packet.size)
+        keep = pick(total, rate)
+        with av.open(str(path), format=fmt, options=options) as container:
+            stream = container.streams.video[0]
+            _check_budget(len(keep), stream.codec_context.height, stream.codec_context.width)
+            wanted, frames = set(keep.tolist()), []
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) == len(wanted):
+                    break
     except (av.FFmpegError, IndexError, ValueError) as exc:
-        raise QvlcError(f"{str(path)!r} is not a readable video ({type(exc).__name__}: {exc})",
-                        fix="pass a video file FFmpeg decodes (MP4, WebM, AVI, …) or a folder of frames",
-                        key="video") from exc
-    if not frames:
-        raise QvlcError(f"{str(path)!r} has no video frames", fix="pass a video with frames", key="video")
-    return frames, rate
+        raise QvlcError(f"{quoted(str(path), 200)} is not a readable video ({type(exc).__name__}: "
+                        f"{printable(exc, 200)})", fix="pass a video file FFmpeg decodes (MP4, WebM, AVI, …) or a "
+                        "folder of frames", key="video") from None
+    if len(frames) != len(keep):
+        raise QvlcError(f"{quoted(str(path), 200)} decoded to fewer frames than its {total} packets",
+                        fix="re-encode the video (e.g. ffmpeg -i in.mp4 out.mp4)", key="video")
+    return frames

@@ -25,6 +25,7 @@ from qvlc.models import inspect_checkpoint, tiny_family
 from qvlc.runtime.llm import LlmRuntime, Media
 from qvlc.runtime.media import Video, load_image
 from qvlc.runtime.stream import StreamDecoder
+from qvlc.runtime.template import render_chat
 from qvlc.runtime.visual import VisualRuntime
 
 TokenCallback = Callable[[int, str], None]
@@ -192,7 +193,7 @@ class VlmPipeline:
         with each pad token expanded to its item's t*h*w / merge² tokens (what the Qwen processors do with the same
         grids). ``images`` and ``videos`` are in the order their parts appear."""
         pil = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render_chat(self.processor, messages)
         queue = {"image": [image_to_patches(im, self.preprocess) for im in pil],
                  "video": [video_to_patches(list(v.frames), self.preprocess) for v in videos]}
         pieces = re.split(f"({re.escape(self.pads['image'])}|{re.escape(self.pads['video'])})", text)

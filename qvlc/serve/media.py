@@ -18,9 +18,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from qvlc.runtime.media import MAX_IMAGE_PIXELS
 from qvlc.serve.errors import ApiError
 
-DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000: far beyond any Qwen-VL max_pixels, far below a decompression bomb
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS  # what `qvlc run` decodes at most
 DEFAULT_MAX_BYTES = 32 << 20  # one image's encoded bytes
 
 

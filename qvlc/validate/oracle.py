@@ -71,7 +71,7 @@ class Shell:
     source of the decoder-layer class, ``get_rope_index`` and the rotary embedding."""
 
     def __init__(self, family: Family, folder: Path) -> None:
-        config = family.hf_class("config").from_pretrained(folder)
+        config = family.hf_class("config").from_pretrained(folder, trust_remote_code=False)
         config._attn_implementation = "eager"
         config.text_config._attn_implementation = "eager"
         with torch.device("meta"):

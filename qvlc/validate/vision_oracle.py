@@ -60,7 +60,7 @@ class _StreamedBlock(nn.Module):
 class StreamedVisionOracle:
     def __init__(self, family: Family, folder: Path, dims: ModelDims, quant: WeightQuant | None = None) -> None:
         """``quant``: read the tower's Linear weights dequantized from their integers (``include: [visual]``)."""
-        config = family.hf_class("config").from_pretrained(folder).vision_config
+        config = family.hf_class("config").from_pretrained(folder, trust_remote_code=False).vision_config
         config._attn_implementation = "eager"
         with torch.device("meta"):
             tower = family.hf_class("vision")._from_config(config, dtype=torch.float32)

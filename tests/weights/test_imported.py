@@ -153,3 +153,14 @@ def test_a_graph_tvm_cannot_build_is_a_failed_check(tmp_path):
     assert all(c["passed"] for c in parity["checks"] if c["runtime"] == "onnxruntime")
     (failure,) = parity["failures"]
     assert failure.startswith("[tvm] llm/tvm/build: TVM could not import or build the graph")
+
+
+@pytest.mark.parametrize("group,opset", [(32, 21), (-1, 19)])
+def test_an_opset_left_unset_is_the_lowest_that_expresses_the_checkpoint(tmp_path, group, opset):
+    """A grouped GPTQ checkpoint compiles with opset 21 chosen for it (it used to be refused: 'need opset >= 21 …
+    this compile asks for 18' when the config never named an opset); only an explicit opset too low is refused."""
+    write_quantized(tmp_path / "ck", "gptq", 4 if group > 0 else 8, group, True)
+    raw = {"name": "x", "part": "llm", "model": {"checkpoint": str(tmp_path / "ck")}}
+    assert check(config_from_dict(raw)).cfg.export.opset == opset
+    with pytest.raises(ConfigError, match="opset"):
+        check(config_from_dict({**raw, "export": {"opset": 18}}))

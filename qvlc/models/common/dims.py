@@ -64,3 +64,22 @@ class ModelDims:
     text: TextDims
     vision: VisionDims
     tokens: TokenIds
+
+
+# Sizes no released Qwen-VL model comes near (the largest: 80 layers, hidden 8192, vocab 152k), checked before a
+# meta model is built from config.json: 20000 layers once cost 90 s and 1.4 GB before the shape check refused them.
+TEXT_BOUNDS = {"hidden": 1 << 16, "intermediate": 1 << 18, "layers": 512, "heads": 1024, "kv_heads": 1024,
+               "head_dim": 1024, "vocab": 1 << 22, "max_positions": 1 << 24}
+VISION_BOUNDS = {"depth": 512, "embed_dim": 1 << 15, "heads": 1024, "head_dim": 1024, "mlp_hidden": 1 << 17,
+                 "out_hidden": 1 << 16, "patch_size": 64, "temporal_patch_size": 16, "merge_size": 8, "in_chans": 16}
+
+
+def bound_problems(dims: ModelDims) -> list[str]:
+    """Every dimension outside 1..its bound, as ``text.layers = 20000 (at most 512)``."""
+    out = []
+    for prefix, section, bounds in (("text", dims.text, TEXT_BOUNDS), ("vision", dims.vision, VISION_BOUNDS)):
+        for name, limit in bounds.items():
+            value = getattr(section, name)
+            if not 1 <= value <= limit:
+                out.append(f"{prefix}.{name} = {value} (qvlc takes 1..{limit})")
+    return out
