@@ -1,3 +1,3 @@
-from qvlc.cli import main
+from qvlc.entry import main
 
 main()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from qvlc.errors import EXIT_ENVIRONMENT, EXIT_INTERNAL, Interrupted, QvlcError
+from qvlc.watchdog import GRACE, watched
 
 # errno values that mean "the machine refused", not "the input is wrong"
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOMEM,
@@ -67,9 +68,15 @@ def guarded(action: str, report: Callable[[str, str], None]) -> Iterator[None]:
     def on_sigterm(signum, _frame):
         raise Interrupted(signum)
 
+    def on_timeout(signum: int) -> None:
+        report("interrupted", f"{signal.Signals(signum).name}: {action} stopped; a library call did not return "
+                              f"within {GRACE:.0f} s, so the process ended there (a compile's staging folder is "
+                              "removed by the next compile of that name)")
+
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        yield
+        with watched(on_timeout):
+            yield
     except Exit:
         raise
     except QvlcError as e:

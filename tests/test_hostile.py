@@ -151,7 +151,7 @@ def _escaping_index(ck: Path) -> None:
 
 HOSTILE = [
     Case("lock_is_a_symlink", 2, "not a plain lock file", _lock_symlink, (".x.lock",)),
-    Case("video_playlist", 2, "not a video container", _playlist),
+    Case("video_playlist", 2, "not a container qvlc reads", _playlist),
     Case("image_13000_squared", 2, "13000x13000", _big_png),
     Case("yaml_alias_bomb", 2, "aliases", _alias_bomb),
     Case("manifest_tp_3000000", 1, "tp is 3000000", lambda e: e.run(_manifest(e, lambda d: d["llm"].update(
@@ -261,3 +261,27 @@ def test_default_opset_is_the_lowest_that_expresses_the_graphs():
     assert opset(opset=20) == 20
     with pytest.raises(QvlcError, match="opset >= 21"):
         opset(opset=18, weights={"format": "int4", "group_size": 32})
+
+
+@pytest.mark.parametrize("sig,code", [(15, 143), (2, 130)])
+def test_a_signal_ends_a_command_stuck_in_library_code(tmp_path, artifacts, sig, code):  # noqa: F811
+    """The main thread blocked in one C call that never returns (here time.sleep standing in for an FFmpeg read):
+    the signal still ends the command within the grace period, with its exit code and one line, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    clip = _clip(tmp_path / "c.mp4", 8)
+    code_text = ("import qvlc.watchdog as w; w.block(); import time, qvlc.runtime.media as m; "  # as qvlc.entry does
+                 "m.container_format = lambda p: time.sleep(600); from qvlc.cli import main; main()")
+    proc = subprocess.Popen([sys.executable, "-c", code_text, "run", str(artifacts["llm"]), str(artifacts["visual"]),
+                             "--video", str(clip), "--prompt", "hi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "QVLC_CACHE": str(tmp_path / "cache")},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(8)  # past the artifact checks, into the stuck call
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code and time.monotonic() - t0 < 15, err
+    assert "did not return" in err and "Traceback" not in err, err

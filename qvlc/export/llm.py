@@ -105,8 +105,10 @@ def _worker_init() -> None:
     import signal
 
     from qvlc.quiet import quiet_libraries
+    from qvlc.watchdog import unblock
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    unblock()  # the parent's watched command blocks SIGTERM/SIGINT; the pool terminates workers with SIGTERM
     quiet_libraries()
 
 

@@ -122,8 +122,8 @@ def container_format(path: Path) -> str:
         return "ogg"
     if len(head) > 188 and head[0] == head[188] == 0x47:
         return "mpegts"
-    raise QvlcError(f"{quoted(str(path), 200)} is not a video container qvlc reads (MP4/MOV, Matroska/WebM, AVI, FLV, "
-                    "Ogg, MPEG-TS); playlists and stream descriptions are never opened",
+    raise QvlcError(f"{quoted(str(path), 200)} is not a readable video: not a container qvlc reads (MP4/MOV, "
+                    "Matroska/WebM, AVI, FLV, Ogg, MPEG-TS); playlists and stream descriptions are never opened",
                     fix="pass a video file in one of those containers, or a folder of frames", key="video")
 
 

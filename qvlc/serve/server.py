@@ -6,13 +6,15 @@ one line with the URL is printed once the server accepts connections.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvlc.errors import QvlcError
+from qvlc.errors import Interrupted, QvlcError
 from qvlc.serve.media import MediaLimits
 
 
@@ -39,7 +41,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(llm_dir: Path, visual_dir: Path, options: ServeOptions, ready: Callable[[str], None]) -> None:
-    """Blocks until the server stops; KeyboardInterrupt (SIGINT) ends it normally."""
+    """Blocks until the server stops: SIGINT ends it normally, SIGTERM with ``Interrupted`` (exit 143)."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -65,10 +67,22 @@ def serve(llm_dir: Path, visual_dir: Path, options: ServeOptions, ready: Callabl
                 h, p = sock.getsockname()[:2]
                 ready(f"http://{h if ':' not in h else f'[{h}]'}:{p}/v1")
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """uvicorn's, without re-raising the signal after the graceful shutdown: the command decides the exit
+            (SIGINT 0, SIGTERM 143)."""
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=3)
+    server = Server(config)
     try:
-        Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:
-        return
+        server.run(sockets=[sock])
     finally:
         sock.close()
+    if signal.SIGTERM in server._captured_signals:
+        raise Interrupted(signal.SIGTERM)

@@ -133,7 +133,7 @@ def test_file_and_frames_folder(tmp_path):
     assert len(load_video(folder).frames) == 6 and load_video(folder).second_per_grid(2) == 1.0
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     for bad, fragment in ((tmp_path / "nope.mp4", "does not exist"), (tmp_path / "bad.mp4", "not a readable video"),
-                          (tmp_path / "frames" / "000.png", "1 frame")):
+                          (tmp_path / "frames" / "000.png", "not a container qvlc reads")):  # an image is no video
         with pytest.raises(QvlcError, match=fragment):
             load_video(bad)
 
