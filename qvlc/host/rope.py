@@ -203,25 +203,44 @@ def _merge_sections(per_axis: np.ndarray, mrope_section: Sequence[int]) -> np.nd
     )
 
 
+def _interleave(freqs: np.ndarray, mrope_section: Sequence[int]) -> np.ndarray:
+    """``[3, S, D/2]`` → ``[S, D/2]`` as Qwen3-VL's ``apply_interleaved_mrope``: frequency k comes from axis
+    t, except k = 1, 4, 7, … (h) below 3·section[1] and k = 2, 5, 8, … (w) below 3·section[2]."""
+    if sum(mrope_section) != freqs.shape[-1]:
+        raise QvlcError(f"mrope_section {list(mrope_section)} sums to {sum(mrope_section)}, but head_dim/2 is "
+                        f"{freqs.shape[-1]}")
+    out = freqs[0].copy()
+    for axis in (1, 2):
+        idx = slice(axis, mrope_section[axis] * 3, 3)
+        out[..., idx] = freqs[axis, ..., idx]
+    return out
+
+
 def mrope_cos_sin(
     positions: npt.ArrayLike,
     head_dim: int,
     theta: float,
     mrope_section: Sequence[int],
     dtype: npt.DTypeLike = np.float32,
+    interleaved: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Merged M-RoPE tables ``cos, sin`` of shape ``[1, 1, S, D]`` for ``positions`` ``[3, S]``.
 
     Per axis the angle ``pos · inv_freq`` is formed in fp32 (as transformers) and duplicated to width D; channel
-    section i of ``mrope_section * 2`` is taken from axis ``i % 3``. cos/sin are evaluated in fp64 on the fp32
-    angles and rounded to fp32, then cast to ``dtype`` last.
+    section i of ``mrope_section * 2`` is taken from axis ``i % 3`` — or, ``interleaved`` (Qwen3-VL), the
+    frequencies alternate t, h, w within the sections before the duplication. cos/sin are evaluated in fp64 on
+    the fp32 angles and rounded to fp32, then cast to ``dtype`` last.
     """
     pos = np.asarray(positions)
     if pos.ndim != 2 or pos.shape[0] != 3:
         raise QvlcError(f"positions must have shape (3, S), got {pos.shape}")
     inv_freq = mrope_inv_freq(head_dim, theta)
     freqs = pos.astype(np.float32)[:, :, None] * inv_freq[None, None, :]  # [3, S, D/2], fp32
-    angles = _merge_sections(np.concatenate([freqs, freqs], axis=-1), mrope_section).astype(np.float64)
+    if interleaved:
+        merged = _interleave(freqs, mrope_section)
+        angles = np.concatenate([merged, merged], axis=-1).astype(np.float64)
+    else:
+        angles = _merge_sections(np.concatenate([freqs, freqs], axis=-1), mrope_section).astype(np.float64)
     cos = np.cos(angles).astype(np.float32).astype(dtype)
     sin = np.sin(angles).astype(np.float32).astype(dtype)
     return cos[None, None], sin[None, None]
