@@ -102,6 +102,8 @@ class LlmSpec:
     vision_start: int
     vision_end: int
     stop_tokens: tuple[str, ...]  # token strings that end a chat turn, besides eos (the family declares them)
+    deepstack_layers: int = 0  # prefill input deepstack_embeds [k,1,S,H], added after layers 0..k-1 (Qwen3-VL)
+    mrope_interleaved: bool = False  # cos/sin frequencies alternate t, h, w (Qwen3-VL) instead of sections
 
 
 @dataclass(frozen=True)

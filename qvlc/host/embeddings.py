@@ -45,6 +45,20 @@ class EmbedTable:
         """[n] token ids → [n, hidden] rows in the table's dtype."""
         return np.asarray(self.table[np.asarray(ids, dtype=np.int64)])
 
+    def deepstack(self, ids: np.ndarray, rows: dict[int, np.ndarray | None], layers: int) -> np.ndarray:
+        """The dense DeepStack input ``[layers, 1, n, hidden]``: each token's ``[layers, k, hidden]`` rows scattered
+        into its positions in order (as ``embed`` scatters the vision rows), zeros everywhere else."""
+        out = np.zeros((layers, 1, len(ids), self.table.shape[1]), dtype=self.table.dtype)
+        for token, feats in rows.items():
+            if feats is not None:
+                where = np.flatnonzero(np.asarray(ids) == token)
+                if feats.shape[:2] != (layers, len(where)):
+                    raise QvlcError(f"{feats.shape[1]} DeepStack rows in {feats.shape[0]} layers for {len(where)} pad "
+                                    f"tokens of id {token} and {layers} layers", key="input_ids",
+                                    fix="expand each image/video pad to t*h*w/merge² tokens of its grid")
+                out[:, 0, where] = feats.astype(out.dtype)
+        return out
+
     def embed(self, ids: np.ndarray, rows: dict[int, np.ndarray | None] | None = None) -> np.ndarray:
         """Rows for ``ids``; for each ``token: embeds`` in ``rows`` (image pad, video pad), the rows of ``embeds``
         are scattered into that token's positions in order."""

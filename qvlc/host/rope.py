@@ -261,6 +261,8 @@ def decode_cos_sin(
     theta: float,
     mrope_section: Sequence[int],
     dtype: npt.DTypeLike = np.float32,
+    interleaved: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``cos, sin`` ``[1, 1, 1, D]`` for one decode token (a text token: same position on all three axes)."""
-    return mrope_cos_sin(np.full((3, 1), position, dtype=np.int64), head_dim, theta, mrope_section, dtype)
+    return mrope_cos_sin(np.full((3, 1), position, dtype=np.int64), head_dim, theta, mrope_section, dtype,
+                         interleaved)

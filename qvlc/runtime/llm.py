@@ -30,6 +30,8 @@ class Media:
     video_grids: np.ndarray | None = None
     video_embeds: np.ndarray | None = None
     second_per_grid_ts: tuple[float, ...] | None = None  # seconds per temporal patch of each video
+    image_deepstack: np.ndarray | None = None  # [k, image tokens, H]: DeepStack rows (Qwen3-VL)
+    video_deepstack: np.ndarray | None = None
 
     @staticmethod
     def _some(grids: np.ndarray | None) -> np.ndarray | None:
@@ -53,6 +55,7 @@ class Window:
     positions: np.ndarray  # [3, S] M-RoPE positions
     delta: int  # rope delta: decode step k sits at position S + k + delta
     embeds: np.ndarray  # [S, H], vision rows scattered in
+    deepstack: np.ndarray | None = None  # [k, 1, S, H]: DeepStack rows at the vision positions, zeros elsewhere
 
 
 def tokens_of(spec: LlmSpec) -> TokenIds:
@@ -136,26 +139,42 @@ class LlmRuntime:
             padded, tokens_of(self.spec), self.merge_size, self.tokens_per_second, image_grid_thw=media.images,
             video_grid_thw=media.videos, second_per_grid_ts=media.second_per_grid_ts, attention_mask=mask)
         rows = {self.spec.image_token: media.image_embeds, self.spec.video_token: media.video_embeds}
-        return Window(padded, mask, positions, delta, self.embed.embed(padded, rows))
+        deep = None
+        if self.spec.deepstack_layers:
+            deep = self.embed.deepstack(padded, {self.spec.image_token: media.image_deepstack,
+                                                 self.spec.video_token: media.video_deepstack},
+                                        self.spec.deepstack_layers)
+        return Window(padded, mask, positions, delta, self.embed.embed(padded, rows), deep)
 
     # -- prefill ------------------------------------------------------------------------------------------
-    def prefill_feed(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-        """The prefill graph's inputs for a full, left-padded window: embeds [S,H], positions [3,S], mask [S]."""
+    def prefill_feed(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+                     deepstack: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The prefill graph's inputs for a full, left-padded window: embeds [S,H], positions [3,S], mask [S]
+        (and the DeepStack rows [k,1,S,H] when the graph takes them; None: no vision rows, zeros)."""
         s = self.spec
         S = s.prefill_len
         if embeds.shape != (S, s.hidden) or positions.shape != (3, S) or mask.shape != (S,):
             raise ValueError(f"prefill expects embeds [{S},{s.hidden}], positions [3,{S}], mask [{S}]; got "
                              f"{embeds.shape}, {positions.shape}, {mask.shape}")
-        cos, sin = mrope_cos_sin(positions, s.head_dim, s.rope_theta, s.mrope_section, dtype=self.np_dtype)
-        return {"inputs_embeds": embeds[None].astype(self.np_dtype), "attention_mask": mask[None].astype(np.int64),
+        cos, sin = mrope_cos_sin(positions, s.head_dim, s.rope_theta, s.mrope_section, dtype=self.np_dtype,
+                                 interleaved=s.mrope_interleaved)
+        feed = {"inputs_embeds": embeds[None].astype(self.np_dtype), "attention_mask": mask[None].astype(np.int64),
                 "cos": cos, "sin": sin}
+        if s.deepstack_layers:
+            feed["deepstack_embeds"] = (np.zeros((s.deepstack_layers, 1, S, s.hidden), self.np_dtype)
+                                        if deepstack is None else deepstack.astype(self.np_dtype))
+        return feed
 
-    def prefill(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[dict[str, np.ndarray]]:
+    def prefill_window(self, w: Window) -> list[dict[str, np.ndarray]]:
+        return self.prefill(w.embeds, w.positions, w.mask, w.deepstack)
+
+    def prefill(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+                deepstack: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
         """Run prefill on a full, already left-padded window: embeds [S,H], positions [3,S], mask [S] (0 = pad).
         Resets the KV cache to what prefill produced. Returns each rank's raw outputs."""
         s = self.spec
         S = s.prefill_len
-        outs = self.prefill_graph.run([self.prefill_feed(embeds, positions, mask)] * s.tp)
+        outs = self.prefill_graph.run([self.prefill_feed(embeds, positions, mask, deepstack)] * s.tp)
         C = s.max_context
         self.kv = []
         for o in outs:
@@ -181,7 +200,8 @@ class LlmRuntime:
                             "generated tokens after the prefill window",
                             fix="generate fewer tokens, or recompile with a larger export.max_context",
                             key="export.max_context")
-        cos, sin = decode_cos_sin(position, s.head_dim, s.rope_theta, s.mrope_section, dtype=self.np_dtype)
+        cos, sin = decode_cos_sin(position, s.head_dim, s.rope_theta, s.mrope_section, dtype=self.np_dtype,
+                                  interleaved=s.mrope_interleaved)
         mask = np.concatenate([self.past_mask, np.ones((1, 1), dtype=np.int64)], axis=1)
         x = embed.reshape(1, 1, s.hidden).astype(self.np_dtype)
         feeds = [{"inputs_embeds": x, "attention_mask": mask, "cos": cos, "sin": sin, "past_key_values": kv}

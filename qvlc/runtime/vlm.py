@@ -290,7 +290,7 @@ class VlmPipeline:
                 piece += stream.finish()[1]
             return bool(on_token(tok, piece)) if on_token is not None else False
 
-        logits = self.llm.logits_of(self.llm.prefill(window.embeds, window.positions, window.mask))
+        logits = self.llm.logits_of(self.llm.prefill_window(window))
         tokens = self.llm.greedy(logits, window.delta, max_new_tokens, self.stop_ids if stop_at_eos else None, emit)
         stopped = stop_at_eos and tokens[-1] in self.stop_ids
         return VlmResult(tokens, stream.finish()[0], len(prepared.input_ids), prepared.image_tokens, stopped, ttft,

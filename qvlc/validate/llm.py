@@ -133,12 +133,12 @@ def run_graphs(plan: Plan, folder: Path, cases: list[LlmCase], steps: int, unspl
     runs, states = [], []
     for case in cases:
         w = runtime.prompt_window(case.ids, case.media)
-        outs = runtime.prefill(w.embeds, w.positions, w.mask)
+        outs = runtime.prefill_window(w)
         real = np.flatnonzero(w.mask)
         run = GraphRun(case, w, logits=[[o["logits"].reshape(-1) for o in outs]],
                        kv=[[o["present_key_values"][:, :, 0][..., real, :] for o in outs]])
         if unsplit is not None:
-            run.unsplit_logits.append(unsplit.logits_of(unsplit.prefill(w.embeds, w.positions, w.mask)))
+            run.unsplit_logits.append(unsplit.logits_of(unsplit.prefill_window(w)))
             states.append((runtime.snapshot(), unsplit.snapshot()))
         else:
             states.append((runtime.snapshot(), None))
@@ -267,7 +267,7 @@ def diagnose_prefill(plan: Plan, folder: Path, report: ParityReport, run: GraphR
     w, tokens = run.window, plan.dims.tokens
     capture = LayerCapture()
     oracle.run([oracle_input(run.case, [], tokens.image, tokens.video)], capture)
-    feed = llm_runtime(plan, folder).prefill_feed(w.embeds, w.positions, w.mask)
+    feed = llm_runtime(plan, folder).prefill_feed(w.embeds, w.positions, w.mask, w.deepstack)
     diagnose(report, folder / PREFILL, "llm", feed, np.flatnonzero(w.mask), capture, run.case.name)
 
 

@@ -19,6 +19,7 @@ class TextDims:
     rms_eps: float
     tie_word_embeddings: bool
     max_positions: int  # max_position_embeddings
+    mrope_interleaved: bool = False  # Qwen3-VL: cos/sin frequencies alternate t, h, w
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class VisionDims:
     window: int = 0  # window attention: window side in merged tokens (0 = none: every block attends per frame)
     fullatt_blocks: tuple[int, ...] = ()  # blocks attending per frame (all of them when window == 0)
     tokens_per_second: int = 0  # video: M-RoPE time positions per second (0 = one per temporal patch)
+    deepstack: tuple[int, ...] = ()  # Qwen3-VL: blocks whose merged outputs are added after decoder layers 0..k-1
+    pos_table_side: int = 0  # Qwen3-VL: the learned position table is side x side rows (0 = none)
 
     @property
     def patch_dim(self) -> int:

@@ -102,7 +102,8 @@ class Family:
         t, k = dims.text, dims.tokens
         return LlmSpec(prefill_len, max_context, tp, Precision(dtype), t.hidden, t.layers, t.head_dim,
                        rank_layout(t, tp, 0).kv_heads, t.vocab, t.rope_theta, tuple(t.mrope_section), k.eos,
-                       k.image, k.video, k.vision_start, k.vision_end, self.stop_tokens)
+                       k.image, k.video, k.vision_start, k.vision_end, self.stop_tokens, len(dims.vision.deepstack),
+                       t.mrope_interleaved)
 
     def visual_spec(self, dims: ModelDims, max_patches: int, chunk_width: int, dtype: Precision) -> VisualSpec:
         v = dims.vision

@@ -57,12 +57,18 @@ class Attention(_Sharded):
         self.tp = layout.tp
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, self._linear(hf, name, "self_attn", layout, d, dtype))
+        # Qwen3: RMSNorm over each head of q and k before rotary (replicated: it acts within a head)
+        self.q_norm, self.k_norm = (RMSNorm(norm.weight, text.rms_eps, dtype) if norm is not None else None
+                                    for norm in (getattr(hf, "q_norm", None), getattr(hf, "k_norm", None)))
 
     def forward(self, x, cos, sin, allowed, past_k=None, past_v=None):
         b, t, _ = x.shape
         d, nh, kvh = self.head_dim, self.heads, self.kv_heads
-        q = self.q_proj(x).view(b, t, nh, d).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, kvh, d).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, nh, d)
+        k = self.k_proj(x).view(b, t, kvh, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, kvh, d).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -135,21 +141,24 @@ class TextStack(nn.Module):
 
 class PrefillGraph(nn.Module):
     """inputs_embeds [1,S,H], attention_mask [1,S] int64 (0 = left pad), cos/sin [1,1,S,D]
-    → logits [1,1,V] (last position, fp32), present_key_values [L,2,1,kvH,S,D]."""
+    (, deepstack_embeds [k,1,S,H]: added to the hidden states after layers 0..k-1 — DeepStack; zeros outside the
+    vision rows) → logits [1,1,V] (last position, fp32), present_key_values [L,2,1,kvH,S,D]."""
 
     def __init__(self, stack: TextStack) -> None:
         super().__init__()
         self.stack = stack
 
-    def forward(self, inputs_embeds, attention_mask, cos, sin):
+    def forward(self, inputs_embeds, attention_mask, cos, sin, deepstack_embeds=None):
         s = inputs_embeds.shape[1]
         pos = torch.arange(s, device=inputs_embeds.device)
         causal = pos[None, :] <= pos[:, None]  # [S, S]: query row i sees keys 0..i
         allowed = causal[None, None, None] & (attention_mask != 0)[:, None, None, None, :]
         h = inputs_embeds
         kv = []
-        for layer in self.stack.layers:
+        for i, layer in enumerate(self.stack.layers):
             h, k, v = layer(h, cos, sin, allowed)
+            if deepstack_embeds is not None and i < deepstack_embeds.shape[0]:
+                h = h + deepstack_embeds[i].to(h.dtype)
             kv.append(torch.stack([k, v]))
         return self.stack.logits(h[:, -1:, :]), torch.stack(kv)
 
@@ -181,9 +190,10 @@ def llm_signatures(spec: LlmSpec) -> dict[str, GraphSig]:
     S, C, H, D, L, kvh = s.prefill_len, s.max_context, s.hidden, s.head_dim, s.layers, s.kv_heads_per_rank
     V = s.vocab // s.tp
     logits = TensorSig("logits", (1, 1, V), "float32")
+    deepstack = (TensorSig("deepstack_embeds", (s.deepstack_layers, 1, S, H), dt),) if s.deepstack_layers else ()
     prefill = GraphSig(
         inputs=(TensorSig("inputs_embeds", (1, S, H), dt), TensorSig("attention_mask", (1, S), "int64"),
-                TensorSig("cos", (1, 1, S, D), dt), TensorSig("sin", (1, 1, S, D), dt)),
+                TensorSig("cos", (1, 1, S, D), dt), TensorSig("sin", (1, 1, S, D), dt), *deepstack),
         outputs=(logits, TensorSig("present_key_values", (L, 2, 1, kvh, S, D), dt)))
     decode = GraphSig(
         inputs=(TensorSig("inputs_embeds", (1, 1, H), dt), TensorSig("attention_mask", (1, C), "int64"),
