@@ -120,6 +120,8 @@ class VisualSpec:
     rope_theta: float = 10000.0
     window: int = 0  # window attention: window side in merged tokens (0 = every block attends per frame)
     fullatt_blocks: tuple[int, ...] = ()  # blocks that attend per frame when window > 0
+    deepstack: int = 0  # DeepStack embeddings the graph also outputs, each chunked like image_embeds (Qwen3-VL)
+    pos_table_side: int = 0  # learned position table of side x side rows, gathered by pos_idx/pos_weight (0: none)
 
     @property
     def merge_unit(self) -> int:
@@ -131,7 +133,16 @@ class VisualSpec:
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return tuple(f"image_embeds_{i}" for i in range(len(self.chunk_widths)))
+        """image_embeds_0 … then, per DeepStack layer j, deepstack_embeds_{j}_0 …: the order of ``output_widths``."""
+        n = len(self.chunk_widths)
+        return tuple(f"image_embeds_{i}" for i in range(n)) + tuple(
+            f"deepstack_embeds_{j}_{i}" for j in range(self.deepstack) for i in range(n))
+
+    @property
+    def output_widths(self) -> tuple[int, ...]:
+        """Widths of every output: the embedding's chunks, then each DeepStack embedding's (the rows a runtime
+        concatenates: [tokens, out_hidden * (1 + deepstack)])."""
+        return tuple(self.chunk_widths) * (1 + self.deepstack)
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -250,33 +261,14 @@ def read_manifest(folder: Path) -> Manifest:
         what = "nested too deeply" if isinstance(exc, RecursionError) else f"not valid JSON ({exc})"
         raise IntegrityError(f"{path} is {what}", fix="recompile the artifact", key=str(path)) from None
     m = Manifest.from_dict(data, str(path))
+    from qvlc.manifest_bounds import bound_problems
+
     if problems := bound_problems(m):
         raise IntegrityError(f"{path}: " + "; ".join(problems), fix="recompile the artifact", key=str(path))
     return m
 
 
 MAX_MANIFEST_BYTES = 64 << 20
-# Numbers a manifest may hold, checked before any of them sizes work (rank paths, buffers, loops).
-BOUNDS = {"tp": 64, "prefill_len": 1 << 20, "max_context": 1 << 20, "hidden": 1 << 17, "layers": 1024,
-          "head_dim": 4096, "kv_heads_per_rank": 1024, "vocab": 1 << 22, "max_patches": 1 << 20, "patch_dim": 1 << 16,
-          "merge_size": 16, "out_hidden": 1 << 17, "window": 1 << 10}
-
-
-def bound_problems(m: "Manifest") -> list[str]:
-    """Each spec number outside 1..its bound (window may be 0), and more than 100000 files or 1024 chunks."""
-    problems = []
-    for section in (m.llm, m.visual):
-        for name, limit in BOUNDS.items():
-            value = getattr(section, name, None)
-            if value is not None and not (0 if name == "window" else 1) <= value <= limit:
-                problems.append(f"{name} is {value}, outside 1..{limit}")
-    if m.visual is not None and not 1 <= len(m.visual.chunk_widths) <= 1024:
-        problems.append(f"{len(m.visual.chunk_widths)} chunk widths")
-    if len(m.files) > 100_000:
-        problems.append(f"{len(m.files)} files listed")
-    return problems
-
-
 def graph_io(path: Path, file: str = "", rank: int = 0) -> GraphRecord:
     """Names, static shapes and dtypes of a graph's inputs and outputs, and its node count (reads no weights).
     A symbolic dimension is recorded as -1 (qvlc graphs have none; the contract check then reports it)."""

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 TINY_SEED = 20241125
 # Bump when the recipe below changes, so cached folders built by an older recipe are not reused.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 6
 # The tiny vision tower's attention is near-uniform at transformers' init (std 0.02): dropping its rotary moved
 # the output by 1.3e-5, below the fp32 tolerance. At std 0.3 for its qkv weights the same bug moves it by 4.5e-2,
 # so a rotary or mask bug in the visual graph fails the compile's own parity check, in fp32 and in fp16.
@@ -81,6 +82,10 @@ def build_random_checkpoint(config: dict, folder: Path, seed: int, dtype: torch.
     with _written_atomically(folder) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         save_tiny_tokenizer_if_matching(config, staging)
+        for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+            own = resources.files(fam.package).joinpath(f"configs/tiny_{name}")
+            if own.is_file():  # a family whose images are cut otherwise (Qwen3-VL: 16-px patches, mean/std 0.5)
+                (staging / name).write_text(own.read_text())
     return folder
 
 

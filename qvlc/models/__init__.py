@@ -19,13 +19,21 @@ if TYPE_CHECKING:
 FAMILIES: dict[str, str] = {
     "qwen2_vl": "qvlc.models.qwen2_vl",
     "qwen2_5_vl": "qvlc.models.qwen2_5_vl",
+    "qwen3_vl": "qvlc.models.qwen3_vl",
 }
+# Families qvlc knows of and does not compile, with the reason (refused by name, not as an unknown model_type).
+REFUSED = {"qwen3_vl_moe": "the Qwen3-VL mixture-of-experts models (30B-A3B, 235B-A22B) are not supported: their "
+                           "decoder routes tokens to experts, which the shared dense decoder graphs do not express"}
 TINY = "tiny"  # the embedded default: the first family's tiny model; "tiny:<model_type>" names another
 DEFAULT_FAMILY = "qwen2_vl"
 
 
 def family(model_type: str) -> "Family":
     """The family of ``model_type``; CheckpointError listing the supported ones when there is none."""
+    if model_type in REFUSED:
+        raise CheckpointError(f"model_type {model_type!r}: {REFUSED[model_type]}",
+                              fix="use a dense checkpoint of a supported family (Qwen3-VL 2B, 4B, 8B)",
+                              key="model.checkpoint")
     if model_type not in FAMILIES:
         known = ", ".join(f"{family(m).display_name} ({m})" for m in FAMILIES)
         raise CheckpointError(f"model_type {model_type!r} is not a family qvlc knows",

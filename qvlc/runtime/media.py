@@ -52,6 +52,11 @@ class Video:
 
     frames: tuple[np.ndarray, ...]  # uint8 [H, W, 3] each
     seconds_per_frame: float  # 1 / the sampling fps
+    timestamps: tuple[float, ...] | None = None  # each sampled frame's time in the clip (None: i · seconds_per_frame)
+
+    def frame_times(self) -> list[float]:
+        return list(self.timestamps) if self.timestamps is not None else \
+            [i * self.seconds_per_frame for i in range(len(self.frames))]
 
     def second_per_grid(self, temporal_patch_size: int) -> float:
         """Seconds covered by one temporal patch (Qwen2.5-VL's ``second_per_grid_ts``: temporal_patch_size / fps)."""
@@ -88,14 +93,22 @@ def load_video(path: Path | str, frames_fps: float = DEFAULT_FPS, temporal_patch
         keep = sample_indices(len(files), frames_fps, temporal_patch_size, fps)
         frames = [np.asarray(load_image(files[i])) for i in keep]
         _check_budget(len(keep), *frames[0].shape[:2])
+        times = tuple(float(i) / frames_fps for i in keep)
     elif p.is_file():
-        frames = _decode(p, lambda total, rate: sample_indices(total, rate, temporal_patch_size, fps))
+        picked: dict = {}
+
+        def pick(total: int, rate: float) -> np.ndarray:
+            picked["keep"], picked["rate"] = sample_indices(total, rate, temporal_patch_size, fps), rate
+            return picked["keep"]
+
+        frames = _decode(p, pick)
+        times = tuple(float(i) / picked["rate"] for i in picked["keep"])
     else:
         raise QvlcError(f"{quoted(str(p), 200)} " + ("does not exist" if not p.exists() else "is not a regular file"),
                         fix="pass a video file or a folder of frames", key="video")
     # transformers' processors report temporal_patch_size / fps seconds per temporal patch whatever the sampling
     # achieved (a short video padded up to min_frames included); the M-RoPE time positions follow that.
-    return Video(tuple(frames), 1.0 / fps)
+    return Video(tuple(frames), 1.0 / fps, times)
 
 
 def _check_budget(frames: int, height: int, width: int) -> None:

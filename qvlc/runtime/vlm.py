@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,78 +20,20 @@ from qvlc.host.preprocess import (
 from qvlc.host.vision import fit_grids
 from qvlc.integrity import checked_artifact
 from qvlc.models import family as family_of
-from qvlc.models import inspect_checkpoint, tiny_family
+from qvlc.models import inspect_checkpoint
 from qvlc.runtime.llm import LlmRuntime, Media
 from qvlc.runtime.media import Video, load_image
+from qvlc.runtime.prompt import (
+    VlmPrompt,
+    VlmResult,
+    resolve_checkpoint,
+    split_deepstack,
+)
 from qvlc.runtime.stream import StreamDecoder
 from qvlc.runtime.template import render_chat
 from qvlc.runtime.visual import VisualRuntime
 
 TokenCallback = Callable[[int, str], None]
-
-
-def resolve_checkpoint(manifest: Manifest, override: Path | str | None = None) -> Path:
-    """The checkpoint folder holding the tokenizer, chat template and config.json of an artifact.
-
-    ``override`` wins; else the manifest's ``config.model.checkpoint`` ("tiny…" → that embedded default with the
-    manifest's seed). QvlcError when the folder is gone (e.g. an artifact compiled on another machine).
-    """
-    if override is not None:
-        name, where = str(override), "--checkpoint"
-    else:
-        name, where = str(manifest.source.checkpoint), "model.checkpoint"
-    tiny = tiny_family(name)
-    if tiny is not None:
-        from qvlc.checkpoint.tiny import TINY_SEED, tiny_checkpoint
-
-        return tiny_checkpoint(seed=manifest.source.tiny_seed or TINY_SEED, family=tiny)
-    folder = Path(name).expanduser()
-    if not folder.is_dir():
-        raise QvlcError(f"checkpoint folder {str(folder)!r} does not exist",
-                        fix="pass --checkpoint FOLDER: a folder with the checkpoint's config.json, tokenizer files "
-                            "and chat template", key=where)
-    return folder
-
-
-@dataclass(frozen=True)
-class VlmPrompt:
-    """A chat prompt ready for the graphs: token ids with the vision pads expanded, and every image's and
-    video's patches in prompt order."""
-
-    text: str  # the chat-templated text, one pad token per image/video (before expansion)
-    input_ids: np.ndarray  # int64 [n], unpadded
-    items: tuple[tuple[str, np.ndarray, np.ndarray], ...]  # ("image"|"video", pixel_values, grid_thw), prompt order
-    second_per_grid_ts: tuple[float, ...]  # per video
-    image_tokens: int  # vision pad tokens in input_ids (images and videos): sum(t*h*w) / merge²
-
-    def grids(self, kind: str) -> np.ndarray:
-        """grid_thw rows [k, 3] of the images or videos, in prompt order."""
-        g = [grid for k, _, grid in self.items if k == kind]
-        return np.stack(g) if g else np.zeros((0, 3), dtype=np.int64)
-
-    def pixels(self, kind: str, patch_dim: int) -> np.ndarray:
-        """Their patches concatenated [sum t*h*w, patch_dim] (what the processors return as pixel_values(_videos))."""
-        p = [px for k, px, _ in self.items if k == kind]
-        return np.concatenate(p) if p else np.zeros((0, patch_dim), dtype=np.float32)
-
-
-@dataclass
-class VlmResult:
-    """What one generation produced, with its timings (seconds, from the call to ``generate``)."""
-
-    tokens: list[int]  # generated ids, the stop token included when it was generated
-    text: str  # detokenized, special tokens skipped
-    prompt_tokens: int
-    image_tokens: int
-    stopped_at_eos: bool
-    time_to_first_token: float  # preprocessing + visual graph + prefill
-    seconds: float
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        """Tokens after the first one per second of decoding (0 when only one token was generated)."""
-        t = self.seconds - self.time_to_first_token
-        return (len(self.tokens) - 1) / t if len(self.tokens) > 1 and t > 0 else 0.0
 
 
 class VlmPipeline:
@@ -154,6 +95,10 @@ class VlmPipeline:
                 f"{self.llm_dir} and {self.visual_dir} were compiled from different checkpoints "
                 f"({llm_m.source.checkpoint!r} vs {vis_m.source.checkpoint!r}: weight hashes differ)",
                 fix="compile both parts from the same model.checkpoint", key="VISUAL_DIR")
+        if self.visual_spec.deepstack != self.spec.deepstack_layers:
+            raise QvlcError(f"the visual artifact outputs {self.visual_spec.deepstack} DeepStack embeddings, the LLM "
+                            f"takes {self.spec.deepstack_layers}", fix="compile both parts from the same "
+                            "model.checkpoint", key="VISUAL_DIR")
         if self.visual_spec.out_hidden != self.spec.hidden:
             raise QvlcError(f"the visual artifact outputs {self.visual_spec.out_hidden}-wide image rows, the LLM "
                             f"embeds {self.spec.hidden}-wide tokens",
@@ -204,14 +149,33 @@ class VlmPipeline:
                             fix="do not write vision pad tokens in the prompt text, and use the checkpoint's own "
                             "chat_template", key="prompt")
         unit, items, expanded = self.visual_spec.merge_unit, [], pieces[0]
+        clips = list(videos)
         for kind, after in zip(kinds, pieces[2::2]):
             pixels, grid = queue[kind].pop(0)
             items.append((kind, pixels, grid))
-            expanded += self.pads[kind] * int(grid.prod() // unit) + after
+            if kind == "video" and self.family.frames_as_grids:
+                expanded, after = self._frame_spans(expanded, after, grid, clips.pop(0))
+            else:
+                expanded += self.pads[kind] * int(grid.prod() // unit)
+            expanded += after
         ids = np.asarray(self.tokenizer(expanded)["input_ids"], dtype=np.int64)  # as the processors call it
         tps = self.preprocess.temporal_patch_size
         return VlmPrompt(text, ids, tuple(items), tuple(v.second_per_grid(tps) for v in videos),
                          sum(int(g.prod()) for _, _, g in items) // unit)
+
+    def _frame_spans(self, before: str, after: str, grid: np.ndarray, video: Video) -> tuple[str, str]:
+        """Qwen3-VL's processor: the template's <vision_start><video_pad><vision_end> becomes, per temporal patch,
+        ``<{t:.1f} seconds>`` + vision_start + its pads + vision_end, t the mean time of the patch's frames."""
+        start, end = (self.tokenizer.convert_ids_to_tokens(t) for t in (self.spec.vision_start, self.spec.vision_end))
+        before = before[:-len(start)] if before.endswith(start) else before
+        after = after[len(end):] if after.startswith(end) else after
+        tps = self.preprocess.temporal_patch_size
+        times = video.frame_times()
+        times += times[-1:] * (-len(times) % tps)
+        per_frame = int(grid[1] * grid[2]) // self.visual_spec.merge_unit
+        spans = "".join(f"<{(times[i] + times[i + tps - 1]) / 2:.1f} seconds>{start}{self.pads['video'] * per_frame}"
+                        f"{end}" for i in range(0, int(grid[0]) * tps, tps))
+        return before + spans, after
 
     # -- graphs -----------------------------------------------------------------------------------------------
     def vision_rows(self, prompt: VlmPrompt) -> dict[str, np.ndarray | None]:
@@ -246,8 +210,9 @@ class VlmPipeline:
             fit_grids(np.asarray(grid)[None], self.visual_spec.max_patches)
 
     def media(self, prompt: VlmPrompt, rows: dict[str, np.ndarray | None]) -> Media:
-        return Media(prompt.grids("image"), rows["image"], prompt.grids("video"), rows["video"],
-                     prompt.second_per_grid_ts)
+        (im, im_deep), (vid, vid_deep) = (split_deepstack(rows[k], self.spec.hidden) for k in ("image", "video"))
+        return Media(prompt.grids("image"), im, prompt.grids("video"), vid, prompt.second_per_grid_ts, im_deep,
+                     vid_deep)
 
     # -- generation -------------------------------------------------------------------------------------------
     def check_new_tokens(self, max_new_tokens: int) -> None:

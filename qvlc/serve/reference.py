@@ -8,7 +8,8 @@ import numpy as np
 
 from qvlc.errors import EnvironmentFailure
 from qvlc.memory import GB, available_bytes, text_params, vision_params
-from qvlc.runtime.vlm import VlmPipeline, VlmPrompt
+from qvlc.runtime.prompt import VlmPrompt
+from qvlc.runtime.vlm import VlmPipeline
 
 HEADROOM = 1.3  # activations, generate's cache and the ONNX sessions beside the fp32 weights
 

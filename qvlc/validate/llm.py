@@ -114,14 +114,14 @@ def vision_rows(plan: Plan, ck: LoadedCheckpoint | None, cases: list[LlmCase]) -
         return cases
     if ck is not None:
         with torch.no_grad():
-            rows = [ck.visual(torch.from_numpy(c.pixel_values), grid_thw=torch.from_numpy(c.media.image_grids))
-                    .numpy() for c in todo]
+            rows = [plan.family.tower_rows(ck.visual(torch.from_numpy(c.pixel_values),
+                                                     grid_thw=torch.from_numpy(c.media.image_grids))) for c in todo]
     else:
         rows = StreamedVisionOracle(plan.family, plan.checkpoint, plan.dims).run(
             [(c.pixel_values, c.media.image_grids) for c in todo])
         gc.collect()
     got = dict(zip((c.name for c in todo), rows))
-    return [with_image_rows(c, got[c.name]) if c.name in got else c for c in cases]
+    return [with_image_rows(c, got[c.name], plan.dims.text.hidden) if c.name in got else c for c in cases]
 
 
 def run_graphs(plan: Plan, folder: Path, cases: list[LlmCase], steps: int, unsplit: LlmRuntime | None,
@@ -168,15 +168,17 @@ def run_graphs(plan: Plan, folder: Path, cases: list[LlmCase], steps: int, unspl
 def llm_cases(plan: Plan, ck: LoadedCheckpoint | None, seed: int = 0) -> list[LlmCase]:
     """The validation prompts, image rows included (from transformers' vision tower)."""
     embed_std = float(lazy_text_model(plan.checkpoint)[0].embed_tokens.weight.narrow(0, 0, 4096).float().std())
-    return vision_rows(plan, ck, build_cases(plan.dims, plan.llm_spec.prefill_len, seed, embed_std))
+    return vision_rows(plan, ck, build_cases(plan.dims, plan.llm_spec.prefill_len, seed, embed_std,
+                                             plan.family.frames_as_grids))
 
 
 def oracle_input(case: LlmCase, continuation: list[int], image_token: int, video_token: int) -> OracleInput:
     """A prompt at its real length, then ``continuation`` (the tokens the graphs fed to their decode steps)."""
     m, ids = case.media, case.ids
     rows = {image_token: m.image_embeds, video_token: m.video_embeds}
+    deep = {image_token: m.image_deepstack, video_token: m.video_deepstack}
     return OracleInput(np.concatenate([ids, continuation]).astype(np.int64), rows, m.images, m.videos,
-                       m.second_per_grid_ts, len(ids), case.name)
+                       m.second_per_grid_ts, len(ids), case.name, deep)
 
 
 def oracle_inputs(runs: list[GraphRun], image_token: int, video_token: int) -> list[OracleInput]:

@@ -8,6 +8,7 @@ import numpy as np
 
 from qvlc.models.common.dims import ModelDims
 from qvlc.runtime.llm import Media
+from qvlc.runtime.prompt import split_deepstack
 
 VIDEO_SECOND_PER_GRID = 2.5  # not a whole number: Qwen2.5-VL truncates it to 2 s before scaling (its positions)
 
@@ -32,15 +33,22 @@ def _grid_for(tokens: int, aspect: float, merge: int, t: int = 1) -> tuple[int, 
     return (t, a * merge, b * merge)
 
 
-def _span(dims: ModelDims, grid: tuple[int, int, int], pad: int) -> list[int]:
+def _span(dims: ModelDims, grid: tuple[int, int, int], pad: int, frames_as_grids: bool = False) -> list[int]:
+    """One vision span; with ``frames_as_grids`` (Qwen3-VL) a video is one span per temporal patch, each after two
+    text tokens standing for its timestamp (the processor writes "<t seconds>" there)."""
     t, h, w = grid
     n = t * h * w // dims.vision.merge_unit
+    if frames_as_grids and pad == dims.tokens.video:
+        stamp = [3, 7]  # plain text ids below every special token
+        return [x for _ in range(t) for x in stamp + [dims.tokens.vision_start] + [pad] * (n // t)
+                + [dims.tokens.vision_end]]
     return [dims.tokens.vision_start] + [pad] * n + [dims.tokens.vision_end]
 
 
-def _prompt(rng, dims: ModelDims, items: list[tuple[tuple[int, int, int], int]], total: int) -> list[int]:
+def _prompt(rng, dims: ModelDims, items: list[tuple[tuple[int, int, int], int]], total: int,
+            frames_as_grids: bool = False) -> list[int]:
     """Text, vision spans (grid, pad token) separated by text, text: exactly ``total`` tokens."""
-    spans = [_span(dims, g, pad) for g, pad in items]
+    spans = [_span(dims, g, pad, frames_as_grids) for g, pad in items]
     text = total - sum(map(len, spans))
     if text < len(items) + 1:
         raise ValueError(f"{total} tokens cannot hold {items}")  # a bug in this file: cases are sized from S
@@ -57,7 +65,8 @@ def _rows(rng, ids: np.ndarray, token: int, hidden: int, std: float) -> np.ndarr
     return (rng.standard_normal((n, hidden)) * std).astype(np.float32) if n else None
 
 
-def build_cases(dims: ModelDims, prefill_len: int, seed: int, embed_std: float) -> list[LlmCase]:
+def build_cases(dims: ModelDims, prefill_len: int, seed: int, embed_std: float,
+                frames_as_grids: bool = False) -> list[LlmCase]:
     """Prompts of different lengths with image and video spans; all but the full one are left-padded to S. The
     image of ``one_image_half`` comes as pixels (its rows from the transformers vision tower, the path users run);
     the other vision rows are random at the embedding table's scale."""
@@ -70,20 +79,30 @@ def build_cases(dims: ModelDims, prefill_len: int, seed: int, embed_std: float) 
     for name, items, total in (("one_image_half", [(g1, tk.image)], S // 2),
                                ("two_images_full", [(g2, tk.image), (g3, tk.image)], S),
                                ("image_and_video", [(g2, tk.image), (video, tk.video)], S * 3 // 4)):
-        ids = np.array(_prompt(rng, dims, items, total))
+        ids = np.array(_prompt(rng, dims, items, total, frames_as_grids))
         images = np.array([g for g, pad in items if pad == tk.image], dtype=np.int64)
         videos = np.array([g for g, pad in items if pad == tk.video], dtype=np.int64).reshape(-1, 3)
+        k = len(dims.vision.deepstack)
         media = Media(images, _rows(rng, ids, tk.image, H, embed_std), videos if len(videos) else None,
                       _rows(rng, ids, tk.video, H, embed_std),
-                      (VIDEO_SECOND_PER_GRID,) * len(videos) if len(videos) else None)
+                      (VIDEO_SECOND_PER_GRID,) * len(videos) if len(videos) else None,
+                      _deep(rng, ids, tk.image, H, embed_std, k), _deep(rng, ids, tk.video, H, embed_std, k))
         pixels = None
         if name == "one_image_half":
             patches = g1[0] * g1[1] * g1[2]
             pixels = rng.uniform(-1.8, 2.1, size=(patches, dims.vision.patch_dim)).astype(np.float32)  # normalized
-            media = replace(media, image_embeds=None)
+            media = replace(media, image_embeds=None, image_deepstack=None)
         cases.append(LlmCase(name, ids, media, pixels))
     return cases
 
 
-def with_image_rows(case: LlmCase, rows: np.ndarray | None) -> LlmCase:
-    return replace(case, media=replace(case.media, image_embeds=rows))
+def _deep(rng, ids: np.ndarray, token: int, hidden: int, std: float, layers: int) -> np.ndarray | None:
+    """Random DeepStack rows [layers, n, H] for a token's n positions (None without DeepStack or positions)."""
+    rows = [_rows(rng, ids, token, hidden, std) for _ in range(layers)]
+    return np.stack(rows) if layers and rows[0] is not None else None
+
+
+def with_image_rows(case: LlmCase, rows: np.ndarray | None, hidden: int) -> LlmCase:
+    """The tower's rows [n, H × (1 + k)] (``Family.tower_rows``): the embedding, then k DeepStack embeddings."""
+    rows, deep = split_deepstack(rows, hidden)
+    return replace(case, media=replace(case.media, image_embeds=rows, image_deepstack=deep))

@@ -14,7 +14,7 @@ returns the logits at the positions that predict each generated token and the KV
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,17 @@ class OracleInput:
     second_per_grid_ts: tuple[float, ...] | None
     prompt_len: int  # n: positions n-1 … T-1 predict the generated tokens
     name: str = ""  # the validation case (named in the fp16 range report)
+    deepstack: dict[int, np.ndarray | None] = field(default_factory=dict)  # pad token → [k, rows, H] (Qwen3-VL)
+
+    def deepstack_after(self, layer: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(positions mask [T], rows [n, H]) to add to the hidden states after decoder layer ``layer``, as
+        transformers' ``_deepstack_process`` adds them (each pad token's rows at its positions, in order)."""
+        return [(self.at(token), rows[layer]) for token, rows in self.deepstack.items()
+                if rows is not None and layer < len(rows)]
+
+    def at(self, token: int) -> np.ndarray:
+        """The prompt's positions of a pad token (a generated token that happens to equal it is text)."""
+        return (self.ids == token) & (np.arange(len(self.ids)) < self.prompt_len)
 
 
 @dataclass
@@ -131,7 +142,7 @@ class StreamedOracle(_Oracle):
             h = table[torch.from_numpy(seq.ids)].clone()
             for token, rows in seq.rows.items():
                 if rows is not None:
-                    h[torch.from_numpy(seq.ids == token)] = torch.from_numpy(rows)
+                    h[torch.from_numpy(seq.at(token))] = torch.from_numpy(rows)
             out.append(h[None])
         del table
         return out
@@ -147,8 +158,11 @@ class StreamedOracle(_Oracle):
                 rec = _Recorder()
                 t = h.shape[1]
                 handles = ranges.hook(layer, f"{LAYERS}.{i}", [(seqs[j].name, 0, 1)], packed=False)
-                hidden[j] = layer(h, attention_mask=causal(t), position_ids=pos[j][0], past_key_values=rec,
-                                  use_cache=True, cache_position=torch.arange(t), position_embeddings=rope[j])[0]
+                out = layer(h, attention_mask=causal(t), position_ids=pos[j][0], past_key_values=rec,
+                            use_cache=True, cache_position=torch.arange(t), position_embeddings=rope[j])
+                hidden[j] = out[0] if isinstance(out, tuple) else out  # Qwen3-VL's layers return the tensor
+                for where, rows in seqs[j].deepstack_after(i):  # DeepStack: after layer i, at the vision rows
+                    hidden[j][0, torch.from_numpy(where)] += torch.from_numpy(rows)
                 remove(handles)
                 kv[j].append(np.stack([x[0].numpy() for x in rec.kv]))
             del layer
@@ -167,6 +181,24 @@ class StreamedOracle(_Oracle):
         return [OracleOutput(lg, np.stack(k), d) for lg, k, (_, d) in zip(logits, kv, pos)]
 
 
+def _deepstack_kwargs(seq: OracleInput) -> dict:
+    """What Qwen3-VL's language model takes to add DeepStack rows (``visual_pos_masks`` and the rows of every
+    vision position in order); nothing for a sequence without them."""
+    layers = [r for r in seq.deepstack.values() if r is not None]
+    if not layers:
+        return {}
+    mask = np.zeros(len(seq.ids), dtype=bool)
+    for token, rows in seq.deepstack.items():
+        if rows is not None:
+            mask |= seq.at(token)
+    dense = np.zeros((len(layers[0]), len(seq.ids), layers[0].shape[-1]), np.float32)
+    for token, rows in seq.deepstack.items():
+        if rows is not None:
+            dense[:, seq.at(token)] = rows
+    return {"visual_pos_masks": torch.from_numpy(mask)[None],
+            "deepstack_visual_embeds": [torch.from_numpy(d[mask]) for d in dense]}
+
+
 class InMemoryOracle(_Oracle):
     """The whole transformers model (already loaded), on each sequence in turn: for small models, and as the
     reference the streamed oracle is tested against."""
@@ -182,17 +214,23 @@ class InMemoryOracle(_Oracle):
             h = embed(torch.from_numpy(seq.ids)[None]).clone()
             for token, rows in seq.rows.items():
                 if rows is not None:
-                    h[0, torch.from_numpy(seq.ids == token)] = torch.from_numpy(rows)
+                    h[0, torch.from_numpy(seq.at(token))] = torch.from_numpy(rows)
             handles = [hd for i, layer in enumerate(self.model.model.language_model.layers)
                        for hd in ranges.hook(layer, f"{LAYERS}.{i}", [(seq.name, 0, 1)], packed=False)]
             n = seq.prompt_len
             handles.append(self.model.lm_head.register_forward_hook(lambda m, i, o, name=seq.name, n=n: ranges.observe(
                 "lm_head", LINEAR_IN, i[0][0, n - 1:], [(name, 0, 1)], whole=True)))
-            res = self.model(inputs_embeds=h, position_ids=pos, use_cache=True)  # 4.57: no logits_to_keep here
+            deep = _deepstack_kwargs(seq)
+            if deep:  # transformers' top model takes DeepStack rows only with pixels: its language model, then lm_head
+                res = self.model.model.language_model(inputs_embeds=h, position_ids=pos, use_cache=True, **deep)
+                logits = self.model.lm_head(res.last_hidden_state)
+            else:
+                res = self.model(inputs_embeds=h, position_ids=pos, use_cache=True)  # 4.57: no logits_to_keep
+                logits = res.logits
             remove(handles)
-            ranges.observe("lm_head", LINEAR, res.logits[0, seq.prompt_len - 1:], [(seq.name, 0, 1)], whole=True)
+            ranges.observe("lm_head", LINEAR, logits[0, n - 1:], [(seq.name, 0, 1)], whole=True)
             cache = res.past_key_values
             kv = np.stack([np.stack([cache.layers[i].keys[0].numpy(), cache.layers[i].values[0].numpy()])
                            for i in range(self.dims.text.layers)])
-            out.append(OracleOutput(res.logits[0, seq.prompt_len - 1:].numpy(), kv, delta))
+            out.append(OracleOutput(logits[0, n - 1:].numpy(), kv, delta))
         return out

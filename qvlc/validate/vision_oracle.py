@@ -73,7 +73,7 @@ class StreamedVisionOracle:
         tower.rotary_pos_emb = type(tower.rotary_pos_emb)(dims.vision.head_dim // 2)  # its inv_freq, computed
         tower.blocks = nn.ModuleList(_StreamedBlock(block_cls, config, tree.blocks[i], i)
                                     for i in range(dims.vision.depth))
-        self.tower, self.merge_unit = tower, dims.vision.merge_unit
+        self.tower, self.merge_unit, self.family = tower, dims.vision.merge_unit, family
 
     @torch.no_grad()
     def run(self, cases: list[tuple[np.ndarray, np.ndarray]], names: list[str] | None = None,
@@ -90,7 +90,7 @@ class StreamedVisionOracle:
             block.ranges = (ranges, segments)
         try:
             with ranges.recording():
-                out = self.tower(pixels, grid_thw=grids).numpy()
+                out = self.family.tower_rows(self.tower(pixels, grid_thw=grids))
         finally:
             remove(handles)
         sizes = [len(p) // self.merge_unit for p, _ in cases]

@@ -132,12 +132,14 @@ def pack_runs(cases: list[VisualCase], n: int) -> list[list[VisualCase]]:
 
 
 @torch.no_grad()
-def oracle(ck: LoadedCheckpoint, case: VisualCase, ranges: RangeRecorder, merge_unit: int) -> np.ndarray:
-    """transformers' vision tower in fp32 on the unpadded patches: [patches / merge_unit, out_hidden]."""
+def oracle(ck: LoadedCheckpoint, case: VisualCase, ranges: RangeRecorder, merge_unit: int, family) -> np.ndarray:
+    """transformers' vision tower in fp32 on the unpadded patches: [patches / merge_unit, out_hidden × (1 +
+    DeepStack layers)]."""
     handles = hook_tower(ck.visual, ranges, [(case.name, 0, case.patches)], merge_unit)
     try:
         with ranges.recording():
-            return ck.visual(torch.from_numpy(case.pixel_values), grid_thw=torch.from_numpy(case.grids)).numpy()
+            return family.tower_rows(ck.visual(torch.from_numpy(case.pixel_values),
+                                               grid_thw=torch.from_numpy(case.grids)))
     finally:
         remove(handles)
 
@@ -154,7 +156,7 @@ def reference_embeddings(plan: Plan, ck: LoadedCheckpoint | None, cases: list[Vi
     """transformers' tower on every case: the loaded one (``ck``), or streamed — over every case at once, one
     block's weights at a time — recording the fp16 ranges either way."""
     if ck is not None:
-        return {c.name: oracle(ck, c, ranges, plan.visual_spec.merge_unit) for c in cases}
+        return {c.name: oracle(ck, c, ranges, plan.visual_spec.merge_unit, plan.family) for c in cases}
     streamed = StreamedVisionOracle(plan.family, plan.checkpoint, plan.dims, plan.visual_quant)
     names = [c.name for c in cases]
     return dict(zip(names, streamed.run([(c.pixel_values, c.grids) for c in cases], names, ranges)))
@@ -168,7 +170,7 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
     if not check_interface(report, graph, path, sig):
         report.notes.append("value checks skipped: the graph interface does not match the contract")
         return
-    offsets = np.cumsum([0, *spec.chunk_widths])
+    offsets = np.cumsum([0, *spec.output_widths])
     cases = build_cases(spec, PreprocessConfig.from_json((stage / PREPROCESS).read_text()), seed)
     ranges = RangeRecorder(attn_name="attn")
     refs = reference_embeddings(plan, ck, cases, ranges)

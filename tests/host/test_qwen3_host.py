@@ -66,7 +66,9 @@ def _image_positions() -> np.ndarray:
 @pytest.mark.parametrize("section", [[2, 3, 3], [3, 3, 2]])
 def test_interleaved_mrope_against_transformers(section):
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+        Qwen3VLTextRotaryEmbedding,
+    )
 
     cfg = Qwen3VLTextConfig(hidden_size=64, num_attention_heads=4, head_dim=16, rope_theta=5e6,
                             rope_scaling={"rope_type": "default", "mrope_section": section, "mrope_interleaved": True})

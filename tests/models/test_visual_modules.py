@@ -65,7 +65,8 @@ def test_family_matches_transformers_fp32(family_ck, case):
     ref = reference(ck, pixels, grids)
     out = run_family(fam, ck, pixels, grids, n=128)
     assert ref.abs().max() > 0.1  # random biases/norms: a wiring bug would move these numbers
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    scale = max(1.0, float(ref.abs().max()))  # Qwen3-VL's rows (and its DeepStack rows) run larger
+    torch.testing.assert_close(out, ref, atol=1e-6 * scale, rtol=1e-5)
 
 
 @pytest.mark.parametrize("block", [16, 48])
@@ -78,7 +79,8 @@ def test_attention_in_blocks_of_query_rows_is_the_same_attention(family_ck, bloc
     whole = run_family(fam, ck, pixels, grids, n=128)
     blocked = run_family(fam, ck, pixels, grids, n=128, attention_block=block)
     torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(blocked, reference(ck, pixels, grids), atol=1e-6, rtol=1e-5)
+    ref = reference(ck, pixels, grids)
+    torch.testing.assert_close(blocked, ref, atol=1e-6 * max(1.0, float(ref.abs().max())), rtol=1e-5)
 
 
 def test_family_fp16_close_to_transformers(family_ck):
@@ -137,7 +139,8 @@ def run_graph(module: VisualGraph, ck, pixels: torch.Tensor, grids, n: int, mask
 
 @torch.no_grad()
 def reference(ck, pixels, grids) -> torch.Tensor:
-    return ck.visual(pixels, grid_thw=torch.tensor(grids))
+    """transformers' tower: its embedding, then any DeepStack embeddings (``Family.tower_rows``)."""
+    return torch.from_numpy(family_of(ck.dims.family).tower_rows(ck.visual(pixels, grid_thw=torch.tensor(grids))))
 
 
 def test_chunk_widths():
@@ -188,7 +191,7 @@ def test_rotary_matters_with_sharp_attention(ck):
     grids = GRIDS["image_and_video"]
     pixels = patches(grids, v.patch_dim)
     module = VisualGraph(sharp, v, 640, torch.float32)
-    ref = reference(SimpleNamespace(visual=sharp), pixels, grids).numpy()
+    ref = reference(SimpleNamespace(visual=sharp, dims=ck.dims), pixels, grids).numpy()
     n = 64
     cos, sin = vision_cos_sin(grids, v.head_dim, v.merge_size, n)
     mask = torch.from_numpy(vision_attention_mask(grids, n))

@@ -43,10 +43,10 @@ def generate_reference(p: VlmPipeline, images, videos) -> list[int]:
     model = load_checkpoint(p.checkpoint).model
     kw = {}
     if len(prepared.grids("image")):
-        kw.update(pixel_values=torch.from_numpy(prepared.pixels("image", 1176)),
+        kw.update(pixel_values=torch.from_numpy(prepared.pixels("image", p.visual_spec.patch_dim)),
                   image_grid_thw=torch.from_numpy(prepared.grids("image")))
     if len(prepared.grids("video")):
-        kw.update(pixel_values_videos=torch.from_numpy(prepared.pixels("video", 1176)),
+        kw.update(pixel_values_videos=torch.from_numpy(prepared.pixels("video", p.visual_spec.patch_dim)),
                   video_grid_thw=torch.from_numpy(prepared.grids("video")),
                   **p.family.oracle_video_kwargs(prepared.second_per_grid_ts))
     ids = torch.from_numpy(prepared.input_ids)[None]
@@ -74,7 +74,8 @@ def test_fp32_tokens_equal_generate(pipe, case):
 def test_tiny_video_bounds_come_from_the_checkpoint(pipe):
     """The tiny checkpoints ship a video_preprocessor_config.json (4..16 merged tokens per frame); preprocess.json
     carries its bounds, and the video grids honour them."""
-    assert (pipe.preprocess.video_min_pixels, pipe.preprocess.video_max_pixels) == (4 * 784, 16 * 784)
+    unit = (pipe.preprocess.patch_size * pipe.preprocess.merge_size) ** 2  # one merged token's pixels
+    assert (pipe.preprocess.video_min_pixels, pipe.preprocess.video_max_pixels) == (4 * unit, 16 * unit)
     grid = pipe.prepare([], PROMPT, [Video(tuple(frames(2, 500, 700)), 0.5)]).grids("video")[0]
     assert 4 <= grid[1] * grid[2] // 4 <= 16
 
@@ -141,7 +142,7 @@ def test_file_and_frames_folder(tmp_path):
 def test_cli_run_with_video_folder(pipe, tmp_path):
     folder = tmp_path / "frames"
     folder.mkdir()
-    for i, f in enumerate(frames(4, 28, 28)):
+    for i, f in enumerate(frames(4, 32, 32)):  # one merged patch of every family (Qwen3-VL: 32 px)
         Image.fromarray(f).save(folder / f"{i:03d}.png")
     res = CliRunner().invoke(app, ["run", str(pipe.llm_dir), str(pipe.visual_dir), "--video", str(folder),
                                    "--prompt", PROMPT, "--max-new-tokens", "3"])

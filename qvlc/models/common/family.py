@@ -49,6 +49,7 @@ class Family:
     # token strings that end a chat turn besides the config's eos (Instruct generation configs list both)
     stop_tokens: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")
     vision_wrap_tokens = 2  # tokens around each image span in a prompt: vision_start + vision_end
+    frames_as_grids = False  # Qwen3-VL: each temporal patch of a video is a vision span (and M-RoPE grid) of its own
     tiny_seed = 20241125
 
     # -- config.json ----------------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ class Family:
         v = dims.vision
         return VisualSpec(max_patches, v.patch_dim, v.head_dim, v.merge_size, v.out_hidden,
                           tuple(chunk_widths(v.out_hidden, chunk_width)), Precision(dtype), 10000.0, v.window,
-                          tuple(v.fullatt_blocks) if v.window else ())
+                          tuple(v.fullatt_blocks) if v.window else (), len(v.deepstack), v.pos_table_side)
 
     # -- host side --------------------------------------------------------------------------------------------
     def rope_index(self, input_ids: np.ndarray, tokens: TokenIds, merge_size: int, tokens_per_second: int = 0,
@@ -135,6 +136,15 @@ class Family:
 
     def vision_feeds(self, spec: VisualSpec, pixel_values: np.ndarray, grids: np.ndarray) -> VisionFeeds:
         raise NotImplementedError
+
+    def tower_rows(self, out: Any) -> np.ndarray:
+        """transformers' vision tower output as one array [rows, out_hidden * (1 + DeepStack layers)]: the
+        embedding, then each DeepStack embedding (Qwen3-VL's tower returns them as a tuple)."""
+        import torch
+
+        if isinstance(out, (tuple, list)):
+            return torch.cat([out[0], *out[1]], dim=-1).numpy()
+        return out.numpy()
 
 
 def chunk_widths(out_hidden: int, chunk_width: int) -> list[int]:

@@ -80,4 +80,5 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: F.gelu(x), "silu": F.silu}
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: F.gelu(x), "silu": F.silu,
+               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}

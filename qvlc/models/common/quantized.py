@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from qvlc.weights.quant import DequantizedTensor, QuantWeight, WeightQuant
 
+# 2-D weights of a vision tower that are no Linear: the patch embedding (a convolution), a learned position table
+NOT_LINEAR = ("patch_embed.", "pos_embed.")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 
@@ -59,7 +61,7 @@ def quantized_vision(tree, quant: WeightQuant) -> dict[str, "DequantizedTensor"]
             name = f"{prefix}{key}"
             if hasattr(child, "_children"):
                 walk(child, name + ".")
-            elif key == "weight" and len(child.shape) == 2 and not name.startswith("patch_embed."):
+            elif key == "weight" and len(child.shape) == 2 and not name.startswith(NOT_LINEAR):
                 node._children[key] = out[name] = DequantizedTensor(child, quant)
 
     walk(tree, "")

@@ -110,5 +110,7 @@ def visual_signature(spec: VisualSpec, masks: tuple[str, ...] = ("attention_mask
     inputs = (TensorSig("pixel_values", (n, spec.patch_dim), dt),
               *(TensorSig(m, (1, n, n), "bool") for m in masks),
               TensorSig("cos", (n, spec.head_dim), dt), TensorSig("sin", (n, spec.head_dim), dt))
-    outputs = tuple(TensorSig(name, (spec.tokens, w), dt) for name, w in zip(spec.output_names, spec.chunk_widths))
+    if spec.pos_table_side:  # the learned position table's rows and weights per patch (Qwen3-VL)
+        inputs += (TensorSig("pos_idx", (4, n), "int64"), TensorSig("pos_weight", (4, n), dt))
+    outputs = tuple(TensorSig(name, (spec.tokens, w), dt) for name, w in zip(spec.output_names, spec.output_widths))
     return GraphSig(inputs, outputs)

@@ -26,7 +26,7 @@ def parse_dims(cfg: dict[str, Any], source: str, model_type: str, display: str,
         section = tuple(int(x) for x in rope["mrope_section"])
         heads = int(text["num_attention_heads"])
         hidden = int(text["hidden_size"])
-        head_dim = hidden // heads
+        head_dim = int(text.get("head_dim") or hidden // heads)  # Qwen3-VL states it (not always hidden / heads)
         dims = ModelDims(
             family=model_type,
             text=TextDims(
@@ -42,11 +42,12 @@ def parse_dims(cfg: dict[str, Any], source: str, model_type: str, display: str,
                 rms_eps=float(text.get("rms_norm_eps", 1e-6)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
                 max_positions=int(text.get("max_position_embeddings", 32768)),
+                mrope_interleaved=bool(rope.get("mrope_interleaved", False)),
             ),
             vision=vision(cfg["vision_config"], hidden),
             tokens=TokenIds(
                 bos=cfg.get("bos_token_id"),
-                eos=cfg.get("eos_token_id"),
+                eos=cfg.get("eos_token_id", text.get("eos_token_id")),  # Qwen3-VL: in text_config only
                 vision_start=int(cfg["vision_start_token_id"]),
                 vision_end=int(cfg["vision_end_token_id"]),
                 image=int(cfg["image_token_id"]),

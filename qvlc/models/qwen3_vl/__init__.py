@@ -1,0 +1,77 @@
+"""Qwen3-VL (2B, 4B, 8B): the shared decoder module with q/k norms, an explicit head_dim, interleaved M-RoPE and
+DeepStack rows added after the first decoder layers (``models/common/text.py``); a vision tower with 16-px patches,
+a learned position table interpolated on the host and DeepStack mergers (``visual.py``). Each temporal patch of a
+video is its own grid in M-RoPE (time is carried by text timestamps)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from qvlc.contract import GraphSig, VisualSpec
+from qvlc.models.common.dims import ModelDims, TokenIds
+from qvlc.models.common.family import Family, VisionFeeds
+
+
+class Qwen3VL(Family):
+    model_type = "qwen3_vl"
+    display_name = "Qwen3-VL"
+    package = "qvlc.models.qwen3_vl"
+    hf_classes = {
+        "config": "transformers.Qwen3VLConfig",
+        "model": "transformers.Qwen3VLForConditionalGeneration",
+        "vision": "transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLVisionModel",
+    }
+    frames_as_grids = True  # a video's temporal patches are separate vision spans (and M-RoPE grids)
+
+    def dims(self, config: dict[str, Any], source: str = "config.json") -> ModelDims:
+        from qvlc.models.qwen2_vl.dims import parse_dims
+        from qvlc.models.qwen3_vl.dims import qwen3_vl_vision
+
+        return parse_dims(config, source, self.model_type, self.display_name, qwen3_vl_vision)
+
+    def visual_graph(self, hf_visual: Any, dims: ModelDims, chunk_width: int, dtype: Any,
+                     attention_block: int = 0, islands: Any = None) -> Any:
+        from qvlc.models.qwen3_vl.visual import VisualGraph
+
+        return VisualGraph(hf_visual, dims.vision, chunk_width, dtype, attention_block, islands)
+
+    def visual_signature(self, spec: VisualSpec) -> GraphSig:
+        from qvlc.models.common.vision import visual_signature
+
+        return visual_signature(spec)
+
+    def vision_feeds(self, spec: VisualSpec, pixel_values: np.ndarray, grids: np.ndarray) -> VisionFeeds:
+        from qvlc.host.pos_table import pos_table_feeds
+        from qvlc.host.vision import (
+            padded_patches,
+            vision_attention_mask,
+            vision_cos_sin,
+        )
+
+        dt = spec.dtype.numpy
+        cos, sin = vision_cos_sin(grids, spec.head_dim, spec.merge_size, spec.max_patches, spec.rope_theta, dt)
+        idx, wts = pos_table_feeds(grids, spec.pos_table_side, spec.merge_size, spec.max_patches)
+        feeds = {"pixel_values": padded_patches(pixel_values, grids, spec.max_patches, spec.patch_dim, dt),
+                 "attention_mask": vision_attention_mask(grids, spec.max_patches), "cos": cos, "sin": sin,
+                 "pos_idx": idx, "pos_weight": wts.astype(dt)}
+        return VisionFeeds(feeds, int(np.asarray(grids).prod(axis=1).sum()) // spec.merge_unit)
+
+    def rope_index(self, input_ids: np.ndarray, tokens: TokenIds, merge_size: int, tokens_per_second: int = 0,
+                   image_grid_thw: Any = None, video_grid_thw: Any = None,
+                   second_per_grid_ts: Sequence[float] | None = None,
+                   attention_mask: Any = None) -> tuple[np.ndarray, int]:
+        """transformers 4.57.6 ``Qwen3VLModel.get_rope_index``: every temporal patch of a video is a grid of its
+        own (t = 1), so time advances only through the text between them."""
+        from qvlc.host.rope import get_rope_index
+
+        videos = None
+        if video_grid_thw is not None and len(np.asarray(video_grid_thw)):
+            v = np.asarray(video_grid_thw, dtype=np.int64).reshape(-1, 3)
+            videos = np.repeat(v, v[:, 0], axis=0)
+            videos[:, 0] = 1
+        return get_rope_index(input_ids, tokens, merge_size, image_grid_thw, videos, attention_mask)
+
+
+FAMILY = Qwen3VL()
