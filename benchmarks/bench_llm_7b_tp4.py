@@ -32,15 +32,20 @@ from _common import (
 )
 
 
-def ensure_7b(workdir: Path, seed: int) -> Path:
-    from qvlc.checkpoint.tiny import shipped_config, write_random_checkpoint_streaming
+MODELS = {"qwen2_vl_7b": "qwen2_vl", "qwen3_vl_8b": "qwen3_vl"}  # shipped config → its family
 
-    folder = workdir / "qwen2_vl_7b_random"
+
+def ensure_7b(workdir: Path, seed: int, model: str = "qwen2_vl_7b") -> Path:
+    from qvlc.checkpoint.tiny import write_random_checkpoint_streaming
+    from qvlc.models import family
+
+    folder = workdir / f"{model}_random"
     if (folder / "config.json").is_file():
         print(f"checkpoint: reusing {folder}")
         return folder
     t0 = time.perf_counter()
-    write_random_checkpoint_streaming(shipped_config("qwen2_vl_7b"), folder, seed)
+    fam = family(MODELS[model])
+    write_random_checkpoint_streaming(fam.shipped_config(model), folder, seed, family=fam)
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     print(f"checkpoint: wrote {folder} ({size / 1e9:.1f} GB) in {time.perf_counter() - t0:.1f} s, "
           f"peak RSS {rss_gb(resource.RUSAGE_SELF):.2f} GB")
@@ -50,6 +55,7 @@ def ensure_7b(workdir: Path, seed: int) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("bench_out"))
+    ap.add_argument("--model", choices=sorted(MODELS), default="qwen2_vl_7b")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--max-context", type=int, default=4096)
@@ -61,10 +67,10 @@ def main() -> int:
     from qvlc.config import config_from_dict
     from qvlc.pipeline import compile_artifact
 
-    checkpoint = ensure_7b(args.workdir, args.seed)
+    checkpoint = ensure_7b(args.workdir, args.seed, args.model)
     validate = not args.no_validate
     quant, weights = weights_export(args)
-    name = f"bench_llm_7b_{args.prefill_len}_{args.max_context}_tp4_fp16{quant}_w{args.workers}"
+    name = f"bench_llm_{args.model}_{args.prefill_len}_{args.max_context}_tp4_fp16{quant}_w{args.workers}"
     out = args.workdir / ARTIFACTS
     shutil.rmtree(out / name, ignore_errors=True)
     cfg = config_from_dict({
@@ -78,7 +84,7 @@ def main() -> int:
     result = compile_artifact(cfg, force=True, progress=PrintProgress())
     wall = time.perf_counter() - t0
     m = json.loads((result.folder / "manifest.json").read_text())
-    print("\n== qwen2-vl-7b LLM part, tp = 4 (random weights, real shapes; 28 heads, 4 kv heads) ==")
+    print(f"\n== {args.model} LLM part, tp = 4 (random weights, real shapes) ==")
     print(f"config: S={args.prefill_len} C={args.max_context} fp16 workers={args.workers} validate={validate}")
     for stage, seconds in result.timings.items():
         print(f"  {stage:<20} {seconds:8.1f} s")

@@ -21,7 +21,7 @@ from pathlib import Path
 from _common import ARTIFACTS, PrintProgress, ensure_checkpoint, rss_gb
 
 FAMILY_OF = {"qwen2_vl_2b": "qwen2_vl", "qwen2_vl_7b": "qwen2_vl", "qwen2_5_vl_3b": "qwen2_5_vl",
-             "qwen2_5_vl_7b": "qwen2_5_vl"}
+             "qwen2_5_vl_7b": "qwen2_5_vl", "qwen3_vl_2b": "qwen3_vl", "qwen3_vl_8b": "qwen3_vl"}
 
 
 def ensure_vision_checkpoint(workdir: Path, model: str, seed: int) -> Path:

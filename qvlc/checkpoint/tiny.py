@@ -120,11 +120,12 @@ def tiny_checkpoint(overrides: dict | None = None, seed: int = TINY_SEED, family
         else:
             config[key] = value
     key = hashlib.sha256(
-        json.dumps([config, seed, RECIPE_VERSION, transformers.__version__], sort_keys=True).encode()
+        json.dumps([config, seed, RECIPE_VERSION, transformers.__version__, fam.tiny_std], sort_keys=True).encode()
     ).hexdigest()[:16]
     folder = cache_root() / f"tiny-{key}"
     if not (folder / "config.json").is_file():
-        build_random_checkpoint(config, folder, seed, vision_qkv_std=TINY_VISION_QKV_STD, family=fam)
+        build_random_checkpoint(config, folder, seed, std=fam.tiny_std, vision_qkv_std=TINY_VISION_QKV_STD,
+                                family=fam)
     return folder
 
 

@@ -51,6 +51,7 @@ class Family:
     vision_wrap_tokens = 2  # tokens around each image span in a prompt: vision_start + vision_end
     frames_as_grids = False  # Qwen3-VL: each temporal patch of a video is a vision span (and M-RoPE grid) of its own
     tiny_seed = 20241125
+    tiny_std: float | None = None  # std of the tiny default's weights (None: transformers' init)
 
     # -- config.json ----------------------------------------------------------------------------------------
     def dims(self, config: dict[str, Any], source: str = "config.json") -> ModelDims:
