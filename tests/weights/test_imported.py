@@ -55,9 +55,10 @@ def _pack(values: np.ndarray, bits: int, axis: int, order=None) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(words, -1, axis)).view(np.int32)  # safetensors saves the buffer as is
 
 
-def write_quantized(dst, method: str, bits: int, group: int, sym: bool, desc_act: bool = False):
-    """The tiny checkpoint with every decoder Linear replaced by its packed form; returns the integers used."""
-    src = tiny_checkpoint()
+def write_quantized(dst, method: str, bits: int, group: int, sym: bool, desc_act: bool = False, family=None):
+    """The tiny checkpoint (of ``family``: default Qwen2-VL) with every decoder Linear replaced by its packed form;
+    returns the integers used."""
+    src = tiny_checkpoint(family=family)
     shutil.copytree(src, dst)
     files = sorted(p.name for p in dst.glob("*.safetensors"))
     rng = np.random.default_rng(1)
@@ -164,3 +165,13 @@ def test_an_opset_left_unset_is_the_lowest_that_expresses_the_checkpoint(tmp_pat
     assert check(config_from_dict(raw)).cfg.export.opset == opset
     with pytest.raises(ConfigError, match="opset"):
         check(config_from_dict({**raw, "export": {"opset": 18}}))
+
+
+def test_qwen3_vl_imports_gptq_at_tp2(tmp_path):
+    """Qwen3-VL's decoder (no q/k/v biases, q/k norms) from a GPTQ checkpoint: its integers, exact at tp = 2."""
+    from qvlc.models import family
+
+    write_quantized(tmp_path / "ck", "gptq", 4, 32, True, family=family("qwen3_vl"))
+    r = _compile(tmp_path, tmp_path / "ck", "q3gptq", tp=2)
+    assert r.report.passed, r.report.failures
+    assert "imported" in r.report.quantization["method"]
