@@ -90,7 +90,7 @@ def test_family_fp16_close_to_transformers(family_ck):
     ref = reference(ck, pixels, grids)
     out = run_family(fam, ck, pixels, grids, n=128, dtype=torch.float16, chunk=640)
     assert torch.nn.functional.cosine_similarity(out.ravel(), ref.ravel(), dim=0) > 0.9999
-    torch.testing.assert_close(out, ref, atol=3e-3, rtol=1e-2)
+    torch.testing.assert_close(out, ref, atol=3e-3 * max(1.0, float(ref.abs().max())), rtol=1e-2)
 
 
 @pytest.mark.parametrize("wrong", ["window_as_full", "full_as_window", "no_reorder"])
