@@ -67,6 +67,35 @@ class VisionBlockBase(nn.Module):
         return h + self.mlp(self.norm2(h).to(self.mlp_dtype)).to(h.dtype)
 
 
+class VisionMlp(nn.Module):
+    """A plain vision MLP: first Linear → the config's activation → second Linear, under the tower's own names
+    (Qwen2-VL ``fc1``/``fc2``, Qwen3-VL ``linear_fc1``/``linear_fc2``: the graph's initializers keep them)."""
+
+    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype, names: tuple[str, str]) -> None:
+        super().__init__()
+        self.names = names
+        for name in names:
+            setattr(self, name, Linear.of(getattr(hf, name), dtype))
+        self.act = activation(vision)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = (getattr(self, n) for n in self.names)
+        return second(self.act(first(x)))
+
+
+class VisionBlock(VisionBlockBase):
+    """A LayerNorm block with a plain MLP (Qwen2-VL, Qwen3-VL); ``mlp_names`` are the MLP's Linears."""
+
+    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype, attention_block: int = 0,
+                 index: int = 0, islands: Islands | None = None, mlp_names: tuple[str, str] = ("fc1", "fc2")) -> None:
+        super().__init__()
+        self._dtypes(index, islands, dtype)
+        self.norm1 = LayerNorm(hf.norm1)
+        self.attn = VisionAttention(hf.attn, vision, self.attn_dtype, attention_block)
+        self.norm2 = LayerNorm(hf.norm2)
+        self.mlp = VisionMlp(hf.mlp, vision, self.mlp_dtype, mlp_names)
+
+
 def edge_dtypes(islands: Islands | None, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
     """(patch_embed, merger) compute dtypes under ``islands``."""
     islands = islands or Islands()

@@ -23,37 +23,7 @@ from torch import nn
 from qvlc.models.common.dims import VisionDims
 from qvlc.models.common.family import chunk_widths
 from qvlc.models.common.islands import Islands
-from qvlc.models.common.layers import LayerNorm, Linear
-from qvlc.models.common.vision import (
-    PatchMerger,
-    VisionAttention,
-    VisionBlockBase,
-    activation,
-    edge_dtypes,
-    patch_embed,
-)
-
-
-class VisionMlp(nn.Module):
-    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.fc1 = Linear.of(hf.fc1, dtype)
-        self.fc2 = Linear.of(hf.fc2, dtype)
-        self.act = activation(vision)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class VisionBlock(VisionBlockBase):
-    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype, attention_block: int = 0,
-                 index: int = 0, islands: Islands | None = None) -> None:
-        super().__init__()
-        self._dtypes(index, islands, dtype)
-        self.norm1 = LayerNorm(hf.norm1)
-        self.attn = VisionAttention(hf.attn, vision, self.attn_dtype, attention_block)
-        self.norm2 = LayerNorm(hf.norm2)
-        self.mlp = VisionMlp(hf.mlp, vision, self.mlp_dtype)
+from qvlc.models.common.vision import PatchMerger, VisionBlock, edge_dtypes, patch_embed
 
 
 class VisualGraph(nn.Module):

@@ -9,12 +9,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from qvlc.contract import GraphSig, VisualSpec
+from qvlc.contract import VisualSpec
 from qvlc.models.common.dims import ModelDims, TokenIds
-from qvlc.models.common.family import Family, VisionFeeds
+from qvlc.models.common.family import VisionFeeds
+from qvlc.models.qwen2_vl import Qwen2VL
 
 
-class Qwen3VL(Family):
+class Qwen3VL(Qwen2VL):
+    """Qwen2-VL's visual signature and vision feeds, plus the position table's; the rest its own."""
+
     model_type = "qwen3_vl"
     display_name = "Qwen3-VL"
     package = "qvlc.models.qwen3_vl"
@@ -40,26 +43,13 @@ class Qwen3VL(Family):
 
         return VisualGraph(hf_visual, dims.vision, chunk_width, dtype, attention_block, islands)
 
-    def visual_signature(self, spec: VisualSpec) -> GraphSig:
-        from qvlc.models.common.vision import visual_signature
-
-        return visual_signature(spec)
-
     def vision_feeds(self, spec: VisualSpec, pixel_values: np.ndarray, grids: np.ndarray) -> VisionFeeds:
+        """Qwen2-VL's feeds (patches, per-frame mask, 2D rotary), and the position table's rows and weights."""
         from qvlc.host.pos_table import pos_table_feeds
-        from qvlc.host.vision import (
-            padded_patches,
-            vision_attention_mask,
-            vision_cos_sin,
-        )
 
-        dt = spec.dtype.numpy
-        cos, sin = vision_cos_sin(grids, spec.head_dim, spec.merge_size, spec.max_patches, spec.rope_theta, dt)
+        base = super().vision_feeds(spec, pixel_values, grids)
         idx, wts = pos_table_feeds(grids, spec.pos_table_side, spec.merge_size, spec.max_patches)
-        feeds = {"pixel_values": padded_patches(pixel_values, grids, spec.max_patches, spec.patch_dim, dt),
-                 "attention_mask": vision_attention_mask(grids, spec.max_patches), "cos": cos, "sin": sin,
-                 "pos_idx": idx, "pos_weight": wts.astype(dt)}
-        return VisionFeeds(feeds, int(np.asarray(grids).prod(axis=1).sum()) // spec.merge_unit)
+        return VisionFeeds({**base.feeds, "pos_idx": idx, "pos_weight": wts.astype(spec.dtype.numpy)}, base.tokens)
 
     def rope_index(self, input_ids: np.ndarray, tokens: TokenIds, merge_size: int, tokens_per_second: int = 0,
                    image_grid_thw: Any = None, video_grid_thw: Any = None,

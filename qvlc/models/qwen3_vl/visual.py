@@ -22,34 +22,7 @@ from qvlc.models.common.dims import VisionDims
 from qvlc.models.common.family import chunk_widths
 from qvlc.models.common.islands import Islands
 from qvlc.models.common.layers import LayerNorm, Linear, param
-from qvlc.models.common.vision import (
-    VisionAttention,
-    VisionBlockBase,
-    activation,
-    edge_dtypes,
-)
-
-
-class VisionMlp(nn.Module):
-    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.linear_fc1 = Linear.of(hf.linear_fc1, dtype)
-        self.linear_fc2 = Linear.of(hf.linear_fc2, dtype)
-        self.act = activation(vision)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(self.act(self.linear_fc1(x)))
-
-
-class VisionBlock(VisionBlockBase):
-    def __init__(self, hf: nn.Module, vision: VisionDims, dtype: torch.dtype, attention_block: int = 0,
-                 index: int = 0, islands: Islands | None = None) -> None:
-        super().__init__()
-        self._dtypes(index, islands, dtype)
-        self.norm1 = LayerNorm(hf.norm1)
-        self.attn = VisionAttention(hf.attn, vision, self.attn_dtype, attention_block)
-        self.norm2 = LayerNorm(hf.norm2)
-        self.mlp = VisionMlp(hf.mlp, vision, self.mlp_dtype)
+from qvlc.models.common.vision import VisionBlock, edge_dtypes
 
 
 class Merger(nn.Module):
@@ -81,8 +54,8 @@ class VisualGraph(nn.Module):
         self.patch_embed = Linear(param(proj.weight, embed_dtype, (vision.embed_dim, vision.patch_dim)),
                                   param(proj.bias, embed_dtype))
         self.pos_embed = param(hf_visual.pos_embed.weight, embed_dtype)
-        self.blocks = nn.ModuleList(VisionBlock(b, vision, dtype, attention_block, i, islands)
-                                    for i, b in enumerate(hf_visual.blocks))
+        self.blocks = nn.ModuleList(VisionBlock(b, vision, dtype, attention_block, i, islands,
+                                                ("linear_fc1", "linear_fc2")) for i, b in enumerate(hf_visual.blocks))
         self.merger = Merger(hf_visual.merger, vision, merger_dtype, postshuffle=False)
         self.deepstack_merger_list = nn.ModuleList(Merger(m, vision, merger_dtype, postshuffle=True)
                                        for m in hf_visual.deepstack_merger_list)
