@@ -3,6 +3,8 @@ one-pass greedy check gives transformers `generate`'s verdict, down to the token
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +30,11 @@ def sequences(dims) -> list[OracleInput]:
            11, 12]
     rows = {t.image: rng.standard_normal((4, dims.text.hidden)).astype(np.float32),
             t.video: rng.standard_normal((6, dims.text.hidden)).astype(np.float32)}
-    return [OracleInput(np.array(ids), rows, np.array([[1, 4, 4]]), np.array([[3, 2, 4]]), (2.5,), len(ids) - 3),
+    k = len(dims.vision.deepstack)  # Qwen3-VL: DeepStack rows added after the first k layers, in both oracles
+    deep = {t.image: rng.standard_normal((k, 4, dims.text.hidden)).astype(np.float32),
+            t.video: rng.standard_normal((k, 6, dims.text.hidden)).astype(np.float32)} if k else {}
+    return [OracleInput(np.array(ids), rows, np.array([[1, 4, 4]]), np.array([[3, 2, 4]]), (2.5,), len(ids) - 3,
+                        "", deep),
             OracleInput(np.arange(1, 9), {}, None, None, None, 5)]
 
 
@@ -41,6 +47,9 @@ def test_streamed_oracle_equals_the_loaded_model(tiny):
         np.testing.assert_allclose(a.logits, b.logits, atol=2e-6, rtol=1e-6)
         np.testing.assert_allclose(a.kv, b.kv, atol=2e-6, rtol=1e-6)
     assert np.abs(streamed[0].logits).max() > 0.1
+    if dims.vision.deepstack:  # and the DeepStack rows matter (both oracles add them)
+        plain = StreamedOracle(fam, folder, dims).run([replace(sequences(dims)[0], deepstack={})])
+        assert np.abs(plain[0].logits - streamed[0].logits).max() > 1e-2
 
 
 def test_streamed_oracle_reads_each_layer_once(tiny, monkeypatch):
