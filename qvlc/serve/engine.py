@@ -38,6 +38,13 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
 
+def _internal_error() -> ApiError:
+    """A bug met while serving one request: its traceback to a log file, a 500 in OpenAI's shape to the client."""
+    path = write_log(traceback.format_exc())
+    return ApiError(f"internal error in qvlc (a bug); the traceback is in {path}", status=500, code="internal_error",
+                    kind="server_error")
+
+
 @dataclass(frozen=True)
 class Outcome:
     finish_reason: str  # "stop" (end of turn or a stop string) | "length" (max_tokens or the KV room)
@@ -86,7 +93,10 @@ class Engine:
                     self.dropped += 1
                     job.put("error", ApiError("the client went away before its request started", status=499))
                     continue
-                await loop.run_in_executor(self.executor, self._generate, job)
+                try:
+                    await loop.run_in_executor(self.executor, self._generate, job)
+                except Exception:  # noqa: BLE001 — a bug: this request gets a 500, the queue keeps serving
+                    job.put("error", _internal_error())
                 self.served += 1
             finally:
                 self.pending -= 1
@@ -132,9 +142,7 @@ class Engine:
             limit = min(request.max_tokens or self.room, self.room)
             result = self.pipe.generate_prepared(prepared, limit, on_token=on_token)
         except Exception:  # noqa: BLE001 — a bug: the client gets a 500 in OpenAI's shape, the log the traceback
-            path = write_log(traceback.format_exc())
-            job.put("error", ApiError(f"internal error in qvlc (a bug); the traceback is in {path}", status=500,
-                                      code="internal_error", kind="server_error"))
+            job.put("error", _internal_error())
             return
         if rest := matcher.flush():
             job.put("text", rest)
