@@ -1,12 +1,13 @@
 """Benchmark: compile the LLM part of a random-weight Qwen2-VL-2B (real shapes) in fp16, with validation.
 
     .venv/bin/python benchmarks/bench_llm_2b.py [--workdir bench_out] [--prefill-len 512] [--max-context 1024]
-                                                [--tp 1] [--no-validate] [--simplify]
+                                                [--tp 1] [--no-validate] [--simplify] [--cases all]
                                                 [--weights int8|int4] [--group-size 128] [--dequantize blocked]
                                                 [--method rtn|gptq] [--nsamples 128] [--seqlen 512]
 
 Shares the random checkpoint <workdir>/qwen2_vl_2b_random with bench_visual.py (streamed once, bf16 like the
-released weights). Prints wall time per stage, peak RSS, bytes written and the write rate they imply.
+released weights). Prints wall time per stage, peak RSS, bytes written and the write rate they imply; with
+validation, every stage (and validation phase) beside its floor on this machine (benchmarks/_floor.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main() -> int:
     ap.add_argument("--generate-tokens", type=int, default=16)
     ap.add_argument("--simplify", action="store_true")
     ap.add_argument("--no-validate", action="store_true")
+    ap.add_argument("--cases", nargs="+", default=["all"], help="validate.cases")
+    ap.add_argument("--no-floor", action="store_true", help="skip measuring this machine's rates and the floors")
     ap.add_argument("--seed", type=int, default=0)
     add_weights_args(ap)
     args = ap.parse_args()
@@ -57,7 +60,7 @@ def main() -> int:
         "export": {"dtype": args.dtype, "prefill_len": args.prefill_len, "max_context": args.max_context,
                    "tp": args.tp, "simplify": args.simplify, **weights},
         "validate": {"enabled": not args.no_validate, "decode_steps": args.decode_steps,
-                     "generate_tokens": args.generate_tokens},
+                     "generate_tokens": args.generate_tokens, "cases": args.cases},
         "output": {"dir": str(out)},
     })
     progress = PrintProgress()
@@ -81,6 +84,11 @@ def main() -> int:
           f"while writing, fsync included; {written / 1e6 / export_s:.0f} MB/s over the whole export stage)")
     print_parity(result.report)
     print_quant_error(result.report)
+    if not args.no_validate and not args.no_floor:
+        from _floor import print_llm_floors
+
+        print("\n== each stage beside what this machine allows for it ==")
+        print_llm_floors(result, checkpoint, args.workdir, max(args.decode_steps, args.generate_tokens - 1))
     return 0
 
 

@@ -2,7 +2,12 @@
 int8/int4 weights: --weights, as bench_llm_2b.py takes it).
 
     ../shared/tools/memcap 16 .venv/bin/python benchmarks/bench_llm_7b_tp4.py [--workdir bench_out]
-        [--workers 1] [--prefill-len 2048] [--max-context 4096] [--no-validate] [--weights int8] ...
+        [--workers 1] [--prefill-len 2048] [--max-context 4096] [--no-validate | --validate-only]
+        [--cases all] [--weights int8] ...
+
+By default the same compile runs twice in one sitting, without validation and then with it, and the ratio of
+their wall times is printed, then every stage of the validated compile beside its floor on this machine
+(benchmarks/_floor.py: measured GEMM, memory, disk and hash rates).
 
 The checkpoint (bf16, 16.6 GB, sharded like the released one) is written once by a streaming writer that never
 holds the model. Each rank is exported from only its own slices read from the checkpoint files (in this process,
@@ -52,23 +57,15 @@ def ensure_7b(workdir: Path, seed: int, model: str = "qwen2_vl_7b") -> Path:
     return folder
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path, default=Path("bench_out"))
-    ap.add_argument("--model", choices=sorted(MODELS), default="qwen2_vl_7b")
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--prefill-len", type=int, default=2048)
-    ap.add_argument("--max-context", type=int, default=4096)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-validate", action="store_true")
-    add_weights_args(ap)
-    args = ap.parse_args()
+def disk_read_gb() -> float:
+    """Bytes read from storage by this process and its ended children (the export workers), in GB."""
+    return sum(resource.getrusage(w).ru_inblock for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) * 512 / 1e9
 
+
+def compile_once(args, checkpoint: Path, validate: bool):
     from qvlc.config import config_from_dict
     from qvlc.pipeline import compile_artifact
 
-    checkpoint = ensure_7b(args.workdir, args.seed, args.model)
-    validate = not args.no_validate
     quant, weights = weights_export(args)
     name = f"bench_llm_{args.model}_{args.prefill_len}_{args.max_context}_tp4_fp16{quant}_w{args.workers}"
     out = args.workdir / ARTIFACTS
@@ -77,18 +74,19 @@ def main() -> int:
         "name": name, "part": "llm", "model": {"checkpoint": str(checkpoint)},
         "export": {"dtype": "fp16", "prefill_len": args.prefill_len, "max_context": args.max_context, "tp": 4,
                    "workers": args.workers, **weights},
-        "validate": {"enabled": validate}, "output": {"dir": str(out)},
+        "validate": {"enabled": validate, "cases": args.cases}, "output": {"dir": str(out)},
     })
-    rss_before = rss_gb(resource.RUSAGE_SELF)
+    rss_before, read_before = rss_gb(resource.RUSAGE_SELF), disk_read_gb()
+    print(f"\n== compile {'with' if validate else 'without'} validation ==")
     t0 = time.perf_counter()
     result = compile_artifact(cfg, force=True, progress=PrintProgress())
     wall = time.perf_counter() - t0
     m = json.loads((result.folder / "manifest.json").read_text())
-    print(f"\n== {args.model} LLM part, tp = 4 (random weights, real shapes) ==")
-    print(f"config: S={args.prefill_len} C={args.max_context} fp16 workers={args.workers} validate={validate}")
+    print(f"\n== {args.model} LLM part, tp = 4 (random weights, real shapes), validate={validate} ==")
+    print(f"config: S={args.prefill_len} C={args.max_context} fp16{quant} workers={args.workers}")
     for stage, seconds in result.timings.items():
         print(f"  {stage:<20} {seconds:8.1f} s")
-    print(f"  {'total':<20} {wall:8.1f} s")
+    print(f"  {'total':<20} {wall:8.1f} s; {disk_read_gb() - read_before:.1f} GB read from storage")
     print(f"peak RSS: this process {rss_gb(resource.RUSAGE_SELF):.2f} GB (before compile {rss_before:.2f} GB); "
           f"largest worker {result.export.worker_peak_rss_mb / 1024:.2f} GB")
     files = {f["path"]: f["bytes"] for f in m["files"]}
@@ -102,6 +100,38 @@ def main() -> int:
           f"({result.export.bytes_written / 1e6 / max(ws, 1e-9):.0f} MB/s while writing)")
     print_parity(result.report)
     print_quant_error(result.report)
+    return result, wall
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("bench_out"))
+    ap.add_argument("--model", choices=sorted(MODELS), default="qwen2_vl_7b")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--prefill-len", type=int, default=2048)
+    ap.add_argument("--max-context", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cases", nargs="+", default=["all"], help="validate.cases")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--no-validate", action="store_true", help="only the compile without validation")
+    which.add_argument("--validate-only", action="store_true", help="only the compile with validation")
+    add_weights_args(ap)
+    args = ap.parse_args()
+
+    checkpoint = ensure_7b(args.workdir, args.seed, args.model)
+    walls = {}
+    for validate in (False, True):
+        if (validate and args.no_validate) or (not validate and args.validate_only):
+            continue
+        result, walls[validate] = compile_once(args, checkpoint, validate)
+    if True in walls:
+        from _floor import print_llm_floors
+
+        print("\n== each stage beside what this machine allows for it ==")
+        print_llm_floors(result, checkpoint, args.workdir, 15)
+    if len(walls) == 2:
+        print(f"\ncompile with validation / without: {walls[True]:.1f} s / {walls[False]:.1f} s = "
+              f"{walls[True] / walls[False]:.2f}x")
     return 0
 
 

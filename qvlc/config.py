@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from qvlc.config_cases import Case, check_cases, chosen
 from qvlc.config_parse import AUTO, HIDDEN_FIELDS, build
 from qvlc.config_vamc import from_vamc
 from qvlc.config_weights import WeightsConfig, check_weights
@@ -76,6 +77,13 @@ class ValidateConfig:
     runtimes: tuple[Runtime, ...] = (Runtime.ONNXRUNTIME,)
     # how many cases (LLM prompts, visual graph calls) the runtimes after onnxruntime run; 0 = every case
     runtime_cases: int = 0
+    # which cases run (the part's names, or all): a pull-request build can prove one prompt, a release build all;
+    # the parity report lists the cases skipped
+    cases: tuple[Case, ...] = (Case.ALL,)
+
+    def chosen(self, part: Part) -> tuple[list[str], list[str]]:
+        """(the part's cases that run, the ones skipped), in the part's order."""
+        return chosen(self.cases, part.value)
 
 
 @dataclass(frozen=True)
@@ -263,6 +271,7 @@ def check_values(cfg: Config) -> None:
     if cfg.validate.runtime_cases < 0:
         raise ConfigError(f"must be 0 (every case) or more, got {cfg.validate.runtime_cases}",
                           fix="set validate.runtime_cases to 0 or a positive count", key="validate.runtime_cases")
+    check_cases(cfg.validate.cases, cfg.part.value)
     if e.fp32_layers and e.dtype != Precision.FP16:
         raise ConfigError(f"fp32_layers keeps modules in fp32 inside an fp16 graph; this compile is {e.dtype}",
                           fix="remove export.fp32_layers, or set export.dtype: fp16", key="export.fp32_layers")

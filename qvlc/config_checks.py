@@ -63,7 +63,9 @@ def part_units(cfg: Config, dims: "ModelDims") -> list[str]:
     """The modules of this part an fp32 island can hold (``qvlc.models.common.islands``)."""
     from qvlc.models.common.islands import text_units, vision_units
 
-    return text_units(dims.text.layers) if cfg.part == Part.LLM else vision_units(dims.vision.depth)
+    if cfg.part == Part.LLM:
+        return text_units(dims.text.layers)
+    return vision_units(dims.vision.depth, len(dims.vision.deepstack))
 
 
 def _fp32_layers(cfg: Config, dims: "ModelDims") -> None:

@@ -7,9 +7,7 @@ Nothing here prints: progress goes through the ``Progress`` the caller passes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ from qvlc.contract import Fp32Record, Manifest, SourceRecord, WeightFileRecord
 from qvlc.errors import ParityError, QvlcError
 from qvlc.export.onnx_export import ExportResult
 from qvlc.integrity import checked_artifact, manifest_digest
+from qvlc.memory import release_memory
 from qvlc.models.common.islands import Islands
 from qvlc.plan import Plan, check
 from qvlc.validate.metrics import ParityReport
@@ -111,14 +110,6 @@ def validate(plan: Plan, ck: LoadedCheckpoint, folder: Path) -> ParityReport:
 
         validate_visual(plan, ck, folder, report)
     return report
-
-
-def release_memory() -> None:
-    """Collect, then hand freed heap pages back to the OS (glibc keeps them otherwise: measured, the export of a
-    2B LLM left ~3 GB resident that the validation's sessions then had to sit beside)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def source_record(plan: Plan) -> SourceRecord:

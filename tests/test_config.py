@@ -65,6 +65,11 @@ def test_unknown_key_suggests_closest():
     ({"name": "x", "part": "visual", "export": {"attention_block": 100}}, "export.attention_block", "multiple of 16"),
     ({"name": "a/b", "part": "llm"}, "name", "letters"),
     ({"part": "llm"}, "name", "add name"),
+    ({"name": "x", "part": "llm", "validate": {"cases": ["small_image"]}}, "validate.cases", "not a case of the llm"),
+    ({"name": "x", "part": "visual", "validate": {"cases": ["text_short"]}}, "validate.cases", "odd_grid"),
+    ({"name": "x", "part": "llm", "validate": {"cases": ["all", "text_short"]}}, "validate.cases", "cannot be combined"),
+    ({"name": "x", "part": "llm", "validate": {"cases": ["text_short", "text_short"]}}, "validate.cases", "twice"),
+    ({"name": "x", "part": "llm", "validate": {"cases": ["chat"]}}, "validate.cases", "image_and_video"),
 ])
 def test_bad_values_name_key_and_fix(raw, key, fragment):
     e = error_of(raw)

@@ -84,6 +84,9 @@ class PreprocessConfig:
     rescale_factor: float = 1 / 255
     video_min_pixels: int = 128 * 28 * 28  # per frame (transformers' Qwen2VLVideoProcessor defaults)
     video_max_pixels: int = 768 * 28 * 28
+    # whose video processor the host reproduces: qwen2_vl (frames sampled to a multiple of temporal_patch_size,
+    # video pixel bounds per frame) or qwen3_vl (frames sampled by linspace, the bounds over the whole clip t x h x w)
+    video_processor: str = "qwen2_vl"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
@@ -98,6 +101,9 @@ class PreprocessConfig:
         if len(self.image_mean) != len(self.image_std):
             raise QvlcError(f"image_mean has {len(self.image_mean)} values, image_std {len(self.image_std)}",
                             fix="give one mean and one std per channel", key="image_mean")
+        if self.video_processor not in VIDEO_PROCESSORS:
+            raise QvlcError(f"video_processor {self.video_processor!r}", fix=f"use one of {', '.join(VIDEO_PROCESSORS)}",
+                            key="video_processor")
         if any(s == 0 for s in self.image_std):
             raise QvlcError("image_std contains 0", fix="use the checkpoint's image_std", key="image_std")
 
@@ -115,8 +121,12 @@ class PreprocessConfig:
         """Values per flattened patch: in_chans * temporal_patch_size * patch_size**2 (1176 for Qwen2-VL)."""
         return self.in_chans * self.temporal_patch_size * self.patch_size**2
 
-    def resized_size(self, height: int, width: int, video: bool = False) -> tuple[int, int]:
-        """smart_resize with this config's factor and pixel bounds (the video ones for video frames)."""
+    def resized_size(self, height: int, width: int, video: bool = False, frames: int = 1) -> tuple[int, int]:
+        """smart_resize with this config's factor and pixel bounds (the video ones for the ``frames`` frames of a
+        video: per frame, or — Qwen3-VL's processor — over the whole clip)."""
+        if video and self.video_processor == "qwen3_vl":
+            return smart_resize_clip(frames, height, width, self.temporal_patch_size, self.factor,
+                                     self.video_min_pixels, self.video_max_pixels)
         if video:
             return smart_resize(height, width, self.factor, self.video_min_pixels, self.video_max_pixels)
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
@@ -180,11 +190,35 @@ class PreprocessConfig:
 
 
 VIDEO_PREPROCESSOR_CONFIG_NAME = "video_preprocessor_config.json"
+VIDEO_PROCESSORS = ("qwen2_vl", "qwen3_vl")
 
 
-def _video_pixels(folder: Path) -> dict[str, int]:
-    """Per-frame pixel bounds from the checkpoint's video_preprocessor_config.json (min/max_pixels, or
-    size.shortest_edge/longest_edge); empty when it has none."""
+def smart_resize_clip(frames: int, height: int, width: int, temporal_factor: int, factor: int, min_pixels: int,
+                      max_pixels: int) -> tuple[int, int]:
+    """transformers 4.57.6 Qwen3-VL video ``smart_resize``: the pixel bounds hold for the whole clip (frames
+    rounded to the temporal factor x height x width), so a longer clip gets smaller frames."""
+    if frames < temporal_factor:
+        raise QvlcError(f"the video has {frames} sampled frame(s); Qwen3-VL's processor needs at least "
+                        f"{temporal_factor}", fix="pass a longer video, or sample more frames (a higher --fps)",
+                        key="video")
+    if height < factor or width < factor or max(height, width) / min(height, width) > 200:
+        raise QvlcError(f"video frames of {height}x{width} cannot be resized for the vision tower",
+                        fix=f"use frames of at least {factor}x{factor} with an aspect ratio below 200", key="video")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    t_bar = round(frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt(frames * height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (frames * height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _video_pixels(folder: Path) -> dict[str, Any]:
+    """The video pixel bounds from the checkpoint's video_preprocessor_config.json (min/max_pixels, or
+    size.shortest_edge/longest_edge) and whose processor it names; empty when it has none."""
     path = folder / VIDEO_PREPROCESSOR_CONFIG_NAME
     if not path.is_file():
         return {}
@@ -199,6 +233,8 @@ def _video_pixels(folder: Path) -> dict[str, int]:
         value = raw.get(key, size.get(alt))
         if value is not None:
             out[f"video_{key}"] = int(value)
+    if raw.get("video_processor_type") == "Qwen3VLVideoProcessor":
+        out["video_processor"] = "qwen3_vl"
     return out
 
 
@@ -259,7 +295,8 @@ def video_to_patches(frames: Sequence[ImageLike] | np.ndarray,
                      cfg: PreprocessConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Video frames (list of images, or uint8 [T, H, W, 3]) → (pixel_values [t*h*w, patch_dim], grid_thw [3]).
 
-    All frames take the first frame's resized size within the video pixel bounds; T is padded to a multiple of
+    All frames take the first frame's resized size within the video pixel bounds (per frame, or over the clip
+    for ``video_processor: qwen3_vl``); T is padded to a multiple of
     temporal_patch_size by repeating the last frame (as transformers does). Frames are not sampled here
     (``qvlc.runtime.media.load_video`` samples them).
     """
@@ -272,7 +309,7 @@ def video_to_patches(frames: Sequence[ImageLike] | np.ndarray,
     if len(shapes) != 1:
         raise QvlcError(f"video frames have different sizes {sorted(shapes)}",
                         fix="resize or crop all frames of a video to one size", key="video")
-    size = cfg.resized_size(rgbs[0].shape[0], rgbs[0].shape[1], video=True)
+    size = cfg.resized_size(rgbs[0].shape[0], rgbs[0].shape[1], video=True, frames=len(rgbs))
     return _patchify(np.stack([_normalized_frame(r, size, cfg) for r in rgbs]), cfg)
 
 

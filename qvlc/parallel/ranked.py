@@ -75,23 +75,38 @@ class RankedGraph:
 
     def run(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """``feeds[r]``: rank r's inputs. Returns each rank's outputs by name."""
-        sums: dict[str, np.ndarray] = {}
+        return self.run_many([feeds])[0]
+
+    def run_many(self, items: list[list[dict[str, np.ndarray]]]) -> list[list[dict[str, np.ndarray]]]:
+        """Several independent calls (``items[i][r]``: call i's inputs on rank r) run segment-major: each segment
+        of each rank runs every call before the next segment starts, so a rank's weights are read once for all
+        the calls, not once per call (validation's decode steps: one call per prompt). Each call's results are
+        exactly what ``run`` gives it alone."""
+        sums: list[dict[str, np.ndarray]] = [{} for _ in items]
         n_seg = len(self.segments[0])
-        results: list[dict[str, np.ndarray]] = [dict() for _ in self.segments]
+        results: list[list[dict[str, np.ndarray]]] = [[{} for _ in self.segments] for _ in items]
         for k in range(n_seg):
-            partial = []
+            partial: list[list[np.ndarray]] = [[] for _ in items]
             for r, sessions in enumerate(self.segments):
                 sess = sessions[k]
-                avail = {**feeds[r], **sums}
-                out = sess.run(None, {i.name: avail[i.name] for i in sess.get_inputs()})
-                if k < n_seg - 1:
-                    partial.append(out[0])
-                else:
-                    results[r] = {o.name: v for o, v in zip(sess.get_outputs(), out)}
+                names, outs = [i.name for i in sess.get_inputs()], sess.get_outputs()
+                for i, feeds in enumerate(items):
+                    avail = {**feeds[r], **sums[i]}
+                    out = sess.run(None, {n: avail[n] for n in names})
+                    if k < n_seg - 1:
+                        partial[i].append(out[0])
+                    else:
+                        results[i][r] = {o.name: v for o, v in zip(outs, out)}
             if k < n_seg - 1:
-                # The AllReduce: every rank receives the sum of all ranks' partial results.
-                reduced = partial[0].astype(np.float32)
-                for p in partial[1:]:
-                    reduced = reduced + p.astype(np.float32)
-                sums[self.reduce_names[k]] = reduced.astype(partial[0].dtype)
+                for i, parts in enumerate(partial):
+                    sums[i][self.reduce_names[k]] = _allreduce(parts)
         return results
+
+
+def _allreduce(partial: list[np.ndarray]) -> np.ndarray:
+    """What a qvlc.AllReduce promises: every rank receives the sum of all ranks' partial results (in fp32, cast
+    back to the partials' dtype)."""
+    reduced = partial[0].astype(np.float32)
+    for p in partial[1:]:
+        reduced = reduced + p.astype(np.float32)
+    return reduced.astype(partial[0].dtype)

@@ -118,6 +118,12 @@ class LlmRuntime:
     def snapshot(self) -> KvState:
         return KvState([kv.copy() for kv in self.kv], self.past_mask.copy(), self.slot)
 
+    def take_state(self) -> KvState:
+        """The current sequence's state, handed over without a copy (the runtime starts empty again)."""
+        state = KvState(self.kv, self.past_mask, self.slot)
+        self.kv, self.past_mask, self.slot = [], np.zeros_like(self.past_mask), 0
+        return state
+
     def restore(self, state: KvState) -> None:
         self.kv = [kv.copy() for kv in state.kv]
         self.past_mask = state.past_mask.copy()
@@ -191,27 +197,41 @@ class LlmRuntime:
         """The full-vocabulary logits [V]: each rank's vocab slice, concatenated in rank order."""
         return np.concatenate([o["logits"].reshape(-1) for o in outs])
 
-    # -- decode -------------------------------------------------------------------------------------------
+    # -- decode ------------------------------------------------------------------------------------------
     def decode(self, embed: np.ndarray, position: int) -> list[dict[str, np.ndarray]]:
         """One decode step for a token with embedding ``embed`` [H] at M-RoPE ``position``."""
-        s = self.spec
-        if self.slot >= s.max_context - 1:
-            raise QvlcError(f"the KV cache is full: max_context {s.max_context} holds {s.max_context - s.prefill_len} "
-                            "generated tokens after the prefill window",
-                            fix="generate fewer tokens, or recompile with a larger export.max_context",
-                            key="export.max_context")
-        cos, sin = decode_cos_sin(position, s.head_dim, s.rope_theta, s.mrope_section, dtype=self.np_dtype,
-                                  interleaved=s.mrope_interleaved)
-        mask = np.concatenate([self.past_mask, np.ones((1, 1), dtype=np.int64)], axis=1)
-        x = embed.reshape(1, 1, s.hidden).astype(self.np_dtype)
-        feeds = [{"inputs_embeds": x, "attention_mask": mask, "cos": cos, "sin": sin, "past_key_values": kv}
-                 for kv in self.kv]
-        outs = self.decode_graph.run(feeds)
-        for kv, o in zip(self.kv, outs):
-            kv[..., self.slot, :] = o["present_key_values"][..., 0, :]
-        self.past_mask[0, self.slot] = 1
-        self.slot += 1
+        state = KvState(self.kv, self.past_mask, self.slot)
+        outs = self.decode_many([state], [embed], [position])[0]
+        self.slot = state.slot
         return outs
+
+    def decode_many(self, states: list[KvState], embeds: list[np.ndarray],
+                    positions: list[int]) -> list[list[dict[str, np.ndarray]]]:
+        """One decode step for each of several independent sequences (``states[i]``, advanced in place), run
+        segment-major over the ranks (``RankedGraph.run_many``): the weights are read once for all of them.
+        Each sequence's outputs are exactly what ``decode`` gives it alone."""
+        s = self.spec
+        items = []
+        for state, embed, position in zip(states, embeds, positions):
+            if state.slot >= s.max_context - 1:
+                raise QvlcError(f"the KV cache is full: max_context {s.max_context} holds "
+                                f"{s.max_context - s.prefill_len} generated tokens after the prefill window",
+                                fix="generate fewer tokens, or recompile with a larger export.max_context",
+                                key="export.max_context")
+            cos, sin = decode_cos_sin(position, s.head_dim, s.rope_theta, s.mrope_section, dtype=self.np_dtype,
+                                      interleaved=s.mrope_interleaved)
+            mask = np.concatenate([state.past_mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+            x = embed.reshape(1, 1, s.hidden).astype(self.np_dtype)
+            items.append([{"inputs_embeds": x, "attention_mask": mask, "cos": cos, "sin": sin,
+                           "past_key_values": kv} for kv in state.kv])
+        graph = self.decode_graph
+        results = graph.run_many(items) if hasattr(graph, "run_many") else [graph.run(f) for f in items]
+        for state, outs in zip(states, results):
+            for kv, o in zip(state.kv, outs):
+                kv[..., state.slot, :] = o["present_key_values"][..., 0, :]
+            state.past_mask[0, state.slot] = 1
+            state.slot += 1
+        return results
 
     # -- greedy generation --------------------------------------------------------------------------------
     def greedy(self, logits: np.ndarray, rope_delta: int, max_new_tokens: int,

@@ -64,10 +64,17 @@ class Video:
 
 
 def sample_indices(total: int, video_fps: float, temporal_patch_size: int, fps: float = DEFAULT_FPS,
-                   min_frames: int = MIN_FRAMES, max_frames: int = MAX_FRAMES) -> np.ndarray:
-    """Frame indices to keep, as transformers 4.57.6 ``Qwen2VLVideoProcessor.sample_frames`` picks them with
-    ``fps``: about ``fps`` frames per second, at least ``min_frames``, at most ``max_frames`` and the video's
-    frames, rounded down to a multiple of ``temporal_patch_size``, spread evenly from frame 0."""
+                   min_frames: int = MIN_FRAMES, max_frames: int = MAX_FRAMES, rule: str = "qwen2_vl") -> np.ndarray:
+    """Frame indices to keep, as transformers 4.57.6's video processor ``rule`` picks them with ``fps``.
+
+    qwen2_vl (``Qwen2VLVideoProcessor.sample_frames``): about ``fps`` frames per second, at least ``min_frames``,
+    at most ``max_frames`` and the video's frames, rounded down to a multiple of ``temporal_patch_size``, spread
+    evenly from frame 0. qwen3_vl (``Qwen3VLVideoProcessor.sample_frames``): int(seconds x fps) frames within the
+    same bounds, from the first frame to the last (linspace, rounded); an odd count is padded later by repeating
+    the last frame, as the processor does."""
+    if rule == "qwen3_vl":
+        n = min(min(max(int(total / video_fps * fps), min_frames), max_frames), total)
+        return np.linspace(0, total - 1, n).round().astype(np.int64)
     if total < temporal_patch_size:
         raise QvlcError(f"the video has {total} frame(s); one temporal patch needs {temporal_patch_size}",
                         fix=f"pass a video with at least {temporal_patch_size} frames", key="video")
@@ -80,17 +87,18 @@ def sample_indices(total: int, video_fps: float, temporal_patch_size: int, fps: 
 
 
 def load_video(path: Path | str, frames_fps: float = DEFAULT_FPS, temporal_patch_size: int = 2,
-               fps: float = DEFAULT_FPS) -> Video:
+               fps: float = DEFAULT_FPS, rule: str = "qwen2_vl") -> Video:
     """A video file (a container qvlc knows: MP4/MOV, Matroska/WebM, AVI, FLV, Ogg, MPEG-TS) or a folder of frame
-    images (sorted by name, taken as ``frames_fps`` frames per second), sampled to ``fps`` frames per second.
-    Only the sampled frames are decoded and kept, within ``MAX_VIDEO_BYTES``."""
+    images (sorted by name, taken as ``frames_fps`` frames per second), sampled to ``fps`` frames per second by
+    the video processor ``rule`` (``sample_indices``; the artifact's ``preprocess.json`` names it). Only the
+    sampled frames are decoded and kept, within ``MAX_VIDEO_BYTES``."""
     p = Path(path).expanduser()
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         if not files:
             raise QvlcError(f"the folder {quoted(str(p), 200)} holds no frame images ({', '.join(IMAGE_SUFFIXES)})",
                             fix="pass a video file, or a folder of frames named in order", key="video")
-        keep = sample_indices(len(files), frames_fps, temporal_patch_size, fps)
+        keep = sample_indices(len(files), frames_fps, temporal_patch_size, fps, rule=rule)
         frames = [np.asarray(load_image(files[i])) for i in keep]
         _check_budget(len(keep), *frames[0].shape[:2])
         times = tuple(float(i) / frames_fps for i in keep)
@@ -98,7 +106,7 @@ def load_video(path: Path | str, frames_fps: float = DEFAULT_FPS, temporal_patch
         picked: dict = {}
 
         def pick(total: int, rate: float) -> np.ndarray:
-            picked["keep"], picked["rate"] = sample_indices(total, rate, temporal_patch_size, fps), rate
+            picked["keep"], picked["rate"] = sample_indices(total, rate, temporal_patch_size, fps, rule=rule), rate
             return picked["keep"]
 
         frames = _decode(p, pick)

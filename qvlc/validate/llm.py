@@ -31,7 +31,7 @@ from qvlc.checkpoint.load import LoadedCheckpoint
 from qvlc.contract import PREFILL
 from qvlc.host.rope import decode_position
 from qvlc.integrity import declared_graphs
-from qvlc.memory import UNSPLIT_MAX_BYTES, text_params
+from qvlc.memory import UNSPLIT_MAX_BYTES, release_memory, text_params
 from qvlc.models.common.quantized import quantized_tree
 from qvlc.models.common.tp import RankLayout, rank_layout
 from qvlc.plan import Plan
@@ -48,6 +48,7 @@ from qvlc.validate.oracle import (
     OracleOutput,
     StreamedOracle,
 )
+from qvlc.validate.phases import Phases
 from qvlc.validate.quant_error import quantization_error, recombine_kv
 from qvlc.validate.ranges import RangeRecorder
 from qvlc.validate.vision_oracle import StreamedVisionOracle
@@ -125,51 +126,65 @@ def vision_rows(plan: Plan, ck: LoadedCheckpoint | None, cases: list[LlmCase]) -
 
 
 def run_graphs(plan: Plan, folder: Path, cases: list[LlmCase], steps: int, unsplit: LlmRuntime | None,
-               on: Runtime = Runtime.ONNXRUNTIME, fed: list[GraphRun] | None = None) -> list[GraphRun]:
-    """Phase 1: every prefill, then (prefill sessions released) every prompt's greedy decode, on runtime ``on``.
-    With ``fed`` (another runtime's runs) each decode step is fed the token that run chose, so the oracle's
-    teacher-forced pass fits both; ``tokens`` still records this runtime's own argmax at every step."""
-    runtime, S = llm_runtime(plan, folder, runtime=on), plan.cfg.export.prefill_len
-    runs, states = [], []
+               on: Runtime = Runtime.ONNXRUNTIME, fed: list[GraphRun] | None = None,
+               phases: Phases | None = None) -> list[GraphRun]:
+    """Phase 1: every prefill, then (prefill sessions released) the greedy decode of every prompt together, on
+    runtime ``on``. Decode runs step-major with the prompts inside each graph segment (``decode_many``), so every
+    decode step reads the weights once for all prompts, not once per prompt. With ``fed`` (another runtime's runs)
+    each decode step is fed the token that run chose, so the oracle's teacher-forced pass fits both; ``tokens``
+    still records this runtime's own argmax at every step."""
+    runtime, S, phases = llm_runtime(plan, folder, runtime=on), plan.cfg.export.prefill_len, phases or Phases()
+    runs, states, unsplit_states = [], [], []
+    with phases.phase(f"prefill ({on})", f"{len(cases)} prompts, one at a time"):
+        _prefill_all(runtime, unsplit, cases, runs, states, unsplit_states)
+    with phases.phase(f"decode ({on})", f"{steps} steps, the {len(cases)} prompts together in each graph segment"):
+        _decode_all(runtime, unsplit, runs, states, unsplit_states, steps, S, fed)
+    return runs
+
+
+def _prefill_all(runtime: LlmRuntime, unsplit: LlmRuntime | None, cases: list[LlmCase], runs: list[GraphRun],
+                 states: list, unsplit_states: list) -> None:
     for case in cases:
         w = runtime.prompt_window(case.ids, case.media)
         outs = runtime.prefill_window(w)
         real = np.flatnonzero(w.mask)
         run = GraphRun(case, w, logits=[[o["logits"].reshape(-1) for o in outs]],
                        kv=[[o["present_key_values"][:, :, 0][..., real, :] for o in outs]])
+        del outs
+        states.append(runtime.take_state())  # the sequence's KV, handed over (no copy)
         if unsplit is not None:
             run.unsplit_logits.append(unsplit.logits_of(unsplit.prefill_window(w)))
-            states.append((runtime.snapshot(), unsplit.snapshot()))
-        else:
-            states.append((runtime.snapshot(), None))
+            unsplit_states.append(unsplit.take_state())
         runs.append(run)
     runtime.release_prefill()
-    for i, (run, (state, unsplit_state)) in enumerate(zip(runs, states)):
-        runtime.restore(state)
-        if unsplit is not None:
-            unsplit.restore(unsplit_state)
-        for step in range(steps + 1):
-            token = int(np.argmax(np.concatenate(run.logits[-1])))
-            run.tokens.append(token)
-            if step == steps:
-                break
-            if fed is not None:
-                token = fed[i].tokens[step]
-            embed = runtime.embed.lookup(np.array([token]))[0]
-            position = decode_position(S, step, run.window.delta)  # the host's rule
-            outs = runtime.decode(embed, position)
+    release_memory()  # the prefill calls' freed activations: page cache for the decode weights, not heap
+
+
+def _decode_all(runtime: LlmRuntime, unsplit: LlmRuntime | None, runs: list[GraphRun], states: list,
+                unsplit_states: list, steps: int, S: int, fed: list[GraphRun] | None) -> None:
+    for step in range(steps + 1):
+        for run in runs:
+            run.tokens.append(int(np.argmax(np.concatenate(run.logits[-1]))))
+        if step == steps:
+            break
+        tokens = [fed[i].tokens[step] if fed is not None else run.tokens[-1] for i, run in enumerate(runs)]
+        embeds = [runtime.embed.lookup(np.array([t]))[0] for t in tokens]
+        positions = [decode_position(S, step, run.window.delta) for run in runs]  # the host's rule
+        for run, outs in zip(runs, runtime.decode_many(states, embeds, positions)):
             run.logits.append([o["logits"].reshape(-1) for o in outs])
             run.kv.append([o["present_key_values"][:, :, 0] for o in outs])
-            if unsplit is not None:
-                run.unsplit_logits.append(unsplit.logits_of(unsplit.decode(embed, position)))
-    return runs
+        if unsplit is not None:
+            for run, outs in zip(runs, unsplit.decode_many(unsplit_states, embeds, positions)):
+                run.unsplit_logits.append(unsplit.logits_of(outs))
 
 
-def llm_cases(plan: Plan, ck: LoadedCheckpoint | None, seed: int = 0) -> list[LlmCase]:
-    """The validation prompts, image rows included (from transformers' vision tower)."""
+def llm_cases(plan: Plan, ck: LoadedCheckpoint | None, seed: int = 0,
+              names: list[str] | None = None) -> list[LlmCase]:
+    """The validation prompts (those in ``names``; default all), image rows included (from transformers' vision
+    tower). Every case is built, then the chosen ones kept, so a case is the same whichever others run."""
     embed_std = float(lazy_text_model(plan.checkpoint)[0].embed_tokens.weight.narrow(0, 0, 4096).float().std())
-    return vision_rows(plan, ck, build_cases(plan.dims, plan.llm_spec.prefill_len, seed, embed_std,
-                                             plan.family.frames_as_grids))
+    cases = build_cases(plan.dims, plan.llm_spec.prefill_len, seed, embed_std, plan.family.frames_as_grids)
+    return vision_rows(plan, ck, [c for c in cases if names is None or c.name in names])
 
 
 def oracle_input(case: LlmCase, continuation: list[int], image_token: int, video_token: int) -> OracleInput:
@@ -190,18 +205,21 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     if not check_interfaces(plan, folder, report):
         report.notes.append("value checks skipped: a graph interface does not match the contract")
         return
-    v, dims, spec = plan.cfg.validate, plan.dims, plan.llm_spec
+    v, dims, spec, phases = plan.cfg.validate, plan.dims, plan.llm_spec, Phases()
     steps = max(v.decode_steps, v.generate_tokens - 1)
-    cases = llm_cases(plan, ck, seed)
+    chosen, skipped = v.chosen(plan.cfg.part)
+    report.cases = {"run": chosen, "skipped": skipped}
+    with phases.phase("vision rows", "transformers' vision tower on the prompts given as pixels"):
+        cases = llm_cases(plan, ck, seed, chosen)
     unsplit = _unsplit(plan, ck, folder, report)
-    runs = run_graphs(plan, folder, cases, steps, unsplit)
+    runs = run_graphs(plan, folder, cases, steps, unsplit, phases=phases)
     del unsplit
-    gc.collect()
+    release_memory()
     some = cases[:v.runtime_cases or len(cases)]  # the same cases (or the first few) and fed tokens
     others = {}
     for rt in (r for r in v.runtimes if r != Runtime.ONNXRUNTIME):
         try:
-            others[rt] = run_graphs(plan, folder, some, steps, None, rt, runs)
+            others[rt] = run_graphs(plan, folder, some, steps, None, rt, runs, phases)
         except TvmBuildError as exc:  # the graphs do not import into this compiler: a failed check, not a crash
             with report.using(rt):
                 report.fail("llm", str(rt), "build", str(exc))
@@ -210,7 +228,8 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     inputs = oracle_inputs(runs, dims.tokens.image, dims.tokens.video)
     layouts = [rank_layout(dims.text, spec.tp, r) for r in range(spec.tp)]
     ranges = RangeRecorder()
-    refs = oracle.run(inputs, ranges)
+    with phases.phase("oracle", f"{type(oracle).__name__}, fp32, {sum(len(i.ids) for i in inputs)} tokens"):
+        refs = oracle.run(inputs, ranges)
     ranges.to_report(report, plan.islands)
     for rt, rt_runs in {Runtime.ONNXRUNTIME: runs, **others}.items():
         with report.using(rt):
@@ -219,7 +238,11 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
                             spec.dtype)
     report.notes.append(f"oracle: {type(oracle).__name__}; each prompt then {steps} greedy decode steps of the "
                         "graphs, the oracle teacher-forced on the tokens the graphs chose")
-    _quantization(plan, report, runs, inputs, layouts)
+    if skipped:
+        report.notes.append(f"validate.cases: {', '.join(skipped)} skipped (run: {', '.join(chosen)})")
+    with phases.phase("quantization error", "the graphs against the unquantized checkpoint (a second oracle)",
+                      record=plan.quant is not None and plan.imported is None):
+        _quantization(plan, report, runs, inputs, layouts)
     if others:
         report.notes.append(f"{', '.join(map(str, others))}: {len(some)} of the {len(cases)} prompts "
                             "(validate.runtime_cases); each decode step is fed the token ONNX Runtime chose, and the "
@@ -227,8 +250,9 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     failed = next((c for c in report.checks if not c.passed and c.metrics), None)
     if failed is not None:
         run = next(r for r in runs if r.case.name == failed.case.split("/")[0])
-        with report.using(Runtime(failed.runtime)):
+        with report.using(Runtime(failed.runtime)), phases.phase("diagnosis", "first divergent layer"):
             diagnose_prefill(plan, folder, report, run, oracle)
+    report.phases = phases.rows
 
 
 def _unsplit(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: ParityReport):

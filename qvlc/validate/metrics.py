@@ -11,6 +11,7 @@ import numpy as np
 
 from qvlc.contract import PARITY_JSON, PARITY_MD
 from qvlc.precision import Precision, Runtime, Tolerance
+from qvlc.validate.sections import phases_markdown, ranges_markdown
 
 
 def token_agreement(expected, got) -> int:
@@ -95,6 +96,8 @@ class ParityReport:
     divergence: dict | None = None
     # export.weights: the graphs against the unquantized model (qvlc.validate.quant_error)
     quantization: dict | None = None
+    phases: list[dict] = field(default_factory=list)  # qvlc.validate.phases: seconds, GB read, memory per phase
+    cases: dict[str, list[str]] = field(default_factory=dict)  # validate.cases: {"run": [...], "skipped": [...]}
     runtime: Runtime = Runtime.ONNXRUNTIME  # the runtime whose results add() and fail() are recording now
 
     @property
@@ -205,6 +208,8 @@ class ParityReport:
             "fp16_ranges": {"hazards": self.hazards, "peaks": self.range_peaks},
             "first_divergent_layer": self.divergence,
             "quantization_error": self.quantization,
+            "cases": self.cases,
+            "phases": self.phases,
             "notes": self.notes,
         }
 
@@ -246,13 +251,12 @@ class ParityReport:
             for tk in self.tokens:
                 res = "pass" if tk.expected == tk.got else ("FAIL" if tk.required else "reported")
                 lines.append(f"| {tk.graph} | {tk.case} |{col(tk.runtime)} {tk.matched}/{len(tk.expected)} | {res} |")
-        lines += self._ranges_markdown() + self._quantization_markdown()
+        lines += ranges_markdown(self) + self._quantization_markdown() + phases_markdown(self.phases)
         if self.failures:
             lines += ["", "## Failures", ""] + [f"- {f}" for f in self.failures]
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
-
 
     def _quantization_markdown(self) -> list[str]:
         q = self.quantization
@@ -277,26 +281,6 @@ class ParityReport:
             lines.append(f"| {graph} | {output} | {len(rows)} | {min(r['cosine'] for r in rows):.5f} | "
                          f"{max(r['rel_l2'] for r in rows):.3e} | {verdict} |")
         return lines
-
-    def _ranges_markdown(self) -> list[str]:
-        if not self.range_peaks:
-            return []
-        verdict = ("an overflow fails an fp16 compile" if self.dtype == Precision.FP16 else
-                   "advice for an fp16 build of this model")
-        lines = ["", "## fp16 ranges", "", f"Largest magnitudes the fp32 oracle met on the validation cases ({verdict}; "
-                 "fp16's largest finite value is 65504, 'near' is above a quarter of it, 'underflow' is more than half "
-                 "of a tensor's nonzero values below fp16's smallest normal number, 6.1e-5).", "", "| kind | peak | module | case |",
-                 "|---|---|---|---|"]
-        lines += [f"| {k} | {p['max_abs']:.4g} | {p['module']} | {p['case']} |" for k, p in self.range_peaks.items()]
-        if not self.hazards:
-            return lines + ["", "No hazards."]
-        lines += ["", "| hazard | kind | max abs | underflow | module | case | in the fp16 graph |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {h['level']} | {h['kind']} | {h['max_abs']:.4g} | {h['underflow_fraction']:.2%} | {h['module']} "
-                  f"| {h['case'] if h['level'] != 'underflow' else h['underflow_case']} | "
-                  f"{'fp32 island' if h.get('fp32') else 'fp16'} |" for h in self.hazards]
-        return lines
-
 
 def _finite_json(value):
     if isinstance(value, float) and not np.isfinite(value):

@@ -26,11 +26,13 @@ VISUAL = "model.visual"  # transformers' module names, as the range report gives
 
 def hook_tower(tower: nn.Module, ranges: RangeRecorder, segments: Segments, merge_unit: int,
                blocks: bool = True) -> list:
-    """Range hooks on a vision tower: the patch embedding (the residual stream's start), the merger's linears
-    (on merged rows) and, with ``blocks``, every block (a streamed tower hooks its blocks as they are built)."""
+    """Range hooks on a vision tower: the patch embedding (the residual stream's start), the merger's and the
+    DeepStack mergers' linears (on merged rows) and, with ``blocks``, every block (a streamed tower hooks its blocks as they are built)."""
     merged = [(c, a // merge_unit, b // merge_unit) for c, a, b in segments]
     handles = ranges.hook(tower.patch_embed, f"{VISUAL}.patch_embed", segments, packed=True)
     handles += ranges.hook(tower.merger, f"{VISUAL}.merger", merged, packed=True, residual=False)
+    for j, merger in enumerate(getattr(tower, "deepstack_merger_list", ())):  # Qwen3-VL
+        handles += ranges.hook(merger, f"{VISUAL}.deepstack_merger_list.{j}", merged, packed=True, residual=False)
     if blocks:
         for i, block in enumerate(tower.blocks):
             handles += ranges.hook(block, f"{VISUAL}.blocks.{i}", segments, packed=True)

@@ -35,6 +35,7 @@ from qvlc.runtime.visual import VisualRuntime
 from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
 from qvlc.validate.metrics import ParityReport
+from qvlc.validate.phases import Phases
 from qvlc.validate.quant_error import visual_quantization_error
 from qvlc.validate.ranges import RangeRecorder, remove
 from qvlc.validate.vision_oracle import StreamedVisionOracle, hook_tower
@@ -170,10 +171,12 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
     if not check_interface(report, graph, path, sig):
         report.notes.append("value checks skipped: the graph interface does not match the contract")
         return
-    offsets = np.cumsum([0, *spec.output_widths])
-    cases = build_cases(spec, PreprocessConfig.from_json((stage / PREPROCESS).read_text()), seed)
+    offsets, phases = np.cumsum([0, *spec.output_widths]), Phases()
+    cases = chosen_cases(plan, build_cases(spec, PreprocessConfig.from_json((stage / PREPROCESS).read_text()), seed),
+                         report)
     ranges = RangeRecorder(attn_name="attn")
-    refs = reference_embeddings(plan, ck, cases, ranges)
+    with phases.phase("oracle", f"transformers' vision tower, fp32, {len(cases)} cases"):
+        refs = reference_embeddings(plan, ck, cases, ranges)
     if ck is not None:
         report.notes.append("oracle: the loaded transformers vision tower")
     ranges.to_report(report, plan.islands)
@@ -191,7 +194,7 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
                 report.fail(GRAPH, str(rt), "build", str(exc))
             continue
         todo = calls if rt == Runtime.ONNXRUNTIME else calls[:v.runtime_cases or len(calls)]
-        with report.using(rt):
+        with report.using(rt), phases.phase(f"graph ({rt})", f"{len(todo)} calls"):
             for i, run in enumerate(todo):
                 got = check_call(report, runtime, run, refs, offsets, i)
                 if rt == Runtime.ONNXRUNTIME:
@@ -202,7 +205,9 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
     if plan.visual_quant is not None:
         report.notes.append("weights: the oracle carries the dequantized integers of the graph (exactness); "
                             "'Quantization error' compares the graph with the unquantized tower")
-        visual_quantization_error(plan, report, cases, outputs)
+        with phases.phase("quantization error", "the graph against the unquantized tower (a second oracle)"):
+            visual_quantization_error(plan, report, cases, outputs)
+    report.phases = phases.rows
     failed = next((c for c in report.checks if not c.passed and c.metrics), None)
     case = next((c for c in cases if failed is not None and c.name == failed.case), None)
     if case is not None:  # the first divergent block, on the first case that failed (run alone), on its runtime
@@ -211,6 +216,15 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
         feeds = VisualRuntime.feeds_for(spec, plan.family, case.pixel_values, case.grids)
         with report.using(Runtime(failed.runtime)):
             diagnose(report, path, "visual", feeds.feeds, np.arange(case.patches), capture, case.name)
+
+
+def chosen_cases(plan: Plan, cases: list[VisualCase], report: ParityReport) -> list[VisualCase]:
+    """The cases ``validate.cases`` chooses (built first, so a case is the same whichever others run)."""
+    chosen, skipped = plan.cfg.validate.chosen(plan.cfg.part)
+    report.cases = {"run": chosen, "skipped": skipped}
+    if skipped:
+        report.notes.append(f"validate.cases: {', '.join(skipped)} skipped (run: {', '.join(chosen)})")
+    return [c for c in cases if c.name in chosen]
 
 
 def check_call(report: ParityReport, runtime: VisualRuntime, run: list[VisualCase], refs: dict[str, np.ndarray],

@@ -182,3 +182,49 @@ def test_a_killed_export_worker_is_an_error_not_a_hang():
     finally:
         signal.alarm(0)
     assert info.value.key == "export.workers" and "export.workers: 1" in info.value.fix
+
+
+def test_decode_many_equals_each_sequence_decoded_alone(tp2):
+    """Validation decodes all its prompts together, segment by segment (so each rank's weights are read once a
+    step for all of them): every sequence's logits and KV are bitwise what decoding it alone gives."""
+    rng = np.random.default_rng(1)
+    rt = LlmRuntime(tp2.folder)
+    windows = []
+    for pad in (10, 30):
+        embeds = (rng.standard_normal((S, 64)) * 0.1).astype(np.float32)
+        mask = np.r_[np.zeros(pad, np.int64), np.ones(S - pad, np.int64)]
+        pos = np.broadcast_to(np.maximum(np.cumsum(mask) - 1, 0), (3, S)).astype(np.int64)
+        windows.append((embeds, pos, mask, pad))
+    alone, states = [], []
+    for embeds, pos, mask, pad in windows:
+        rt.prefill(embeds, pos, mask)
+        states.append(rt.snapshot())
+        alone.append([rt.logits_of(rt.decode(embeds[k], S - pad + k)) for k in range(3)])
+    together = [[] for _ in windows]
+    for k in range(3):
+        outs = rt.decode_many(states, [w[0][k] for w in windows], [S - w[3] + k for w in windows])
+        for seq, o in zip(together, outs):
+            seq.append(rt.logits_of(o))
+    for a, b in zip(alone, together):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    assert [s.slot for s in states] == [S + 3, S + 3]
+
+
+def test_validate_cases_runs_the_chosen_prompts_and_reports_the_rest(tp2, compiled):
+    result = compiled("llm_tp2_one_case", prefill_len=S, max_context=C, tp=2, validate={"cases": ["two_images_full"]})
+    one = result.report
+    assert one.passed, one.failures
+    assert one.cases == {"run": ["two_images_full"],
+                         "skipped": ["text_short", "one_image_half", "image_and_video"]}
+    assert [t.case for t in one.tokens] == ["two_images_full"]
+    assert {c.case.split("/")[0] for c in one.checks} == {"two_images_full"}
+    assert any("validate.cases: text_short, one_image_half, image_and_video skipped" in n for n in one.notes)
+    # the same prompt as in the full run: the same tokens and figures
+    full = tp2.report
+    assert [t.got for t in full.tokens if t.case == "two_images_full"] == [one.tokens[0].got]
+    same = {(c.graph, c.case, c.output): c.metrics for c in full.checks if c.case.startswith("two_images_full")}
+    assert {(c.graph, c.case, c.output): c.metrics for c in one.checks} == same
+    assert {p["phase"] for p in one.phases} >= {"prefill (onnxruntime)", "decode (onnxruntime)", "oracle"}
+    md = (result.folder / "parity.md").read_text()
+    assert "## Validation phases" in md and "validate.cases: text_short" in md

@@ -177,3 +177,14 @@ def test_runtime_rejects_too_many_patches(built):
         rt.run(np.zeros((80, 1176), dtype=np.float32), grids)
     with pytest.raises(QvlcError, match="pixel_values"):
         rt.run(np.zeros((10, 1176), dtype=np.float32), [[1, 4, 4]])
+
+
+def test_validate_cases_choose_the_visual_cases(compiled):
+    r = compiled("visual_two_cases", part="visual", max_patches=256, validate={"cases": ["odd_grid", "video_t2"]})
+    assert r.report.passed, r.report.failures
+    assert r.report.cases == {"run": ["odd_grid", "video_t2"],
+                              "skipped": ["small_image", "extreme_aspect", "two_images", "heavy_padding"]}
+    assert {c.case for c in r.report.checks if c.metrics} == {"odd_grid", "video_t2"}
+    assert {p["phase"] for p in r.report.phases} == {"oracle", "graph (onnxruntime)"}
+    assert "validate.cases: small_image, extreme_aspect, two_images, heavy_padding skipped" in \
+        (r.folder / "parity.md").read_text()

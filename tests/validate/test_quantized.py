@@ -248,3 +248,28 @@ def test_7b_int8_memory_on_a_16_gib_runner(monkeypatch):
     with pytest.raises(ConfigError) as info:
         check_memory(config_from_dict(raw), dims)
     assert info.value.key == "export.workers"
+
+
+def test_qwen3_vl_int4_both_parts_exact_with_pos_embed_and_norms_unquantized(compiled):
+    """Qwen3-VL at int4 (groups of 16, asymmetric): the LLM with q/k norms and no q/k/v biases, and the
+    tower with its DeepStack mergers. Every Linear carries integers; the position table, the patch embedding and
+    every norm stay floating point; both graphs are exact against transformers' modules carrying the same
+    dequantized integers, and the error against the unquantized model is reported."""
+    weights = {"format": "int4", "group_size": 16, "symmetric": False, "include": ["llm", "lm_head", "visual"]}
+    llm = compiled("q3_int4_llm", checkpoint="tiny:qwen3_vl", dtype="fp16", opset=21, weights=weights, **LEN)
+    visual = compiled("q3_int4_vis", part="visual", checkpoint="tiny:qwen3_vl", dtype="fp16", opset=21,
+                      max_patches=256, weights=weights)
+    for r in (llm, visual):
+        assert r.report.passed, r.report.failures
+        q = r.report.quantization
+        assert q["format"] == "int4" and q["checks"] and all(c["passed"] for c in q["checks"])
+    rank = _inits(llm.folder / "llm_prefill.onnx")
+    assert len([n for n in rank if n.endswith(".q")]) == LINEARS_PER_LAYER * 3 + 1  # 3 decoder layers + lm_head
+    assert not [n for n in rank if "norm" in n and n.endswith(".q")] and [n for n in rank if "q_norm" in n]
+    tower = _inits(visual.folder / "visual.onnx")
+    q = sorted(n for n in tower if n.endswith(".q"))
+    assert len(q) == 3 * 4 + 2 + 2 * 2  # 3 blocks x (qkv, proj, fc1, fc2), the merger, 2 DeepStack mergers
+    assert any("deepstack_merger_list.1" in n for n in q)
+    assert not [n for n in q if "pos_embed" in n or "patch_embed" in n or "norm" in n]
+    assert tower["pos_embed"].data_type == TensorProto.FLOAT16
+    assert all(t.expected == t.got for t in llm.report.tokens if t.required) and llm.report.tokens

@@ -21,7 +21,7 @@ from qvlc.validate.ranges import FP16_MAX, KINDS, LINEAR, SCORES, RangeRecorder
 TARGET = 2e5  # the planted channel's largest output: past fp16's 65504, like the reported vision MLP (~2e5)
 
 
-def _plant(mlp: torch.nn.Module, run) -> str:
+def _plant(mlp: torch.nn.Module, run, target: float = TARGET) -> str:
     """A massive activation, as real checkpoints have them: the MLP's input projections x30, then output channel 3
     of its last projection made to read one intermediate unit (the one with the largest mean activation on
     ``run()``), scaled so the channel peaks at TARGET. One term, no cancellation: the outlier is as well
@@ -40,7 +40,7 @@ def _plant(mlp: torch.nn.Module, run) -> str:
         act = torch.cat(seen)
         unit = int(act.mean(0).abs().argmax())
         proj.weight[3] = 0.0
-        proj.weight[3, unit] = TARGET / float(act[:, unit].abs().max())
+        proj.weight[3, unit] = target / float(act[:, unit].abs().max())
         assert proj.weight.abs().max() < 3e4
     return last
 
@@ -107,6 +107,34 @@ def test_no_outliers_no_hazards(compiled, family):
         assert all(0 < p["max_abs"] < 100 for p in r.report.range_peaks.values())
 
 
+def test_deepstack_mergers_are_range_checked_and_can_be_fp32_islands(tmp_path):
+    """Qwen3-VL's DeepStack mergers read the residual stream midway and have their own linears: the range check
+    hooks them (a planted activation near fp16's maximum in one is reported by name), fp32_layers: auto makes
+    that merger an island (its weights stored in fp32, the others' in fp16) and the fp16 compile passes."""
+    import onnx
+    from onnx import TensorProto
+
+    src = tiny_checkpoint(family=family_of("qwen3_vl"))
+    model = family_of("qwen3_vl").hf_class("model").from_pretrained(src, dtype=torch.float32).eval()
+    visual = model.model.visual
+    pixels = torch.randn(64, visual.patch_embed.proj.weight[0].numel(), generator=torch.Generator().manual_seed(0))
+    _plant(visual.deepstack_merger_list[1], lambda: visual(pixels, grid_thw=torch.tensor([[1, 8, 8]])), 4e4)
+    shutil.copytree(src, tmp_path / "ck")  # the tokenizer and processor files; the weights are overwritten
+    model.save_pretrained(tmp_path / "ck")
+    unit = "model.visual.deepstack_merger_list.1"
+    plain = _compile(tmp_path, str(tmp_path / "ck"), "visual", "fp16")
+    assert {h["module"] for h in plain.report.hazards if h["level"] == "near"} == {f"{unit}.linear_fc2"}
+    r = compile_artifact(config_from_dict({"name": "ds_auto", "part": "visual", "output": {"dir": str(tmp_path)},
+                                           "model": {"checkpoint": str(tmp_path / "ck")},
+                                           "export": {"dtype": "fp16", "fp32_layers": "auto"}}))
+    assert r.report.passed, r.report.failures
+    assert json.loads((r.folder / "manifest.json").read_text())["fp32"]["units"] == [unit]
+    inits = {i.name: i.data_type for i in onnx.load(str(r.folder / "visual.onnx"), load_external_data=False)
+             .graph.initializer if "linear_fc2.weight" in i.name and "deepstack" in i.name}
+    assert {n.split("deepstack_merger_list.")[1][0]: t for n, t in inits.items()} == \
+        {"0": TensorProto.FLOAT16, "1": TensorProto.FLOAT}
+
+
 def test_recorder_attributes_rows_to_cases_and_skips_masked_scores():
     rec = RangeRecorder()
     x = torch.zeros(6, 4)
@@ -146,8 +174,9 @@ def test_auto_fp32_islands_pass_what_plain_fp16_fails(outliers, part, tmp_path, 
     assert r.report.passed, r.report.failures
     unit = module.rsplit(".", 1)[0]
     fp32 = json.loads((r.folder / "manifest.json").read_text())["fp32"]
-    head = "model.visual.merger" if part == "visual" else "lm_head"
-    assert fp32["units"] == [unit, head] and fp32["source"] == "auto"
+    deep = [f"model.visual.deepstack_merger_list.{j}" for j in range(2 if family == "qwen3_vl" else 0)]
+    heads = deep + ["model.visual.merger"] if part == "visual" else ["lm_head"]  # the modules reading the residual
+    assert fp32["units"] == [unit, *heads] and fp32["source"] == "auto"
     assert fp32["residual_from"] == int(unit.split(".")[-2])
     assert all(h["fp32"] for h in r.report.hazards if h["level"] == "overflow") and r.report.hazards
     graph = next(r.folder.rglob("*.onnx"))
@@ -183,3 +212,8 @@ def test_given_names_select_units_and_start_the_fp32_residual():
     v = islands(["model.visual.blocks.*.mlp.fc2"], vision_units(2))
     assert v.units == ("model.visual.blocks.0.mlp", "model.visual.blocks.1.mlp", "model.visual.merger")
     assert islands([], text_units(3)).units == () and not islands([], text_units(3))
+    deep = vision_units(2, deepstack=2)  # Qwen3-VL: a DeepStack merger reads the residual midway, like the merger
+    assert islands(["model.visual.deepstack_merger_list.1"], deep).units == ("model.visual.deepstack_merger_list.1",)
+    assert islands(["model.visual.blocks.1.mlp"], deep).units == (
+        "model.visual.blocks.1.mlp", "model.visual.deepstack_merger_list.0", "model.visual.deepstack_merger_list.1",
+        "model.visual.merger")

@@ -9,7 +9,8 @@ by a massive activation, the rest of the row is ~1e-5, subnormal in fp16 (measur
 the Qwen2.5-VL merger's input).
 
 Units are the attention and the MLP of each decoder layer or vision block, plus ``lm_head``, the vision
-``patch_embed`` and ``merger``. A pattern (fnmatch) selects the units it names, the units inside a module it
+``patch_embed``, ``merger`` and (Qwen3-VL) each DeepStack merger, ``deepstack_merger_list.{j}``; when the
+residual stream is carried in fp32, the modules reading it (the merger, every DeepStack merger) are too. A pattern (fnmatch) selects the units it names, the units inside a module it
 names (``model.language_model.layers.27`` → its ``self_attn`` and ``mlp``), and the unit holding a module it
 names (``….mlp.down_proj`` → ``….mlp``), so the range report's module names can be given as they are.
 """
@@ -21,6 +22,7 @@ from fnmatch import fnmatch
 
 TEXT_LAYERS = "model.language_model.layers"
 VISION = "model.visual"
+DEEPSTACK = "deepstack_merger_list"  # Qwen3-VL: a merger on the residual stream after some blocks
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,10 @@ def text_units(layers: int) -> list[str]:
     return [f"{TEXT_LAYERS}.{i}.{m}" for i in range(layers) for m in ("self_attn", "mlp")] + ["lm_head"]
 
 
-def vision_units(depth: int) -> list[str]:
+def vision_units(depth: int, deepstack: int = 0) -> list[str]:
+    """patch_embed, each block's attn and mlp, the ``deepstack`` DeepStack mergers (Qwen3-VL), the merger."""
     return ([f"{VISION}.patch_embed"] + [f"{VISION}.blocks.{i}.{m}" for i in range(depth) for m in ("attn", "mlp")]
-            + [f"{VISION}.merger"])
+            + [f"{VISION}.{DEEPSTACK}.{j}" for j in range(deepstack)] + [f"{VISION}.merger"])
 
 
 def selects(pattern: str, unit: str) -> bool:
@@ -70,8 +73,9 @@ def islands(patterns: list[str] | tuple[str, ...], units: list[str], residual_mo
     starts = [i for i in (_index(u) for u in chosen) if i is not None]
     starts += [i for i in (_index(m) for m in residual_modules) if i is not None]
     head = units[-1]  # lm_head or the merger: it reads the residual stream's end
-    if starts and head not in chosen:  # an fp32 residual cast to fp16 for the head would lose its small values
-        chosen.append(head)
+    if starts:  # an fp32 residual cast to fp16 for a module reading it would lose its small values
+        readers = [u for u in units if u == head or f".{DEEPSTACK}." in u]  # DeepStack mergers read it midway
+        chosen = [u for u in units if u in chosen or u in readers]
     return Islands(tuple(chosen), min(starts) if starts else None)
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from qvlc.models.common.dims import VisionDims
 from qvlc.models.common.family import chunk_widths
-from qvlc.models.common.islands import Islands
+from qvlc.models.common.islands import DEEPSTACK, VISION, Islands
 from qvlc.models.common.layers import LayerNorm, Linear, param
 from qvlc.models.common.vision import VisionBlock, edge_dtypes
 
@@ -57,8 +57,10 @@ class VisualGraph(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(b, vision, dtype, attention_block, i, islands,
                                                 ("linear_fc1", "linear_fc2")) for i, b in enumerate(hf_visual.blocks))
         self.merger = Merger(hf_visual.merger, vision, merger_dtype, postshuffle=False)
-        self.deepstack_merger_list = nn.ModuleList(Merger(m, vision, merger_dtype, postshuffle=True)
-                                       for m in hf_visual.deepstack_merger_list)
+        fp32 = (islands or Islands()).fp32
+        self.deepstack_merger_list = nn.ModuleList(
+            Merger(m, vision, torch.float32 if fp32(f"{VISION}.{DEEPSTACK}.{j}") else dtype, postshuffle=True)
+            for j, m in enumerate(hf_visual.deepstack_merger_list))
         self.deepstack_after = tuple(vision.deepstack)
         self.widths = chunk_widths(vision.out_hidden, chunk_width)
 
