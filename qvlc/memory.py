@@ -241,5 +241,13 @@ def release_memory() -> None:
     2B LLM left ~3 GB resident that the validation's sessions then had to sit beside; inside a memory cgroup every
     such page is one the page cache cannot use for the weights)."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere). ONNX Runtime without
+    its arena mallocs every activation below glibc's mmap threshold (32 MB) from the heap, and the freed chunks
+    stay resident: measured, 6.4 GB of heap during the 7B prefills — memory the page cache then lacks for the
+    weights. Cheap next to a graph call (it walks the free lists once)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)

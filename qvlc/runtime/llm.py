@@ -79,8 +79,8 @@ class LlmRuntime:
                  runtime: Runtime = Runtime.ONNXRUNTIME) -> None:
         """``spec``/``family`` default to the artifact manifest's; ``merge_size`` and ``tokens_per_second`` are the
         vision tower's (they shape M-RoPE positions of images and videos). ``graphs`` replaces the ONNX graphs by
-        other runners with the same ``run(feeds per rank)`` (validation drives the unsplit torch deployment
-        module this way); ``runtime`` runs the graphs on ONNX Runtime (the default) or TVM."""
+        other runners with the same ``run(feeds per rank)`` and ``run_many`` (validation drives the unsplit torch
+        deployment module this way); ``runtime`` runs the graphs on ONNX Runtime (the default) or TVM."""
         self.folder, self.runtime = Path(folder), runtime
         if spec is None or family is None:
             m = read_part_manifest(self.folder, "llm")
@@ -224,8 +224,7 @@ class LlmRuntime:
             x = embed.reshape(1, 1, s.hidden).astype(self.np_dtype)
             items.append([{"inputs_embeds": x, "attention_mask": mask, "cos": cos, "sin": sin,
                            "past_key_values": kv} for kv in state.kv])
-        graph = self.decode_graph
-        results = graph.run_many(items) if hasattr(graph, "run_many") else [graph.run(f) for f in items]
+        results = self.decode_graph.run_many(items)
         for state, outs in zip(states, results):
             for kv, o in zip(state.kv, outs):
                 kv[..., state.slot, :] = o["present_key_values"][..., 0, :]

@@ -31,7 +31,7 @@ from qvlc.checkpoint.load import LoadedCheckpoint
 from qvlc.contract import PREFILL
 from qvlc.host.rope import decode_position
 from qvlc.integrity import declared_graphs
-from qvlc.memory import UNSPLIT_MAX_BYTES, release_memory, text_params
+from qvlc.memory import UNSPLIT_MAX_BYTES, release_memory, text_params, trim_heap
 from qvlc.models.common.quantized import quantized_tree
 from qvlc.models.common.tp import RankLayout, rank_layout
 from qvlc.plan import Plan
@@ -83,6 +83,9 @@ class TorchGraph:
     def run(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         outs = self.module(*(torch.from_numpy(np.ascontiguousarray(feeds[0][n])) for n in self.input_names))
         return [{n: o.numpy() for n, o in zip(self.output_names, outs)}]
+
+    def run_many(self, items: list[list[dict[str, np.ndarray]]]) -> list[list[dict[str, np.ndarray]]]:
+        return [self.run(feeds) for feeds in items]
 
 
 def llm_runtime(plan: Plan, folder: Path, graphs: tuple | None = None,
@@ -156,8 +159,9 @@ def _prefill_all(runtime: LlmRuntime, unsplit: LlmRuntime | None, cases: list[Ll
             run.unsplit_logits.append(unsplit.logits_of(unsplit.prefill_window(w)))
             unsplit_states.append(unsplit.take_state())
         runs.append(run)
+        release_memory()  # the call's freed activations: page cache for the weights, not resident heap
     runtime.release_prefill()
-    release_memory()  # the prefill calls' freed activations: page cache for the decode weights, not heap
+    release_memory()
 
 
 def _decode_all(runtime: LlmRuntime, unsplit: LlmRuntime | None, runs: list[GraphRun], states: list,
@@ -176,6 +180,7 @@ def _decode_all(runtime: LlmRuntime, unsplit: LlmRuntime | None, runs: list[Grap
         if unsplit is not None:
             for run, outs in zip(runs, unsplit.decode_many(unsplit_states, embeds, positions)):
                 run.unsplit_logits.append(unsplit.logits_of(outs))
+        trim_heap()
 
 
 def llm_cases(plan: Plan, ck: LoadedCheckpoint | None, seed: int = 0,
