@@ -178,7 +178,7 @@ def run(
         images = [load_image(p) for p in image or []]  # bad image paths fail before anything is loaded
         pipe = VlmPipeline(llm_dir, visual_dir, checkpoint, verify_hashes, check_digest_options(expect_digest))
         tps = pipe.preprocess.temporal_patch_size
-        videos = [load_video(p, frames_fps, tps, fps, pipe.preprocess.video_processor) for p in video or []]
+        videos = [load_video(p, frames_fps, tps, fps, pipe.preprocess.video_sampling) for p in video or []]
         result = pipe.generate(images, prompt, max_new_tokens=max_new_tokens, on_token=stream, videos=videos)
     stop = "end of turn" if result.stopped_at_eos else "max new tokens"
     console.print()

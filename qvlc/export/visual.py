@@ -27,13 +27,15 @@ from qvlc.models.common.text import example_inputs
 from qvlc.plan import Plan
 
 
-def preprocess_config(checkpoint: Path, vision: VisionDims) -> PreprocessConfig:
-    """The checkpoint's preprocessing, with patch/temporal/merge sizes that must agree with its vision config.
+def preprocess_config(checkpoint: Path, vision: VisionDims,
+                      video_rules: dict[str, str] | None = None) -> PreprocessConfig:
+    """The checkpoint's preprocessing, with patch/temporal/merge sizes that must agree with its vision config and
+    the family's video rules (``Family.video_rules``).
 
     Without a preprocessor_config.json, the sizes come from the vision config (the other values keep Qwen2-VL's
     defaults); a file that disagrees with the vision config is an error.
     """
-    pre = PreprocessConfig.from_checkpoint(checkpoint)
+    pre = dataclasses.replace(PreprocessConfig.from_checkpoint(checkpoint), **(video_rules or {}))
     sizes = {"patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
              "merge_size": vision.merge_size}
     if not (Path(checkpoint) / PREPROCESSOR_CONFIG_NAME).is_file():
@@ -65,7 +67,7 @@ def export_visual(plan: Plan, ck: LoadedCheckpoint, stage: Path) -> ExportResult
     """visual.onnx (+ visual_weights.data) and preprocess.json in ``stage``."""
     e = plan.cfg.export
     result = ExportResult(visual=plan.visual_spec)
-    pre = preprocess_config(plan.checkpoint, plan.dims.vision)
+    pre = preprocess_config(plan.checkpoint, plan.dims.vision, plan.family.video_rules)
     (stage / PREPROCESS).write_text(pre.to_json())
     result.bytes_written += (stage / PREPROCESS).stat().st_size
 

@@ -84,9 +84,10 @@ class PreprocessConfig:
     rescale_factor: float = 1 / 255
     video_min_pixels: int = 128 * 28 * 28  # per frame (transformers' Qwen2VLVideoProcessor defaults)
     video_max_pixels: int = 768 * 28 * 28
-    # whose video processor the host reproduces: qwen2_vl (frames sampled to a multiple of temporal_patch_size,
-    # video pixel bounds per frame) or qwen3_vl (frames sampled by linspace, the bounds over the whole clip t x h x w)
-    video_processor: str = "qwen2_vl"
+    # the video processor's rules (set by Family.video_rules): frames sampled as a ramp from frame 0 to a multiple
+    # of temporal_patch_size, or by linspace first to last; the video pixel bounds per frame, or over t x h x w
+    video_sampling: str = "ramp"
+    video_budget: str = "frame"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
@@ -101,9 +102,9 @@ class PreprocessConfig:
         if len(self.image_mean) != len(self.image_std):
             raise QvlcError(f"image_mean has {len(self.image_mean)} values, image_std {len(self.image_std)}",
                             fix="give one mean and one std per channel", key="image_mean")
-        if self.video_processor not in VIDEO_PROCESSORS:
-            raise QvlcError(f"video_processor {self.video_processor!r}", fix=f"use one of {', '.join(VIDEO_PROCESSORS)}",
-                            key="video_processor")
+        for key, allowed in (("video_sampling", VIDEO_SAMPLING), ("video_budget", VIDEO_BUDGET)):
+            if getattr(self, key) not in allowed:
+                raise QvlcError(f"{key} {getattr(self, key)!r}", fix=f"use one of {', '.join(allowed)}", key=key)
         if any(s == 0 for s in self.image_std):
             raise QvlcError("image_std contains 0", fix="use the checkpoint's image_std", key="image_std")
 
@@ -123,8 +124,8 @@ class PreprocessConfig:
 
     def resized_size(self, height: int, width: int, video: bool = False, frames: int = 1) -> tuple[int, int]:
         """smart_resize with this config's factor and pixel bounds (the video ones for the ``frames`` frames of a
-        video: per frame, or — Qwen3-VL's processor — over the whole clip)."""
-        if video and self.video_processor == "qwen3_vl":
+        video: per frame, or over the whole clip)."""
+        if video and self.video_budget == "clip":
             return smart_resize_clip(frames, height, width, self.temporal_patch_size, self.factor,
                                      self.video_min_pixels, self.video_max_pixels)
         if video:
@@ -190,7 +191,7 @@ class PreprocessConfig:
 
 
 VIDEO_PREPROCESSOR_CONFIG_NAME = "video_preprocessor_config.json"
-VIDEO_PROCESSORS = ("qwen2_vl", "qwen3_vl")
+VIDEO_SAMPLING, VIDEO_BUDGET = ("ramp", "linspace"), ("frame", "clip")
 
 
 def smart_resize_clip(frames: int, height: int, width: int, temporal_factor: int, factor: int, min_pixels: int,
@@ -198,12 +199,11 @@ def smart_resize_clip(frames: int, height: int, width: int, temporal_factor: int
     """transformers 4.57.6 Qwen3-VL video ``smart_resize``: the pixel bounds hold for the whole clip (frames
     rounded to the temporal factor x height x width), so a longer clip gets smaller frames."""
     if frames < temporal_factor:
-        raise QvlcError(f"the video has {frames} sampled frame(s); Qwen3-VL's processor needs at least "
-                        f"{temporal_factor}", fix="pass a longer video, or sample more frames (a higher --fps)",
-                        key="video")
+        raise QvlcError(f"the video has {frames} sampled frame(s); the processor needs at least {temporal_factor}",
+                        fix="pass a longer video, or sample more frames (a higher --fps)", key="video")
     if height < factor or width < factor or max(height, width) / min(height, width) > 200:
-        raise QvlcError(f"video frames of {height}x{width} cannot be resized for the vision tower",
-                        fix=f"use frames of at least {factor}x{factor} with an aspect ratio below 200", key="video")
+        raise QvlcError(f"video frames of {height}x{width} cannot be resized for the vision tower", key="video",
+                        fix=f"use frames of at least {factor}x{factor} with an aspect ratio below 200")
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
     t_bar = round(frames / temporal_factor) * temporal_factor
     if t_bar * h_bar * w_bar > max_pixels:
@@ -216,9 +216,9 @@ def smart_resize_clip(frames: int, height: int, width: int, temporal_factor: int
     return h_bar, w_bar
 
 
-def _video_pixels(folder: Path) -> dict[str, Any]:
+def _video_pixels(folder: Path) -> dict[str, int]:
     """The video pixel bounds from the checkpoint's video_preprocessor_config.json (min/max_pixels, or
-    size.shortest_edge/longest_edge) and whose processor it names; empty when it has none."""
+    size.shortest_edge/longest_edge); empty when it has none."""
     path = folder / VIDEO_PREPROCESSOR_CONFIG_NAME
     if not path.is_file():
         return {}
@@ -228,14 +228,9 @@ def _video_pixels(folder: Path) -> dict[str, Any]:
         raise QvlcError(f"{path} is not valid JSON ({exc})", fix="restore the checkpoint's original file",
                         key="model.checkpoint") from exc
     size = raw.get("size") or {}
-    out = {}
-    for key, alt in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
-        value = raw.get(key, size.get(alt))
-        if value is not None:
-            out[f"video_{key}"] = int(value)
-    if raw.get("video_processor_type") == "Qwen3VLVideoProcessor":
-        out["video_processor"] = "qwen3_vl"
-    return out
+    values = {f"video_{key}": raw.get(key, size.get(alt)) for key, alt in (("min_pixels", "shortest_edge"),
+                                                                            ("max_pixels", "longest_edge"))}
+    return {k: int(v) for k, v in values.items() if v is not None}
 
 
 def _to_rgb_array(image: ImageLike) -> np.ndarray:
@@ -296,7 +291,7 @@ def video_to_patches(frames: Sequence[ImageLike] | np.ndarray,
     """Video frames (list of images, or uint8 [T, H, W, 3]) → (pixel_values [t*h*w, patch_dim], grid_thw [3]).
 
     All frames take the first frame's resized size within the video pixel bounds (per frame, or over the clip
-    for ``video_processor: qwen3_vl``); T is padded to a multiple of
+    with ``video_budget: clip``); T is padded to a multiple of
     temporal_patch_size by repeating the last frame (as transformers does). Frames are not sampled here
     (``qvlc.runtime.media.load_video`` samples them).
     """

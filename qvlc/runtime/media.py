@@ -64,15 +64,16 @@ class Video:
 
 
 def sample_indices(total: int, video_fps: float, temporal_patch_size: int, fps: float = DEFAULT_FPS,
-                   min_frames: int = MIN_FRAMES, max_frames: int = MAX_FRAMES, rule: str = "qwen2_vl") -> np.ndarray:
-    """Frame indices to keep, as transformers 4.57.6's video processor ``rule`` picks them with ``fps``.
+                   min_frames: int = MIN_FRAMES, max_frames: int = MAX_FRAMES, rule: str = "ramp") -> np.ndarray:
+    """Frame indices to keep, as transformers 4.57.6's video processors pick them with ``fps`` (``rule``, from
+    ``preprocess.json`` ``video_sampling``).
 
-    qwen2_vl (``Qwen2VLVideoProcessor.sample_frames``): about ``fps`` frames per second, at least ``min_frames``,
+    ramp (``Qwen2VLVideoProcessor.sample_frames``): about ``fps`` frames per second, at least ``min_frames``,
     at most ``max_frames`` and the video's frames, rounded down to a multiple of ``temporal_patch_size``, spread
-    evenly from frame 0. qwen3_vl (``Qwen3VLVideoProcessor.sample_frames``): int(seconds x fps) frames within the
+    evenly from frame 0. linspace (``Qwen3VLVideoProcessor.sample_frames``): int(seconds x fps) frames within the
     same bounds, from the first frame to the last (linspace, rounded); an odd count is padded later by repeating
     the last frame, as the processor does."""
-    if rule == "qwen3_vl":
+    if rule == "linspace":
         n = min(min(max(int(total / video_fps * fps), min_frames), max_frames), total)
         return np.linspace(0, total - 1, n).round().astype(np.int64)
     if total < temporal_patch_size:
@@ -87,10 +88,10 @@ def sample_indices(total: int, video_fps: float, temporal_patch_size: int, fps: 
 
 
 def load_video(path: Path | str, frames_fps: float = DEFAULT_FPS, temporal_patch_size: int = 2,
-               fps: float = DEFAULT_FPS, rule: str = "qwen2_vl") -> Video:
+               fps: float = DEFAULT_FPS, rule: str = "ramp") -> Video:
     """A video file (a container qvlc knows: MP4/MOV, Matroska/WebM, AVI, FLV, Ogg, MPEG-TS) or a folder of frame
     images (sorted by name, taken as ``frames_fps`` frames per second), sampled to ``fps`` frames per second by
-    the video processor ``rule`` (``sample_indices``; the artifact's ``preprocess.json`` names it). Only the
+    ``rule`` (``sample_indices``; the artifact's ``preprocess.json`` ``video_sampling``). Only the
     sampled frames are decoded and kept, within ``MAX_VIDEO_BYTES``."""
     p = Path(path).expanduser()
     if p.is_dir():

@@ -3,7 +3,8 @@
 1. **Graphs.** Every prompt goes through the host path a deployment uses (``embed_tokens.bin`` in the export
    dtype, image and video rows scattered in, the family's NumPy ``get_rope_index`` and M-RoPE, left padding to
    S) into the prefill graph; then the decode graph generates greedily, carrying the KV cache, for
-   ``max(decode_steps, generate_tokens - 1)`` steps. Only one graph's sessions are alive at a time.
+   ``max(decode_steps, generate_tokens - 1)`` steps, all prompts together (``qvlc.validate.llm_graphs``). Only
+   one graph's sessions are alive at a time.
 2. **Oracle.** Each prompt at its real length plus the tokens the graphs generated runs once, teacher-forced,
    through transformers' own modules (``qvlc.validate.oracle``: streamed one layer at a time by default), with
    positions from transformers' own ``get_rope_index`` — so the host rope code is checked too.
@@ -20,7 +21,6 @@ Graph interfaces (names → shapes → dtypes against the family's signatures) a
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +29,16 @@ import torch
 from qvlc.checkpoint.lazy import lazy_text_model
 from qvlc.checkpoint.load import LoadedCheckpoint
 from qvlc.contract import PREFILL
-from qvlc.host.rope import decode_position
 from qvlc.integrity import declared_graphs
-from qvlc.memory import UNSPLIT_MAX_BYTES, release_memory, text_params, trim_heap
-from qvlc.models.common.quantized import quantized_tree
+from qvlc.memory import UNSPLIT_MAX_BYTES, release_memory, text_params
 from qvlc.models.common.tp import RankLayout, rank_layout
 from qvlc.plan import Plan
 from qvlc.precision import Runtime
-from qvlc.runtime.llm import LlmRuntime, Window
 from qvlc.runtime.tvm_session import TvmBuildError
 from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
 from qvlc.validate.llm_cases import LlmCase, build_cases, with_image_rows
+from qvlc.validate.llm_graphs import GraphRun, llm_runtime, run_graphs, unsplit_runtime
 from qvlc.validate.metrics import ParityReport, TokenCheck
 from qvlc.validate.oracle import (
     InMemoryOracle,
@@ -54,60 +52,11 @@ from qvlc.validate.ranges import RangeRecorder
 from qvlc.validate.vision_oracle import StreamedVisionOracle
 
 
-@dataclass
-class GraphRun:
-    """What the graphs computed for one prompt (per rank): the oracle is compared with this afterwards."""
-
-    case: LlmCase
-    window: Window
-    tokens: list[int] = field(default_factory=list)  # generated greedily: g_0 from prefill, g_k from decode k-1
-    logits: list[list[np.ndarray]] = field(default_factory=list)  # per step (prefill, decode 0 …), per rank
-    kv: list[list[np.ndarray]] = field(default_factory=list)  # per step, per rank: [L,2,kvH,T,D] (real positions)
-    unsplit_logits: list[np.ndarray] = field(default_factory=list)  # tp > 1: the tp = 1 module on the same tokens
-
-
 def check_interfaces(plan: Plan, folder: Path, report: ParityReport) -> bool:
     ok = True
     for graph, path, sig in declared_graphs(folder, plan.family, llm=plan.llm_spec):
         ok &= check_interface(report, graph, path, sig)
     return ok
-
-
-class TorchGraph:
-    """A deployment module run in eager torch behind RankedGraph's interface (one rank)."""
-
-    def __init__(self, module: torch.nn.Module, input_names, output_names) -> None:
-        self.module, self.input_names, self.output_names = module, input_names, output_names
-
-    @torch.no_grad()
-    def run(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        outs = self.module(*(torch.from_numpy(np.ascontiguousarray(feeds[0][n])) for n in self.input_names))
-        return [{n: o.numpy() for n, o in zip(self.output_names, outs)}]
-
-    def run_many(self, items: list[list[dict[str, np.ndarray]]]) -> list[list[dict[str, np.ndarray]]]:
-        return [self.run(feeds) for feeds in items]
-
-
-def llm_runtime(plan: Plan, folder: Path, graphs: tuple | None = None,
-                runtime: Runtime = Runtime.ONNXRUNTIME) -> LlmRuntime:
-    spec, v = plan.llm_spec, plan.dims.vision
-    if graphs is not None:
-        spec = replace(spec, tp=1, kv_heads_per_rank=plan.dims.text.kv_heads)
-    return LlmRuntime(folder, spec, plan.family, v.merge_size, v.tokens_per_second, graphs, runtime)
-
-
-def unsplit_runtime(plan: Plan, ck: LoadedCheckpoint | None, folder: Path) -> LlmRuntime:
-    """The tp = 1 deployment module (eager torch, the export dtype) behind the same host loop as the ranks, built
-    from the loaded model or, without one, from the checkpoint files."""
-    text_model, lm_head = (ck.text_model, ck.lm_head) if ck is not None else \
-        quantized_tree(*lazy_text_model(plan.checkpoint), plan.quant)
-    sigs = plan.family.llm_signatures(replace(plan.llm_spec, tp=1, kv_heads_per_rank=plan.dims.text.kv_heads))
-    graphs, stack = [], None
-    for name, sig in sigs.items():
-        module, stack = plan.family.llm_graph(name, text_model, lm_head, plan.dims, rank_layout(plan.dims.text, 1, 0),
-                                              plan.cfg.export.dtype.torch, stack, plan.islands)
-        graphs.append(TorchGraph(module, sig.input_names, sig.output_names))
-    return llm_runtime(plan, folder, tuple(graphs))
 
 
 def vision_rows(plan: Plan, ck: LoadedCheckpoint | None, cases: list[LlmCase]) -> list[LlmCase]:
@@ -126,61 +75,6 @@ def vision_rows(plan: Plan, ck: LoadedCheckpoint | None, cases: list[LlmCase]) -
         gc.collect()
     got = dict(zip((c.name for c in todo), rows))
     return [with_image_rows(c, got[c.name], plan.dims.text.hidden) if c.name in got else c for c in cases]
-
-
-def run_graphs(plan: Plan, folder: Path, cases: list[LlmCase], steps: int, unsplit: LlmRuntime | None,
-               on: Runtime = Runtime.ONNXRUNTIME, fed: list[GraphRun] | None = None,
-               phases: Phases | None = None) -> list[GraphRun]:
-    """Phase 1: every prefill, then (prefill sessions released) the greedy decode of every prompt together, on
-    runtime ``on``. Decode runs step-major with the prompts inside each graph segment (``decode_many``), so every
-    decode step reads the weights once for all prompts, not once per prompt. With ``fed`` (another runtime's runs)
-    each decode step is fed the token that run chose, so the oracle's teacher-forced pass fits both; ``tokens``
-    still records this runtime's own argmax at every step."""
-    runtime, S, phases = llm_runtime(plan, folder, runtime=on), plan.cfg.export.prefill_len, phases or Phases()
-    runs, states, unsplit_states = [], [], []
-    with phases.phase(f"prefill ({on})", f"{len(cases)} prompts, one at a time"):
-        _prefill_all(runtime, unsplit, cases, runs, states, unsplit_states)
-    with phases.phase(f"decode ({on})", f"{steps} steps, the {len(cases)} prompts together in each graph segment"):
-        _decode_all(runtime, unsplit, runs, states, unsplit_states, steps, S, fed)
-    return runs
-
-
-def _prefill_all(runtime: LlmRuntime, unsplit: LlmRuntime | None, cases: list[LlmCase], runs: list[GraphRun],
-                 states: list, unsplit_states: list) -> None:
-    for case in cases:
-        w = runtime.prompt_window(case.ids, case.media)
-        outs = runtime.prefill_window(w)
-        real = np.flatnonzero(w.mask)
-        run = GraphRun(case, w, logits=[[o["logits"].reshape(-1) for o in outs]],
-                       kv=[[o["present_key_values"][:, :, 0][..., real, :] for o in outs]])
-        del outs
-        states.append(runtime.take_state())  # the sequence's KV, handed over (no copy)
-        if unsplit is not None:
-            run.unsplit_logits.append(unsplit.logits_of(unsplit.prefill_window(w)))
-            unsplit_states.append(unsplit.take_state())
-        runs.append(run)
-        release_memory()  # the call's freed activations: page cache for the weights, not resident heap
-    runtime.release_prefill()
-    release_memory()
-
-
-def _decode_all(runtime: LlmRuntime, unsplit: LlmRuntime | None, runs: list[GraphRun], states: list,
-                unsplit_states: list, steps: int, S: int, fed: list[GraphRun] | None) -> None:
-    for step in range(steps + 1):
-        for run in runs:
-            run.tokens.append(int(np.argmax(np.concatenate(run.logits[-1]))))
-        if step == steps:
-            break
-        tokens = [fed[i].tokens[step] if fed is not None else run.tokens[-1] for i, run in enumerate(runs)]
-        embeds = [runtime.embed.lookup(np.array([t]))[0] for t in tokens]
-        positions = [decode_position(S, step, run.window.delta) for run in runs]  # the host's rule
-        for run, outs in zip(runs, runtime.decode_many(states, embeds, positions)):
-            run.logits.append([o["logits"].reshape(-1) for o in outs])
-            run.kv.append([o["present_key_values"][:, :, 0] for o in outs])
-        if unsplit is not None:
-            for run, outs in zip(runs, unsplit.decode_many(unsplit_states, embeds, positions)):
-                run.unsplit_logits.append(unsplit.logits_of(outs))
-        trim_heap()
 
 
 def llm_cases(plan: Plan, ck: LoadedCheckpoint | None, seed: int = 0,

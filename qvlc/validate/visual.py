@@ -149,7 +149,8 @@ def visual_cases(plan: Plan, seed: int = 0) -> list[VisualCase]:
     """The validation cases, preprocessed as the artifact will (from the checkpoint's preprocessor config)."""
     from qvlc.export.visual import preprocess_config
 
-    return build_cases(plan.visual_spec, preprocess_config(plan.checkpoint, plan.dims.vision), seed)
+    pre = preprocess_config(plan.checkpoint, plan.dims.vision, plan.family.video_rules)
+    return build_cases(plan.visual_spec, pre, seed)
 
 
 def reference_embeddings(plan: Plan, ck: LoadedCheckpoint | None, cases: list[VisualCase],

@@ -52,6 +52,8 @@ class Family:
     frames_as_grids = False  # Qwen3-VL: each temporal patch of a video is a vision span (and M-RoPE grid) of its own
     tiny_seed = 20241125
     tiny_std: float | None = None  # std of the tiny default's weights (None: transformers' init)
+    # the video processor's rules, written into preprocess.json (qvlc.host.preprocess.PreprocessConfig)
+    video_rules: dict[str, str] = {"video_sampling": "ramp", "video_budget": "frame"}
 
     # -- config.json ----------------------------------------------------------------------------------------
     def dims(self, config: dict[str, Any], source: str = "config.json") -> ModelDims:

@@ -30,6 +30,8 @@ class Qwen3VL(Qwen2VL):
     # transformers' init leaves the tiny model's greedy tokens one repeated id; at std 0.2 DeepStack, interleaved
     # M-RoPE and the position table each change them (tests/models/qwen3_vl/test_tiny_is_sharp.py)
     tiny_std = 0.2
+    # Qwen3VLVideoProcessor: frames by linspace from the first to the last, the pixel bounds over the whole clip
+    video_rules = {"video_sampling": "linspace", "video_budget": "clip"}
 
     def dims(self, config: dict[str, Any], source: str = "config.json") -> ModelDims:
         from qvlc.models.qwen2_vl.dims import parse_dims
