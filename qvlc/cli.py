@@ -66,6 +66,9 @@ def parity_table(report) -> Table:
                   f"{max(r['max_abs'] for r in rs):.2e}", f"{max(r['rel_l2'] for r in rs):.2e}",
                   f"{min(r['cosine'] for r in rs):.7f}",
                   "[green]pass[/]" if all(r["passed"] for r in rs) else "[red]FAIL[/]")
+    if report.phases:  # where the validation's time went (not in the artifact: timings differ run to run)
+        t.caption = "validation: " + " · ".join(f"{escape(p['phase'])} {p['seconds']:.0f} s ({p['read_gb']:.1f} GB "
+                                                 "read)" for p in report.phases)
     return t
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from qvlc.contract import PARITY_JSON, PARITY_MD
 from qvlc.precision import Precision, Runtime, Tolerance
-from qvlc.validate.sections import phases_markdown, ranges_markdown
+from qvlc.validate.sections import ranges_markdown
 
 
 def token_agreement(expected, got) -> int:
@@ -96,7 +96,9 @@ class ParityReport:
     divergence: dict | None = None
     # export.weights: the graphs against the unquantized model (qvlc.validate.quant_error)
     quantization: dict | None = None
-    phases: list[dict] = field(default_factory=list)  # qvlc.validate.phases: seconds, GB read, memory per phase
+    # qvlc.validate.phases: seconds, GB read, memory per phase — printed and returned, never written into the
+    # artifact (its files stay byte-identical from one compile of the same inputs to the next)
+    phases: list[dict] = field(default_factory=list)
     cases: dict[str, list[str]] = field(default_factory=dict)  # validate.cases: {"run": [...], "skipped": [...]}
     runtime: Runtime = Runtime.ONNXRUNTIME  # the runtime whose results add() and fail() are recording now
 
@@ -209,7 +211,6 @@ class ParityReport:
             "first_divergent_layer": self.divergence,
             "quantization_error": self.quantization,
             "cases": self.cases,
-            "phases": self.phases,
             "notes": self.notes,
         }
 
@@ -251,7 +252,7 @@ class ParityReport:
             for tk in self.tokens:
                 res = "pass" if tk.expected == tk.got else ("FAIL" if tk.required else "reported")
                 lines.append(f"| {tk.graph} | {tk.case} |{col(tk.runtime)} {tk.matched}/{len(tk.expected)} | {res} |")
-        lines += ranges_markdown(self) + self._quantization_markdown() + phases_markdown(self.phases)
+        lines += ranges_markdown(self) + self._quantization_markdown()
         if self.failures:
             lines += ["", "## Failures", ""] + [f"- {f}" for f in self.failures]
         if self.notes:

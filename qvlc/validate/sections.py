@@ -1,5 +1,4 @@
-"""Sections of the parity report's markdown that stand on their own: the fp16 ranges the oracle met and where
-the validation's time went."""
+"""Sections of the parity report's markdown that stand on their own: the fp16 ranges the oracle met."""
 
 from __future__ import annotations
 
@@ -24,15 +23,4 @@ def ranges_markdown(report) -> list[str]:
     lines += [f"| {h['level']} | {h['kind']} | {h['max_abs']:.4g} | {h['underflow_fraction']:.2%} | {h['module']} "
               f"| {h['case'] if h['level'] != 'underflow' else h['underflow_case']} | "
               f"{'fp32 island' if h.get('fp32') else 'fp16'} |" for h in report.hazards]
-    return lines
-
-
-def phases_markdown(rows: list[dict]) -> list[str]:
-    if not rows:
-        return []
-    lines = ["", "## Validation phases", "", "Seconds, bytes read from storage, and this process's resident memory at "
-             "the end of each phase (anonymous / file-backed).", "",
-             "| phase | s | GB read | anon GB | file GB | what |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['phase']} | {r['seconds']:.1f} | {r['read_gb']:.2f} | {r['anon_gb']:.2f} | {r['file_gb']:.2f} | "
-              f"{r['detail']} |" for r in rows]
     return lines
