@@ -90,7 +90,7 @@ def test_a_graph_diverging_at_token_k_is_reported_at_k(tmp_path, monkeypatch, k)
     from qvlc.pipeline import compile_artifact
     from qvlc.runtime.llm import LlmRuntime
 
-    prefill, decode = LlmRuntime.prefill, LlmRuntime.decode
+    prefill, decode_many = LlmRuntime.prefill, LlmRuntime.decode_many
 
     def push(outs, token: int = 3):
         out = [dict(o) for o in outs]
@@ -101,12 +101,13 @@ def test_a_graph_diverging_at_token_k_is_reported_at_k(tmp_path, monkeypatch, k)
     def wrong_prefill(self, *a):
         return push(prefill(self, *a)) if k == 0 else prefill(self, *a)
 
-    def wrong_decode(self, *a):
-        step = self.slot - self.spec.prefill_len
-        return push(decode(self, *a)) if step >= k - 1 and k > 0 else decode(self, *a)
+    def wrong_decode_many(self, states, *a):  # validation decodes its prompts together
+        steps = [s.slot - self.spec.prefill_len for s in states]
+        outs = decode_many(self, states, *a)
+        return [push(o) if step >= k - 1 and k > 0 else o for o, step in zip(outs, steps)]
 
     monkeypatch.setattr(LlmRuntime, "prefill", wrong_prefill)
-    monkeypatch.setattr(LlmRuntime, "decode", wrong_decode)
+    monkeypatch.setattr(LlmRuntime, "decode_many", wrong_decode_many)
     cfg = config_from_dict({"name": "div", "part": "llm", "export": {"prefill_len": 64, "max_context": 96},
                             "validate": {"decode_steps": 2, "generate_tokens": 8}, "output": {"dir": str(tmp_path)}})
     with pytest.raises(ParityError) as info:
