@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx.utils
 
+from qvlc.memory import heap_reuse
 from qvlc.parallel.allreduce import DOMAIN, OP_TYPE, register_onnx_schema
 from qvlc.precision import Runtime
 from qvlc.runtime.sessions import open_session
@@ -81,7 +82,12 @@ class RankedGraph:
         """Several independent calls (``items[i][r]``: call i's inputs on rank r) run segment-major: each segment
         of each rank runs every call before the next segment starts, so a rank's weights are read once for all
         the calls, not once per call (validation's decode steps: one call per prompt). Each call's results are
-        exactly what ``run`` gives it alone."""
+        exactly what ``run`` gives it alone. ONNX Runtime's buffers come from the heap meanwhile (``heap_reuse``:
+        an fp16 weight's per-call fp32 cast reuses the last one's pages), handed back when the calls are done."""
+        with heap_reuse():
+            return self._run_many(items)
+
+    def _run_many(self, items: list[list[dict[str, np.ndarray]]]) -> list[list[dict[str, np.ndarray]]]:
         sums: list[dict[str, np.ndarray]] = [{} for _ in items]
         n_seg = len(self.segments[0])
         results: list[list[dict[str, np.ndarray]]] = [[{} for _ in self.segments] for _ in items]
