@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from qvlc.memory import heap_reuse
+from qvlc.heap import heap_reuse
 from qvlc.runtime.sessions import session_options
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx.utils
 
-from qvlc.memory import heap_reuse
+from qvlc.heap import heap_reuse
 from qvlc.parallel.allreduce import DOMAIN, OP_TYPE, register_onnx_schema
 from qvlc.precision import Runtime
 from qvlc.runtime.sessions import open_session

@@ -17,7 +17,7 @@ import numpy.typing as npt
 from qvlc.contract import PREPROCESS, VISUAL, VisualSpec, read_part_manifest
 from qvlc.host.preprocess import ImageLike, PreprocessConfig, images_to_patches
 from qvlc.host.vision import fit_grids
-from qvlc.memory import heap_reuse
+from qvlc.heap import heap_reuse
 from qvlc.models import family as family_of
 from qvlc.models.common.family import Family, VisionFeeds
 from qvlc.precision import Runtime

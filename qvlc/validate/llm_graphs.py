@@ -13,7 +13,8 @@ import torch
 from qvlc.checkpoint.lazy import lazy_text_model
 from qvlc.checkpoint.load import LoadedCheckpoint
 from qvlc.host.rope import decode_position
-from qvlc.memory import release_memory, trim_heap
+from qvlc.heap import trim_heap
+from qvlc.memory import release_memory
 from qvlc.models.common.quantized import quantized_tree
 from qvlc.models.common.tp import rank_layout
 from qvlc.plan import Plan
