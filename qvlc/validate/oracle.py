@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from qvlc.checkpoint.lazy import lazy_text_model, materialize, read_float
+from qvlc.heap import heap_reuse
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
 from qvlc.models.common.quantized import quantized_tree
@@ -153,19 +154,12 @@ class StreamedOracle(_Oracle):
         rope = [self.shell.rotary(h, p) for h, (p, _) in zip(hidden, pos)]
         kv: list[list[np.ndarray]] = [[] for _ in seqs]
         for i in range(self.dims.text.layers):
-            layer = materialize(self.shell.layer_cls, self.shell.text_config, i, tree=self.text.layers[i])
-            for j, h in enumerate(hidden):
-                rec = _Recorder()
-                t = h.shape[1]
-                handles = ranges.hook(layer, f"{LAYERS}.{i}", [(seqs[j].name, 0, 1)], packed=False)
-                out = layer(h, attention_mask=causal(t), position_ids=pos[j][0], past_key_values=rec,
-                            use_cache=True, cache_position=torch.arange(t), position_embeddings=rope[j])
-                hidden[j] = out[0] if isinstance(out, tuple) else out  # Qwen3-VL's layers return the tensor
-                for where, rows in seqs[j].deepstack_after(i):  # DeepStack: after layer i, at the vision rows
-                    hidden[j][0, torch.from_numpy(where)] += torch.from_numpy(rows)
-                remove(handles)
-                kv[j].append(np.stack([x[0].numpy() for x in rec.kv]))
-            del layer
+            with heap_reuse():  # a prompt's [heads, T, T] scores and the layer's tensors reuse the last ones' pages
+                layer = materialize(self.shell.layer_cls, self.shell.text_config, i, tree=self.text.layers[i])
+                for j, h in enumerate(hidden):
+                    hidden[j], layer_kv = self._layer(layer, i, h, pos[j][0], rope[j], seqs[j], ranges)
+                    kv[j].append(layer_kv)
+                del layer
         norm = materialize(self.shell.norm_cls, self.dims.text.hidden, self.dims.text.rms_eps, tree=self.text.norm)
         last = [norm(h[0, s.prompt_len - 1:]) for h, s in zip(hidden, seqs)]
         for x, s in zip(last, seqs):
@@ -179,6 +173,21 @@ class StreamedOracle(_Oracle):
         for lg, s in zip(logits, seqs):
             ranges.observe("lm_head", LINEAR, torch.from_numpy(lg), [(s.name, 0, 1)], whole=True)
         return [OracleOutput(lg, np.stack(k), d) for lg, k, (_, d) in zip(logits, kv, pos)]
+
+
+    @staticmethod
+    def _layer(layer, i: int, h: torch.Tensor, position_ids, rope, seq: OracleInput,
+               ranges: RangeRecorder) -> tuple[torch.Tensor, np.ndarray]:
+        """Decoder layer ``i`` on one sequence: its output hidden states (DeepStack rows added) and its KV."""
+        rec, t = _Recorder(), h.shape[1]
+        handles = ranges.hook(layer, f"{LAYERS}.{i}", [(seq.name, 0, 1)], packed=False)
+        out = layer(h, attention_mask=causal(t), position_ids=position_ids, past_key_values=rec,
+                    use_cache=True, cache_position=torch.arange(t), position_embeddings=rope)
+        h = out[0] if isinstance(out, tuple) else out  # Qwen3-VL's layers return the tensor
+        for where, rows in seq.deepstack_after(i):  # DeepStack: after layer i, at the vision rows
+            h[0, torch.from_numpy(where)] += torch.from_numpy(rows)
+        remove(handles)
+        return h, np.stack([x[0].numpy() for x in rec.kv])
 
 
 def _deepstack_kwargs(seq: OracleInput) -> dict:
