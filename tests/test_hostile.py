@@ -272,14 +272,19 @@ def test_a_signal_ends_a_command_stuck_in_library_code(tmp_path, artifacts, sig,
     import subprocess
     import sys
 
-    clip = _clip(tmp_path / "c.mp4", 8)
-    code_text = ("import qvlc.watchdog as w; w.block(); import time, qvlc.runtime.media as m; "  # as qvlc.entry does
-                 "m.container_format = lambda p: time.sleep(600); from qvlc.cli import main; main()")
+    clip, stuck = _clip(tmp_path / "c.mp4", 8), tmp_path / "stuck"
+    code_text = ("import qvlc.watchdog as w; w.block(); import time, pathlib, qvlc.runtime.media as m; "  # as entry
+                 f"m.container_format = lambda p: (pathlib.Path({str(stuck)!r}).touch(), time.sleep(600)); "
+                 "from qvlc.cli import main; main()")
     proc = subprocess.Popen([sys.executable, "-c", code_text, "run", str(artifacts["llm"]), str(artifacts["visual"]),
                              "--video", str(clip), "--prompt", "hi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "QVLC_CACHE": str(tmp_path / "cache")},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(8)  # past the artifact checks, into the stuck call
+    deadline = time.monotonic() + 180  # past the artifact checks, into the stuck call (slow on a loaded machine)
+    while not stuck.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stuck.exists(), proc.communicate()[1] if proc.poll() is not None else "never reached the stuck call"
+    time.sleep(0.5)  # inside the sleep, not on its way to it
     t0 = time.monotonic()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
