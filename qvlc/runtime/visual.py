@@ -17,7 +17,6 @@ import numpy.typing as npt
 from qvlc.contract import PREPROCESS, VISUAL, VisualSpec, read_part_manifest
 from qvlc.host.preprocess import ImageLike, PreprocessConfig, images_to_patches
 from qvlc.host.vision import fit_grids
-from qvlc.heap import heap_reuse
 from qvlc.models import family as family_of
 from qvlc.models.common.family import Family, VisionFeeds
 from qvlc.precision import Runtime
@@ -50,10 +49,8 @@ class VisualRuntime:
         return family.vision_feeds(spec, np.asarray(pixel_values), fit_grids(grids, spec.max_patches))
 
     def run_graph(self, feeds: VisionFeeds) -> dict[str, np.ndarray]:
-        """One graph call; every output by name (all N / merge_unit rows, padding included, in graph order). Its
-        buffers come from the heap (``heap_reuse``), as the LLM's do."""
-        with heap_reuse():
-            outs = self.session.run(list(self.spec.output_names), feeds.feeds)
+        """One graph call; every output by name (all N / merge_unit rows, padding included, in graph order)."""
+        outs = self.session.run(list(self.spec.output_names), feeds.feeds)
         return dict(zip(self.spec.output_names, outs))
 
     def embeddings(self, feeds: VisionFeeds, outs: dict[str, np.ndarray], rows: slice | None = None) -> np.ndarray:
