@@ -24,8 +24,8 @@ def heap_reuse(threshold: int = 1 << 30) -> Iterator[None]:
     mapping whose every page the kernel zero-fills and faults in, then unmaps on free; this is what bound
     validation's decode steps. Measured: a decode-sized fp16 MatMul ([1, 1536] x [1536, 8960]) takes 28 ms that
     way and 8.4 ms with the buffer reused from the heap, against 2.2 ms in fp32
-    (``benchmarks/bench_fp16_matmul.py``). The graphs and their arithmetic are untouched: only where ORT's
-    buffers come from changes.
+    (``benchmarks/bench_fp16_matmul.py --k 1536 --n 8960``). The graphs and their arithmetic are untouched:
+    only where ORT's buffers come from changes.
 
     Freed chunks stay resident until the block ends: then glibc's default thresholds (128 KiB) are restored and
     the heap is trimmed (the outermost block, when blocks nest or several threads run graphs). Without glibc it
