@@ -283,7 +283,9 @@ def test_a_signal_ends_a_command_stuck_in_library_code(tmp_path, artifacts, sig,
     deadline = time.monotonic() + 180  # past the artifact checks, into the stuck call (slow on a loaded machine)
     while not stuck.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert stuck.exists(), proc.communicate()[1] if proc.poll() is not None else "never reached the stuck call"
+    if not stuck.exists():
+        proc.kill()  # not left sleeping behind a failed test
+        pytest.fail(f"never reached the stuck call: {proc.communicate()[1]}")
     time.sleep(0.5)  # inside the sleep, not on its way to it
     t0 = time.monotonic()
     proc.send_signal(sig)

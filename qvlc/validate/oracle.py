@@ -174,7 +174,6 @@ class StreamedOracle(_Oracle):
             ranges.observe("lm_head", LINEAR, torch.from_numpy(lg), [(s.name, 0, 1)], whole=True)
         return [OracleOutput(lg, np.stack(k), d) for lg, k, (_, d) in zip(logits, kv, pos)]
 
-
     @staticmethod
     def _layer(layer, i: int, h: torch.Tensor, position_ids, rope, seq: OracleInput,
                ranges: RangeRecorder) -> tuple[torch.Tensor, np.ndarray]:

@@ -72,7 +72,7 @@ def test_the_block_hands_its_heap_back_when_it_ends_and_nested_blocks_keep_reusi
     assert released < held - PAGES * 4096 / 1e9 / 2, (held, released)  # ... and handed back after it
 
 
-def test_ranked_graphs_run_inside_heap_reuse(monkeypatch, tmp_path):
+def test_ranked_graphs_run_inside_heap_reuse(monkeypatch):
     import qvlc.parallel.ranked as ranked
 
     entered = []
