@@ -152,7 +152,7 @@ def print_llm_floors(result, checkpoint: Path, workdir: Path, steps: int) -> Non
     floor."""
     import json
 
-    from qvlc.models import inspect_checkpoint
+    from qvlc.checkpoint.inspect import inspect_checkpoint
 
     _, dims = inspect_checkpoint(checkpoint)
     m = json.loads((result.folder / "manifest.json").read_text())

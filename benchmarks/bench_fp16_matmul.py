@@ -6,7 +6,7 @@ decode phase sits far above its memory-bandwidth floor.
 Builds [m, k] x [k, n] MatMul graphs with the weight as an initializer, in fp16 and in fp32, and times them in
 sessions with qvlc's validation options (graph optimizations off) and with basic optimizations, first with glibc's
 default allocation (ORT's fp32 cast of an fp16 weight is a fresh mapping each call), then inside
-``qvlc.heap.heap_reuse`` (the cast buffer is reused from the heap, what validation runs its graphs in); prints
+``qvlc.system.malloc.heap_reuse`` (the cast buffer is reused from the heap, what validation runs its graphs in); prints
 the median milliseconds per call, the weight bytes streamed per second it implies, and the fp16 ratios.
 """
 
@@ -21,8 +21,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from qvlc.heap import heap_reuse
 from qvlc.runtime.sessions import session_options
+from qvlc.system.malloc import heap_reuse
 
 
 def session(k: int, n: int, m: int, dtype: np.dtype, level) -> ort.InferenceSession:
@@ -62,7 +62,7 @@ def main() -> int:
               "the same, basic optimizations on": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
     fp16 = {}
     for reuse in (False, True):
-        print("inside qvlc.heap.heap_reuse" if reuse else "glibc's default allocation")
+        print("inside qvlc.system.malloc.heap_reuse" if reuse else "glibc's default allocation")
         with heap_reuse() if reuse else contextlib.nullcontext():
             for dtype in (np.float16, np.float32):
                 for label, level in levels.items():

@@ -47,8 +47,8 @@ def main() -> int:
     add_weights_args(ap)
     args = ap.parse_args()
 
-    from qvlc.config import config_from_dict
-    from qvlc.pipeline import compile_artifact
+    from qvlc.compile.stages import compile_artifact
+    from qvlc.config.loading import config_from_dict
 
     checkpoint = ensure_checkpoint(args.workdir, args.seed)
     quant, weights = weights_export(args)

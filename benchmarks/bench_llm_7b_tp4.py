@@ -36,7 +36,6 @@ from _common import (
     weights_export,
 )
 
-
 MODELS = {"qwen2_vl_7b": "qwen2_vl", "qwen3_vl_8b": "qwen3_vl"}  # shipped config → its family
 
 
@@ -63,8 +62,8 @@ def disk_read_gb() -> float:
 
 
 def compile_once(args, checkpoint: Path, validate: bool):
-    from qvlc.config import config_from_dict
-    from qvlc.pipeline import compile_artifact
+    from qvlc.compile.stages import compile_artifact
+    from qvlc.config.loading import config_from_dict
 
     quant, weights = weights_export(args)
     name = f"bench_llm_{args.model}_{args.prefill_len}_{args.max_context}_tp4_fp16{quant}_w{args.workers}"

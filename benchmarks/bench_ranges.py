@@ -25,7 +25,7 @@ def _run(part: str, checkpoint: str, tokens: int, patches: int, record: bool, qu
     import numpy as np
     import torch
 
-    from qvlc.models import inspect_checkpoint
+    from qvlc.checkpoint.inspect import inspect_checkpoint
     from qvlc.validate.ranges import RangeRecorder
 
     torch.manual_seed(0)

@@ -53,9 +53,9 @@ def main() -> int:
     ap.add_argument("--attention-block", type=int, default=None, help="export.attention_block (default: qvlc's)")
     args = ap.parse_args()
 
-    from qvlc.config import config_from_dict
+    from qvlc.compile.stages import compile_artifact
+    from qvlc.config.loading import config_from_dict
     from qvlc.errors import ParityError
-    from qvlc.pipeline import compile_artifact
 
     if args.model == "qwen2_vl_2b":
         checkpoint = ensure_checkpoint(args.workdir.resolve(), args.seed)

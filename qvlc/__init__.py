@@ -1,3 +1,3 @@
 """qvlc: compile Qwen2-VL-family checkpoints into statically shaped, numerically proven ONNX artifacts."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -1,3 +1,3 @@
-from qvlc.entry import main
+from qvlc.cli.launch import main
 
 main()

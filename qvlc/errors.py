@@ -13,18 +13,33 @@
 from __future__ import annotations
 
 import re
+from enum import Enum
 
-EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INPUT = 2
 EXIT_ENVIRONMENT = 3
 EXIT_INTERNAL = 4
 
 
+class Failure(str, Enum):
+    """How a command's failure is labelled on stderr: each error class carries its own, as it carries its exit code."""
+
+    ERROR = "error"
+    PARITY = "parity failed"
+    INTEGRITY = "integrity"
+    ENVIRONMENT = "environment"
+    INTERRUPTED = "interrupted"
+    INTERNAL = "internal error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class QvlcError(Exception):
     """A user-facing error. ``key`` names the config key, file or input at fault, ``fix`` says what to do."""
 
     exit_code = EXIT_INPUT
+    kind = Failure.ERROR
 
     def __init__(self, problem: str, *, fix: str = "", key: str = "") -> None:
         self.problem = problem
@@ -50,6 +65,7 @@ class ParityError(QvlcError):
     """One or more graphs disagree with the oracle beyond tolerance."""
 
     exit_code = EXIT_FAILED
+    kind = Failure.PARITY
 
 
 class IntegrityError(QvlcError):
@@ -57,12 +73,14 @@ class IntegrityError(QvlcError):
     parity failed when it was compiled."""
 
     exit_code = EXIT_FAILED
+    kind = Failure.INTEGRITY
 
 
 class EnvironmentFailure(QvlcError):
     """The machine refused: disk full, read-only filesystem, permission denied."""
 
     exit_code = EXIT_ENVIRONMENT
+    kind = Failure.ENVIRONMENT
 
 
 class Interrupted(BaseException):

@@ -1,6 +1,6 @@
 """Activation precisions: their torch, NumPy and ONNX types and the parity tolerances, in one table.
 
-A leaf module (imports no other qvlc module except errors). A new precision or weight format is one enum member
+A leaf module (imports no other qvlc module). A new precision or weight format is one enum member
 and one row of ``_TABLE``; nothing else in qvlc keys a table by a dtype string.
 """
 

@@ -15,8 +15,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory):
     """compiled(name, part="llm", checkpoint="tiny", **export) → CompileResult, compiled once per distinct request."""
-    from qvlc.config import config_from_dict
-    from qvlc.pipeline import compile_artifact
+    from qvlc.compile.stages import compile_artifact
+    from qvlc.config.loading import config_from_dict
 
     cache: dict = {}
     out = tmp_path_factory.mktemp("artifacts")
@@ -48,8 +48,7 @@ def copy_artifact(tmp_path):
 def reseal():
     """reseal(folder): record an artifact's edited files in its manifest (and the manifest's digest), as if the
     compile had written them: the integrity check then passes and the value checks must catch the change."""
-    from qvlc.artifacts import write_manifest
-    from qvlc.contract import Manifest
+    from qvlc.artifact.manifest import Manifest, write_manifest
 
     def seal(folder: Path, edit=None) -> None:
         data = json.loads((folder / "manifest.json").read_text())

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from qvlc.checkpoint.inspect import inspect_checkpoint
 from qvlc.checkpoint.tiny import shipped_config, tiny_checkpoint
-from qvlc.config import config_from_dict, load_config
-from qvlc.config_checks import check_against_model
+from qvlc.compile.plan import checked_plan
+from qvlc.config.loading import config_from_dict, load_config
+from qvlc.config.model_checks import check_against_model
 from qvlc.errors import CheckpointError, ConfigError
-from qvlc.models import inspect_checkpoint
 from qvlc.models.common.tp import valid_tp_values
 from qvlc.models.qwen2_vl import FAMILY as QWEN2_VL
-from qvlc.plan import check
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_vamc_bad_shape_is_explained():
 def test_missing_checkpoint_folder(tmp_path):
     cfg = config_from_dict({"name": "x", "part": "llm", "model": {"checkpoint": str(tmp_path / "nope")}})
     with pytest.raises(CheckpointError) as info:
-        check(cfg)
+        checked_plan(cfg)
     assert "does not exist" in str(info.value) and info.value.key == "model.checkpoint"
 
 
@@ -140,9 +140,9 @@ def test_tp_refusals_name_the_numbers_and_valid_values():
     dims = QWEN2_VL.dims(shipped_config("qwen2_vl_7b"))  # 28 heads, 4 kv heads
     for tp, fragment in ((3, "28 attention heads are not divisible by 3"), (8, "28 attention heads")):
         with pytest.raises(ConfigError) as info:
-            check_against_model(config_from_dict(llm(tp=tp)), dims, QWEN2_VL, memory=False)
+            check_against_model(config_from_dict(llm(tp=tp)), dims, QWEN2_VL)
         assert fragment in str(info.value) and "tp = 1, 2, 4" in info.value.fix
-    check_against_model(config_from_dict(llm(tp=4)), dims, QWEN2_VL, memory=False)
+    check_against_model(config_from_dict(llm(tp=4)), dims, QWEN2_VL)
     assert valid_tp_values(28, 4, 18944, 152064) == [1, 2, 4]
     # 2B: 12 heads and 2 kv heads; tp = 4 replicates each kv head on two ranks, tp = 6 cannot replicate evenly
     assert valid_tp_values(12, 2, 8960, 151936) == [1, 2, 4]
@@ -152,9 +152,9 @@ def test_prefill_must_hold_the_visual_tokens():
     dims = QWEN2_VL.dims(shipped_config("qwen2_vl_2b"))
     cfg = config_from_dict(llm(prefill_len=1024, max_context=4096, max_patches=5120))
     with pytest.raises(ConfigError) as info:
-        check_against_model(cfg, dims, QWEN2_VL, memory=False)
+        check_against_model(cfg, dims, QWEN2_VL)
     assert "1280 visual tokens" in str(info.value) and "1296" in info.value.fix
-    check_against_model(config_from_dict(llm(prefill_len=2048, max_context=4096, max_patches=5120)), dims, QWEN2_VL, memory=False)
+    check_against_model(config_from_dict(llm(prefill_len=2048, max_context=4096, max_patches=5120)), dims, QWEN2_VL)
 
 
 @pytest.mark.parametrize("raw", [

@@ -9,9 +9,11 @@ import json
 import onnx
 import pytest
 
-from qvlc.contract import DECODE, PREFILL, GraphSig, Manifest, TensorSig, read_manifest
+from qvlc.artifact.layout import DECODE, PREFILL
+from qvlc.artifact.manifest import Manifest, read_manifest
+from qvlc.artifact.signature import GraphSig, TensorSig
+from qvlc.compile.plan import Plan
 from qvlc.errors import QvlcError
-from qvlc.plan import Plan
 from qvlc.precision import Precision
 from qvlc.validate.llm import check_interfaces
 from qvlc.validate.metrics import ParityReport
@@ -70,10 +72,10 @@ def test_signature_mismatches_go_names_shapes_dtypes():
 
 
 def _plan(llm) -> Plan:
-    from qvlc.config import config_from_dict
-    from qvlc.plan import check
+    from qvlc.compile.plan import checked_plan
+    from qvlc.config.loading import config_from_dict
 
-    return check(config_from_dict(read_manifest(llm.folder).config))
+    return checked_plan(config_from_dict(read_manifest(llm.folder).config))
 
 
 def test_llm_graph_missing_an_output_is_reported_not_raised(llm, copy_artifact):

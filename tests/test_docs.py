@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qvlc.config import Config
-from qvlc.config_parse import HIDDEN_FIELDS
+from qvlc.config.schema import Config
+from qvlc.config.yaml_to_dataclass import HIDDEN_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]

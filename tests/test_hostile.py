@@ -18,8 +18,8 @@ import pytest
 from test_reliability import Case, Env, _reseal, _reseal_text, artifacts  # noqa: F401  (the fixture)
 from typer.testing import CliRunner
 
-from qvlc.checkpoint.load import sha256_file
-from qvlc.cli import app
+from qvlc.artifact.hashing import sha256_file
+from qvlc.cli.app import app
 from qvlc.errors import QvlcError
 
 
@@ -248,11 +248,11 @@ def test_only_sampled_frames_are_decoded_and_kept(tmp_path, monkeypatch):
 
 
 def test_default_opset_is_the_lowest_that_expresses_the_graphs():
-    from qvlc.config import config_from_dict
-    from qvlc.plan import check
+    from qvlc.compile.plan import checked_plan
+    from qvlc.config.loading import config_from_dict
 
     def opset(**export):
-        return check(config_from_dict({"name": "o", "part": "llm", "export": export})).cfg.export.opset
+        return checked_plan(config_from_dict({"name": "o", "part": "llm", "export": export})).cfg.export.opset
 
     assert opset() == 18
     assert opset(weights={"format": "int8"}) == 19
@@ -273,7 +273,7 @@ def test_a_signal_ends_a_command_stuck_in_library_code(tmp_path, artifacts, sig,
     import sys
 
     clip, stuck = _clip(tmp_path / "c.mp4", 8), tmp_path / "stuck"
-    code_text = ("import qvlc.watchdog as w; w.block(); import time, pathlib, qvlc.runtime.media as m; "  # as entry
+    code_text = ("import qvlc.system.signals as w; w.block(); import time, pathlib, qvlc.runtime.media as m; "  # as entry
                  f"m.container_format = lambda p: (pathlib.Path({str(stuck)!r}).touch(), time.sleep(600)); "
                  "from qvlc.cli import main; main()")
     proc = subprocess.Popen([sys.executable, "-c", code_text, "run", str(artifacts["llm"]), str(artifacts["visual"]),

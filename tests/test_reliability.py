@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from qvlc.cli import app
+from qvlc.cli.app import app
 from qvlc.errors import Interrupted
 
 S, C, N = 64, 96, 64
@@ -91,8 +91,7 @@ def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
 
 
 def _reseal(folder: Path, edit: Callable[[dict], None]) -> None:
-    from qvlc.artifacts import write_manifest
-    from qvlc.contract import Manifest
+    from qvlc.artifact.manifest import Manifest, write_manifest
 
     data = json.loads((folder / "manifest.json").read_text())
     edit(data)
@@ -103,12 +102,12 @@ def _raise_in_export(env: Env, exc: BaseException) -> list[str]:
     def boom(*_a, **_k):
         raise exc
 
-    env.mp.setattr("qvlc.pipeline.export", boom)
+    env.mp.setattr("qvlc.compile.stages.export", boom)
     return env.compile(env.llm())
 
 
 def _hold_lock(env: Env) -> list[str]:
-    from qvlc.artifacts import CompileLock
+    from qvlc.artifact.publish import CompileLock
 
     lock = CompileLock(env.out / "x").__enter__()
     env.mp.setattr(env, "lock", lock, raising=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from qvlc.cli import app
+from qvlc.cli.app import app
 
 QVLC = [sys.executable, "-m", "qvlc"]
 
@@ -104,7 +104,7 @@ def test_internal_error_writes_a_log_with_the_traceback(tmp_path, monkeypatch):
     def boom(*_a, **_k):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr("qvlc.pipeline.export", boom)
+    monkeypatch.setattr("qvlc.compile.stages.export", boom)
     res = CliRunner().invoke(app, ["compile", str(_config(tmp_path, "x", enabled=False))])
     assert res.exit_code == 4 and "Traceback" not in res.output
     logs = list((tmp_path / "cache" / "logs").glob("qvlc-*.log"))
@@ -113,7 +113,7 @@ def test_internal_error_writes_a_log_with_the_traceback(tmp_path, monkeypatch):
 
 
 def test_vamc_file_understands_native_validate(tmp_path):
-    from qvlc.config import load_config
+    from qvlc.config.loading import load_config
 
     path = tmp_path / "v.yaml"
     path.write_text(yaml.safe_dump({"name": "v", "frontend": {"checkpoint": "tiny"}, "validate": {"enabled": False}}))

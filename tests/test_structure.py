@@ -1,4 +1,6 @@
-"""The package's seams: no import cycles, generic code imports no family, the compiler does not import the
+"""The package's seams: no import cycle between modules or packages (imports inside functions counted, only
+``if TYPE_CHECKING:`` blocks left out), packages import only the layers below them, a root of leaves, generic code
+imports no family, the compiler does not import the
 runtime, the runtime imports neither the compiler nor the proof, weight formats and checkpoint reading stand on
 their own, importing a model has no side effects (no torch op registered, no torch imported), and files and
 functions stay short enough to read."""
@@ -28,13 +30,24 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def qvlc_imports(path: Path, top_level_only: bool) -> set[str]:
-    """Modules of qvlc imported by ``path`` (at module level only, or anywhere)."""
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """ids of the nodes inside ``if TYPE_CHECKING:`` blocks (they import nothing at run time)."""
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(x) for stmt in node.body for x in ast.walk(stmt))
+    return skip
+
+
+def qvlc_imports(path: Path, top_level_only: bool = False) -> set[str]:
+    """Modules of qvlc imported by ``path``: anywhere in it (inside functions too), or at module level only;
+    never what an ``if TYPE_CHECKING:`` block imports."""
     tree = ast.parse(path.read_text())
     nodes = tree.body if top_level_only else list(ast.walk(tree))
+    skip = _type_checking_only(tree)
     found = set()
     for node in nodes:
-        if isinstance(node, ast.If) and top_level_only:  # `if TYPE_CHECKING:` blocks import nothing at run time
+        if id(node) in skip:
             continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qvlc"):
             found.add(node.module)
@@ -51,22 +64,83 @@ def resolve(names: set[str]) -> set[str]:
     return {n for n in names if n in MODULES}
 
 
-def test_no_import_cycles_at_module_level():
-    graph = {m: resolve(qvlc_imports(p, top_level_only=True)) - {m} for m, p in MODULES.items()}
+def package_of(module: str) -> str:
+    """The top-level package a module belongs to (``qvlc.models.common.text`` -> ``qvlc.models``); a root module
+    is its own."""
+    return ".".join(module.split(".")[:2])
+
+
+MODULE_GRAPH = {m: resolve(qvlc_imports(p)) - {m} for m, p in MODULES.items()}
+PACKAGE_GRAPH: dict[str, set[str]] = {}
+for _m, _deps in MODULE_GRAPH.items():
+    PACKAGE_GRAPH.setdefault(package_of(_m), set()).update(package_of(d) for d in _deps if package_of(d) != package_of(_m))
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}
 
-    def visit(m: str, stack: list[str]) -> None:
-        state[m] = 1
-        for n in graph[m]:
-            if state.get(n) == 1:
-                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(n):] + [m, n]))
-            if n not in state:
-                visit(n, stack + [m])
-        state[m] = 2
+    def visit(node: str, stack: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [node, nxt] if nxt in stack else stack + [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, stack + [node])):
+                return cycle
+        state[node] = 2
+        return None
 
-    for m in graph:
-        if m not in state:
-            visit(m, [])
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node, [])):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_between_modules():
+    """Counting imports made inside functions: a cycle hidden in a function is still a cycle."""
+    cycle = find_cycle(MODULE_GRAPH)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_import_cycle_between_packages():
+    cycle = find_cycle(PACKAGE_GRAPH)
+    assert cycle is None, "package cycle: " + " -> ".join(cycle)
+
+
+# The order in which packages may import each other (docs/layout.md): a package imports only those before it.
+LAYERS = ("qvlc.errors", "qvlc.precision", "qvlc", "qvlc.system", "qvlc.artifact", "qvlc.weights", "qvlc.parallel",
+          "qvlc.host", "qvlc.models", "qvlc.checkpoint", "qvlc.config", "qvlc.runtime", "qvlc.export",
+          "qvlc.validate", "qvlc.compile", "qvlc.serve", "qvlc.eval", "qvlc.cli", "qvlc.__main__")
+
+
+def test_packages_import_only_the_layers_below():
+    assert set(PACKAGE_GRAPH) <= set(LAYERS), f"a package docs/layout.md does not place: {set(PACKAGE_GRAPH) - set(LAYERS)}"
+    upward = {f"{a} -> {b}" for a, deps in PACKAGE_GRAPH.items() for b in deps
+              if LAYERS.index(b) >= LAYERS.index(a)}
+    assert not upward, f"imports against the layer order: {sorted(upward)}"
+
+
+def test_the_cycle_check_sees_imports_inside_functions(tmp_path):
+    """The rule would pass vacuously if function-level imports were dropped: a cycle through one is found."""
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("def f():\n    from qvlc.b import g\n")
+    b.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from qvlc.x import y\nfrom qvlc.a import f\n")
+    graph = {"qvlc.a": {i for i in qvlc_imports(a) if i in ("qvlc.a", "qvlc.b")},
+             "qvlc.b": {i for i in qvlc_imports(b) if i in ("qvlc.a", "qvlc.b")}}
+    assert find_cycle(graph) is not None
+    assert "qvlc.x" not in qvlc_imports(b)
+
+
+ROOT_LEAVES = {"qvlc", "qvlc.__main__", "qvlc.errors", "qvlc.precision"}
+
+
+def test_the_root_holds_at_most_six_modules():
+    """Every concern is a package named for it; the root keeps only leaves (``__init__``, ``__main__``, ``errors``,
+    ``precision``, and at most two more)."""
+    root = {m for m in MODULES if m.count(".") <= 1 and not (PKG / m.split(".")[-1]).is_dir()} | {"qvlc"}
+    assert len(root) <= 6, sorted(root)
+    assert ROOT_LEAVES <= root
+    for m in root - {"qvlc.__main__"}:
+        assert not resolve(qvlc_imports(MODULES[m])) - {m}, f"{m} is not a leaf"
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.startswith("qvlc.models.")))
@@ -84,7 +158,7 @@ def test_shared_model_code_imports_no_family(module):
 
 def test_compiler_does_not_import_the_runtime():
     for m, p in MODULES.items():
-        if m.startswith(("qvlc.export", "qvlc.models")) or m in ("qvlc.pipeline", "qvlc.plan", "qvlc.config"):
+        if m.startswith(("qvlc.export", "qvlc.models", "qvlc.compile", "qvlc.config")):
             assert not {i for i in qvlc_imports(p, False) if i.startswith("qvlc.runtime")}, m
 
 
@@ -104,7 +178,7 @@ def test_no_family_name_in_generic_code():
 
 
 def test_importing_models_has_no_side_effects():
-    code = ("import sys; import qvlc.models, qvlc.models.qwen2_vl, qvlc.models.qwen2_5_vl, qvlc.contract, "
+    code = ("import sys; import qvlc.models, qvlc.models.qwen2_vl, qvlc.models.qwen2_5_vl, qvlc.artifact.manifest, "
             "qvlc.host.rope, qvlc.host.vision, qvlc.models.qwen2_5_vl.host; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
@@ -128,7 +202,7 @@ def offending(package: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
 
 def test_weight_formats_import_no_family_and_no_exporter():
     """qvlc.weights: integers and their views; no family, no ONNX exporter, no proof, no runtime."""
-    bad = offending("qvlc.weights", ("qvlc.models", "qvlc.export", "qvlc.validate", "qvlc.runtime", "qvlc.pipeline"))
+    bad = offending("qvlc.weights", ("qvlc.models", "qvlc.export", "qvlc.validate", "qvlc.runtime", "qvlc.compile"))
     assert not bad, f"weight formats import {bad}"
 
 
@@ -136,24 +210,23 @@ def test_checkpoint_reading_imports_only_the_registry():
     """qvlc.checkpoint reads folders; it reaches a family only through the registry (``qvlc.models``)."""
     fam = tuple(f"qvlc.models.{f}" for f in FAMILY_DIRS)
     bad = offending("qvlc.checkpoint", fam + ("qvlc.export", "qvlc.validate", "qvlc.runtime", "qvlc.weights",
-                                               "qvlc.pipeline", "qvlc.plan"))
+                                               "qvlc.compile"))
     assert not bad, f"checkpoint reading imports {bad}"
 
 
 def test_runtime_imports_neither_the_compiler_nor_the_proof():
-    compiler = ("qvlc.export", "qvlc.pipeline", "qvlc.plan", "qvlc.weights", "qvlc.memory", "qvlc.config",
-                "qvlc.validate")
+    compiler = ("qvlc.export", "qvlc.compile", "qvlc.weights", "qvlc.config", "qvlc.validate")
     bad = offending("qvlc.runtime", compiler)
     assert not bad, f"the runtime imports compiler or proof code: {bad} (move what both need to a leaf)"
 
 
 def test_serving_imports_the_runtime_never_the_compiler():
-    bad = offending("qvlc.serve", ("qvlc.export", "qvlc.pipeline", "qvlc.plan", "qvlc.weights", "qvlc.validate",
-                                   "qvlc.config"))
-    assert not bad, f"qvlc.serve imports compiler or proof code: {bad}"
-    users = {m for m, p in MODULES.items() if not m.startswith(("qvlc.serve", "qvlc.cli"))
-             and any(i.startswith("qvlc.serve") for i in qvlc_imports(p, False))}
-    assert not users, f"only the CLI reaches qvlc.serve: {sorted(users)}"
+    for package in ("qvlc.serve", "qvlc.eval"):
+        bad = offending(package, ("qvlc.export", "qvlc.compile", "qvlc.weights", "qvlc.validate", "qvlc.config"))
+        assert not bad, f"{package} imports compiler or proof code: {bad}"
+        users = {m for m, p in MODULES.items() if not m.startswith((package, "qvlc.cli"))
+                 and any(i.startswith(package) for i in qvlc_imports(p, False))}
+        assert not users, f"only the CLI reaches {package}: {sorted(users)}"
 
 
 def test_files_stay_readable():
@@ -174,5 +247,6 @@ def test_functions_stay_readable():
 def test_the_structure_rules_see_the_layout():
     """The rules above would pass vacuously on a renamed package: each package they guard exists and has modules."""
     assert set(FAMILY_DIRS) >= {"qwen2_vl", "qwen2_5_vl"}
-    for package in ("qvlc.weights", "qvlc.checkpoint", "qvlc.runtime", "qvlc.models.common", "qvlc.serve"):
+    for package in ("qvlc.weights", "qvlc.checkpoint", "qvlc.runtime", "qvlc.models.common", "qvlc.serve", "qvlc.cli",
+                    "qvlc.config", "qvlc.artifact", "qvlc.compile", "qvlc.system", "qvlc.eval"):
         assert len(imports_of_package(package)) > 1, package

@@ -8,13 +8,12 @@ process never materialises the full model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from qvlc.checkpoint.load import INDEX_NAME, SINGLE_NAME
+from qvlc.checkpoint.load import INDEX_NAME, SINGLE_NAME, index_weight_map
 
 # transformers >= 4.52 names the text model model.language_model.*; released checkpoints use model.*
 TEXT_PREFIXES = ("model.language_model.", "model.")
@@ -83,7 +82,7 @@ class Tree:
 def _weight_map(folder: Path) -> dict[str, str]:
     index = folder / INDEX_NAME
     if index.is_file():
-        return json.loads(index.read_text())["weight_map"]
+        return index_weight_map(index)
     with safe_open(str(folder / SINGLE_NAME), framework="pt") as f:
         return {k: SINGLE_NAME for k in f.keys()}
 

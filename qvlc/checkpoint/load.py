@@ -1,20 +1,17 @@
-"""Checkpoint folders, for every family: the checks done before loading, weight files and their hashes, and the
-loading of transformers' own classes as the oracle."""
+"""Checkpoint folders, for every family: the checks done before any weight is loaded (the folder, config.json,
+remote code, the weight files and their safetensors headers against the family's shapes)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qvlc.checkpoint.json_files import field_error, read_json_object
 from qvlc.errors import CheckpointError, quoted
 
 if TYPE_CHECKING:
-    import torch
 
-    from qvlc.models.common.dims import ModelDims
     from qvlc.models.common.family import Family
 
 CONFIG_NAME = "config.json"
@@ -41,21 +38,8 @@ def require_folder(folder: Path) -> Path:
 
 def read_config_json(folder: Path) -> dict[str, Any]:
     """The checkpoint's config.json as a dict."""
-    path = Path(folder) / CONFIG_NAME
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{folder} has no {CONFIG_NAME}",
-                              fix="point model.checkpoint at a Hugging Face model folder",
-                              key="model.checkpoint") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})",
-                              fix="restore the config.json that ships with the checkpoint",
-                              key="model.checkpoint") from exc
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path} is not a JSON object", fix="restore the config.json that ships with the "
-                              "checkpoint", key="model.checkpoint")
-    return cfg
+    return read_json_object(Path(folder) / CONFIG_NAME, fix="point model.checkpoint at a Hugging Face model folder "
+                            "with the config.json that ships with the checkpoint")
 
 
 REMOTE_CODE_FILES = (CONFIG_NAME, "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
@@ -73,14 +57,18 @@ def refuse_remote_code(folder: Path) -> None:
                                   "(and the .py files it names) from the checkpoint", key="model.checkpoint")
 
 
+def index_weight_map(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map (tensor name -> shard name), every entry a string."""
+    weight_map = read_json_object(index, fix="restore the index that ships with the checkpoint").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise field_error(index, "weight_map", weight_map, "an object of tensor name -> shard file name")
+    return weight_map
+
+
 def _index_names(index: Path) -> list[str]:
     """The shard names of model.safetensors.index.json: plain file names in the folder (never a path)."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{index} is not a safetensors index ({type(exc).__name__}: {exc})",
-                              fix="restore the index that ships with the checkpoint", key="model.checkpoint") from None
+    weight_map = index_weight_map(index)
+    names = sorted(set(weight_map.values()))
     bad = [n for n in names if not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", "..")]
     if bad:
         raise CheckpointError(f"{index} names a shard outside the checkpoint folder: {quoted(bad[0])}",
@@ -205,89 +193,3 @@ def released_name(name: str) -> str:
     if name.startswith("model.visual."):
         return name[len("model."):]
     return name
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-@dataclass
-class LoadedCheckpoint:
-    """The oracle: transformers' own model (or only its vision tower) in fp32, eager attention."""
-
-    folder: Path
-    dims: "ModelDims"
-    model: "torch.nn.Module | None"  # the *ForConditionalGeneration model (None: tower only)
-    vision_tower: "torch.nn.Module | None" = None
-
-    @property
-    def text_model(self) -> "torch.nn.Module":
-        return self.model.model.language_model
-
-    @property
-    def visual(self) -> "torch.nn.Module":
-        return self.vision_tower if self.vision_tower is not None else self.model.model.visual
-
-    @property
-    def lm_head(self) -> "torch.nn.Linear":
-        return self.model.lm_head
-
-
-def _resolve(folder: Path, family: "Family | None", dims: "ModelDims | None") -> tuple["Family", "ModelDims"]:
-    if family is None or dims is None:
-        from qvlc.models import inspect_checkpoint
-
-        return inspect_checkpoint(folder)
-    return family, dims
-
-
-def load_checkpoint(folder: Path, family: "Family | None" = None, dims: "ModelDims | None" = None) -> LoadedCheckpoint:
-    """The unmodified transformers model in fp32: the oracle, and the owner of every weight exported from views.
-    The family and dims come from the folder's config.json unless given."""
-    import torch
-
-    family, dims = _resolve(folder, family, dims)
-    model = family.hf_class("model").from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
-                                                     trust_remote_code=False, local_files_only=True)
-    model.eval().requires_grad_(False)
-    return LoadedCheckpoint(folder=Path(folder), dims=dims, model=model)
-
-
-def load_vision_tower(folder: Path, family: "Family | None" = None, dims: "ModelDims | None" = None,
-                      dtype: "torch.dtype | None" = None) -> LoadedCheckpoint:
-    """Only transformers' vision tower (eager) with the checkpoint's weights: what the visual part needs, without
-    the language model. fp32 by default (the in-memory oracle); the visual export asks for its own dtype, so the
-    deployment module's weights are views of the tower's (2B in fp16: 1.35 GB instead of 2.7 GB). Each tensor is
-    copied into the tower as it is read, never a second whole copy beside it."""
-    import torch
-    from safetensors import safe_open
-
-    family, dims = _resolve(folder, family, dims)
-    vcfg = family.hf_class("config").from_pretrained(folder, trust_remote_code=False,
-                                                     local_files_only=True).vision_config
-    vcfg._attn_implementation = "eager"
-    tower = family.hf_class("vision")._from_config(vcfg, dtype=dtype or torch.float32)
-    targets, unexpected = tower.state_dict(), []
-    for file in weight_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                prefix = next((p for p in VISUAL_PREFIXES if key.startswith(p)), None)
-                if prefix is None:
-                    continue
-                target = targets.pop(key[len(prefix):], None)
-                if target is None or tuple(target.shape) != tuple(f.get_slice(key).get_shape()):
-                    unexpected.append(key)
-                else:
-                    with torch.no_grad():
-                        target.copy_(f.get_tensor(key))
-    missing = list(targets)  # state_dict holds no rotary inv_freq: transformers registers it non-persistent
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: vision weights do not match the config (missing {missing[:3]}, "
-                              f"unexpected or mis-shaped {unexpected[:3]})", fix="use the checkpoint's own config.json",
-                              key="model.checkpoint")
-    tower.eval().requires_grad_(False)
-    return LoadedCheckpoint(folder=Path(folder), dims=dims, model=None, vision_tower=tower)

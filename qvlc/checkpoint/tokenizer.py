@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from qvlc.checkpoint.json_files import field_error, read_json_object
 from qvlc.checkpoint.load import refuse_remote_code, require_folder
 from qvlc.errors import CheckpointError, QvlcError
 
@@ -105,5 +105,8 @@ def _chat_template(folder: Path, tokenizer: Any) -> str | None:
         return jinja.read_text(encoding="utf-8")
     path = folder / "chat_template.json"
     if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))["chat_template"]
+        template = read_json_object(path).get("chat_template")
+        if not isinstance(template, str):
+            raise field_error(path, "chat_template", template, "a string (a Jinja template)")
+        return template
     return getattr(tokenizer, "chat_template", None)

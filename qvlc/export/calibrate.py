@@ -22,16 +22,21 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from qvlc.checkpoint.hf_model import Shell, causal
 from qvlc.checkpoint.lazy import lazy_text_model, materialize, read_float
 from qvlc.models.common.quantized import LINEARS, linear_at
-from qvlc.plan import Plan
-from qvlc.validate.oracle import Shell, causal
 from qvlc.weights.gptq import STORE, GptqStore, StoreLayout, gptq_quantize
 from qvlc.weights.quant import quantize_rtn
+
+if TYPE_CHECKING:
+    from qvlc.compile.plan import (
+        Plan,  # the stages' argument: compile/ drives export and validation
+    )
 
 RECORD = "calibration/calibration.json"
 SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",

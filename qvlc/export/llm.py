@@ -10,19 +10,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from qvlc.artifact.layout import DECODE, EMBED, PREFILL, WEIGHTS, rank_dirs
+from qvlc.artifact.manifest import GraphRecord, RankRecord, TpRecord
+from qvlc.checkpoint.hf_model import LoadedCheckpoint
 from qvlc.checkpoint.lazy import LazyRows, lazy_text_model
-from qvlc.checkpoint.load import LoadedCheckpoint
-from qvlc.contract import (
-    DECODE,
-    EMBED,
-    PREFILL,
-    WEIGHTS,
-    GraphRecord,
-    RankRecord,
-    TpRecord,
-    rank_dirs,
-)
 from qvlc.errors import EnvironmentFailure
 from qvlc.export.onnx_export import (
     ExportResult,
@@ -32,18 +25,22 @@ from qvlc.export.onnx_export import (
 )
 from qvlc.export.quantize import quantize_graph
 from qvlc.host.embeddings import write_embed_table
-from qvlc.memory import text_params
 from qvlc.models import family as family_of
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.islands import Islands
+from qvlc.models.common.params import text_params
 from qvlc.models.common.quantized import quantized_tree, rank_weights
 from qvlc.models.common.text import example_inputs
 from qvlc.models.common.tp import rank_layout
 from qvlc.parallel.allreduce import DOMAIN, OP_TYPE
-from qvlc.plan import Plan
 from qvlc.precision import Precision
 from qvlc.weights.imported import ImportedQuant
 from qvlc.weights.quant import WeightQuant
+
+if TYPE_CHECKING:
+    from qvlc.compile.plan import (
+        Plan,  # the stages' argument: compile/ drives export and validation
+    )
 
 ISOLATE_BYTES = 1 << 30  # graph weights above which an export that validation follows runs in a child process
 
@@ -104,8 +101,8 @@ def _worker_init() -> None:
     worker starts with fresh loggers: quiet them as the parent's are."""
     import signal
 
-    from qvlc.quiet import quiet_libraries
-    from qvlc.watchdog import unblock
+    from qvlc.system.library_noise import quiet_libraries
+    from qvlc.system.signals import unblock
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     unblock()  # the parent's watched command blocks SIGTERM/SIGINT; the pool terminates workers with SIGTERM

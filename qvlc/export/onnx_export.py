@@ -19,7 +19,9 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from qvlc.contract import GraphRecord, GraphSig, LlmSpec, TpRecord, VisualSpec, graph_io
+from qvlc.artifact.manifest import GraphRecord, TpRecord, graph_io
+from qvlc.artifact.signature import GraphSig
+from qvlc.artifact.spec import LlmSpec, VisualSpec
 from qvlc.parallel import allreduce
 
 INLINE_BELOW = 1024  # bytes; smaller initializers stay inside the .onnx file

@@ -1,5 +1,5 @@
 """Integer weights in standard ONNX: the graph pass that replaces each quantized Linear's float initializer by its
-integers and a dequantization right before its MatMul (issue 9).
+integers and a dequantization right before its MatMul (docs/quantization.md).
 
 The graphs hold ``x @ W_t`` with ``W_t = W^T`` [in, out] (``qvlc.models.common.layers.Linear``), so the integers
 are stored transposed too:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from qvlc.artifact.layout import PREPROCESS, VISUAL, VISUAL_WEIGHTS
+from qvlc.checkpoint.hf_model import LoadedCheckpoint
 from qvlc.checkpoint.lazy import lazy_vision_tower
-from qvlc.checkpoint.load import LoadedCheckpoint
-from qvlc.contract import PREPROCESS, VISUAL, VISUAL_WEIGHTS
-from qvlc.errors import CheckpointError
+from qvlc.checkpoint.processor import preprocess_config
 from qvlc.export.onnx_export import (
     ExportResult,
     export_graph,
@@ -20,34 +20,13 @@ from qvlc.export.onnx_export import (
     write_shared,
 )
 from qvlc.export.quantize import quantize_graph
-from qvlc.host.preprocess import PREPROCESSOR_CONFIG_NAME, PreprocessConfig
-from qvlc.models.common.dims import VisionDims
 from qvlc.models.common.quantized import quantized_vision, vision_graph_name
 from qvlc.models.common.text import example_inputs
-from qvlc.plan import Plan
 
-
-def preprocess_config(checkpoint: Path, vision: VisionDims,
-                      video_rules: dict[str, str] | None = None) -> PreprocessConfig:
-    """The checkpoint's preprocessing, with patch/temporal/merge sizes that must agree with its vision config and
-    the family's video rules (``Family.video_rules``).
-
-    Without a preprocessor_config.json, the sizes come from the vision config (the other values keep Qwen2-VL's
-    defaults); a file that disagrees with the vision config is an error.
-    """
-    pre = dataclasses.replace(PreprocessConfig.from_checkpoint(checkpoint), **(video_rules or {}))
-    sizes = {"patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
-             "merge_size": vision.merge_size}
-    if not (Path(checkpoint) / PREPROCESSOR_CONFIG_NAME).is_file():
-        pre = dataclasses.replace(pre, **sizes)
-    wrong = [f"{k} {getattr(pre, k)} (vision_config: {want})" for k, want in sizes.items() if getattr(pre, k) != want]
-    if pre.in_chans != vision.in_chans:
-        wrong.append(f"{pre.in_chans} channels of image_mean/image_std (vision_config: {vision.in_chans})")
-    if wrong:
-        raise CheckpointError(
-            f"{PREPROCESSOR_CONFIG_NAME} disagrees with config.json: {'; '.join(wrong)}",
-            fix=f"restore the {PREPROCESSOR_CONFIG_NAME} that ships with the checkpoint", key="model.checkpoint")
-    return pre
+if TYPE_CHECKING:
+    from qvlc.compile.plan import (
+        Plan,  # the stages' argument: compile/ drives export and validation
+    )
 
 
 def _dequantize_tower(plan: Plan, tower) -> dict:

@@ -45,31 +45,36 @@ class EmbedTable:
         """[n] token ids → [n, hidden] rows in the table's dtype."""
         return np.asarray(self.table[np.asarray(ids, dtype=np.int64)])
 
-    def deepstack(self, ids: np.ndarray, rows: dict[int, np.ndarray | None], layers: int) -> np.ndarray:
-        """The dense DeepStack input ``[layers, 1, n, hidden]``: each token's ``[layers, k, hidden]`` rows scattered
-        into its positions in order (as ``embed`` scatters the vision rows), zeros everywhere else."""
-        out = np.zeros((layers, 1, len(ids), self.table.shape[1]), dtype=self.table.dtype)
-        for token, feats in rows.items():
-            if feats is not None:
-                where = np.flatnonzero(np.asarray(ids) == token)
-                if feats.shape[:2] != (layers, len(where)):
-                    raise QvlcError(f"{feats.shape[1]} DeepStack rows in {feats.shape[0]} layers for {len(where)} pad "
-                                    f"tokens of id {token} and {layers} layers", key="input_ids",
-                                    fix="expand each image/video pad to t*h*w/merge² tokens of its grid")
-                out[:, 0, where] = feats.astype(out.dtype)
-        return out
-
     def embed(self, ids: np.ndarray, rows: dict[int, np.ndarray | None] | None = None) -> np.ndarray:
         """Rows for ``ids``; for each ``token: embeds`` in ``rows`` (image pad, video pad), the rows of ``embeds``
         are scattered into that token's positions in order."""
-        out = self.lookup(ids)
-        for token, embeds in (rows or {}).items():
-            if embeds is None:
-                continue
-            where = np.flatnonzero(np.asarray(ids) == token)
-            if len(where) != len(embeds):
-                raise QvlcError(f"the prompt has {len(where)} pad tokens of id {token} but {len(embeds)} vision "
-                                "embedding rows were given for them",
-                                fix="expand each image/video pad to t*h*w/merge² tokens of its grid", key="input_ids")
-            out[where] = embeds.astype(out.dtype)
-        return out
+        return scatter_rows(self.lookup(ids), ids, rows or {})
+
+
+def scatter_rows(out: np.ndarray, ids: np.ndarray, rows: dict[int, np.ndarray | None]) -> np.ndarray:
+    """For each ``token: r`` in ``rows`` (image pad, video pad), ``r``'s rows into ``out`` at that token's positions
+    of ``ids``, in order (``out`` is indexed by position on its first axis); the vision embedding and DeepStack
+    scatter alike. QvlcError when a token's positions and rows differ in number."""
+    for token, r in rows.items():
+        if r is None:
+            continue
+        where = np.flatnonzero(np.asarray(ids) == token)
+        if len(where) != len(r):
+            raise QvlcError(f"the prompt has {len(where)} pad tokens of id {token} but {len(r)} vision rows were "
+                            "given for them", fix="expand each image/video pad to t*h*w/merge² tokens of its grid",
+                            key="input_ids")
+        out[where] = r.astype(out.dtype)
+    return out
+
+
+def dense_deepstack(ids: np.ndarray, rows: dict[int, np.ndarray | None], layers: int, hidden: int,
+                    dtype: np.dtype) -> np.ndarray:
+    """The dense DeepStack input ``[layers, 1, n, hidden]``: each pad token's ``[layers, k, hidden]`` rows scattered
+    into its positions (``scatter_rows``), zeros everywhere else."""
+    by_position = {t: None if r is None else np.swapaxes(r, 0, 1) for t, r in rows.items()}  # [k, layers, hidden]
+    for t, r in by_position.items():
+        if r is not None and r.shape[1] != layers:
+            raise QvlcError(f"DeepStack rows of pad token {t} come in {r.shape[1]} layers, the LLM takes {layers}",
+                            fix="compile both parts from the same model.checkpoint", key="input_ids")
+    out = scatter_rows(np.zeros((len(ids), layers, hidden), dtype=dtype), ids, by_position)
+    return np.ascontiguousarray(np.swapaxes(out, 0, 1)[:, None])

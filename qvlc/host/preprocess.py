@@ -11,7 +11,6 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -21,7 +20,6 @@ from qvlc.errors import QvlcError
 
 ImageLike = Union[Image.Image, np.ndarray]
 
-PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 MAX_ASPECT_RATIO = 200
 
 
@@ -154,43 +152,7 @@ class PreprocessConfig:
     def from_json(cls, text: str) -> "PreprocessConfig":
         return cls.from_dict(json.loads(text))
 
-    @classmethod
-    def from_checkpoint(cls, folder: Path) -> "PreprocessConfig":
-        """Read ``preprocessor_config.json`` of a Hugging Face folder; Qwen2-VL's defaults when it is absent.
 
-        Pixel bounds come from ``min_pixels``/``max_pixels``, else from ``size`` (shortest_edge/longest_edge or
-        min_pixels/max_pixels); keys that are absent keep the defaults.
-        """
-        path = Path(folder) / PREPROCESSOR_CONFIG_NAME
-        if not path.is_file():
-            return cls()
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise QvlcError(f"{path} is not valid JSON ({exc})", fix="restore the checkpoint's original file",
-                            key="model.checkpoint") from exc
-        raw = raw.get("image_processor", raw)
-        size = raw.get("size") or {}
-        values: dict[str, Any] = {}
-        min_pixels = raw.get("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
-        max_pixels = raw.get("max_pixels", size.get("longest_edge", size.get("max_pixels")))
-        if min_pixels is not None:
-            values["min_pixels"] = int(min_pixels)
-        if max_pixels is not None:
-            values["max_pixels"] = int(max_pixels)
-        for key in ("patch_size", "temporal_patch_size", "merge_size"):
-            if raw.get(key) is not None:
-                values[key] = int(raw[key])
-        for key in ("image_mean", "image_std"):
-            if raw.get(key) is not None:
-                values[key] = tuple(raw[key]) if isinstance(raw[key], list) else (float(raw[key]),) * 3
-        if raw.get("rescale_factor") is not None:
-            values["rescale_factor"] = float(raw["rescale_factor"])
-        values.update(_video_pixels(Path(folder)))
-        return cls(**values)
-
-
-VIDEO_PREPROCESSOR_CONFIG_NAME = "video_preprocessor_config.json"
 VIDEO_SAMPLING, VIDEO_BUDGET = ("ramp", "linspace"), ("frame", "clip")
 
 
@@ -214,23 +176,6 @@ def smart_resize_clip(frames: int, height: int, width: int, temporal_factor: int
         beta = math.sqrt(min_pixels / (frames * height * width))
         h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
-
-
-def _video_pixels(folder: Path) -> dict[str, int]:
-    """The video pixel bounds from the checkpoint's video_preprocessor_config.json (min/max_pixels, or
-    size.shortest_edge/longest_edge); empty when it has none."""
-    path = folder / VIDEO_PREPROCESSOR_CONFIG_NAME
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise QvlcError(f"{path} is not valid JSON ({exc})", fix="restore the checkpoint's original file",
-                        key="model.checkpoint") from exc
-    size = raw.get("size") or {}
-    values = {f"video_{key}": raw.get(key, size.get(alt)) for key, alt in (("min_pixels", "shortest_edge"),
-                                                                            ("max_pixels", "longest_edge"))}
-    return {k: int(v) for k, v in values.items() if v is not None}
 
 
 def _to_rgb_array(image: ImageLike) -> np.ndarray:

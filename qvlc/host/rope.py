@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from qvlc.artifact.spec import TokenIds
 from qvlc.errors import QvlcError
-from qvlc.models.common.dims import TokenIds
 
 __all__ = [
     "get_rope_index",

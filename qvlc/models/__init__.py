@@ -10,10 +10,10 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qvlc.errors import CheckpointError
+from qvlc.errors import CheckpointError, IntegrityError
 
 if TYPE_CHECKING:
-    from qvlc.models.common.dims import ModelDims
+    from qvlc.artifact.manifest import Manifest
     from qvlc.models.common.family import Family
 
 FAMILIES: dict[str, str] = {
@@ -55,25 +55,20 @@ def tiny_family(checkpoint: str) -> "Family | None":
     return None
 
 
-def inspect_checkpoint(folder: Path) -> tuple["Family", "ModelDims"]:
-    """Everything that can be checked about a checkpoint folder without reading a weight: its family (from
-    config.json's model_type), its dims, and that its weight files are all there."""
-    from qvlc.checkpoint.load import (
-        read_config_json,
-        refuse_remote_code,
-        require_folder,
-        weight_files,
-    )
-    from qvlc.models.common.dims import bound_problems
+def artifact_family(folder: Path, manifest: "Manifest", key: str) -> "Family":
+    """The family of a trusted artifact (``qvlc.artifact.trust.checked_artifact``), once each of its graphs'
+    actual interface matches the one the family declares for the manifest's spec: a manifest whose shapes disagree
+    with the graphs is refused (IntegrityError naming every mismatch) before a runtime or the proof feeds them."""
+    from qvlc.artifact.manifest import graph_io
 
-    folder = require_folder(folder)
-    config = read_config_json(folder)
-    refuse_remote_code(folder)
-    fam = family(str(config.get("model_type")))
-    dims = fam.dims(config, str(Path(folder) / "config.json"))
-    if problems := bound_problems(dims):
-        raise CheckpointError(f"{Path(folder) / 'config.json'} describes a model beyond any qvlc builds: "
-                              + "; ".join(problems), fix="use the config.json that ships with the checkpoint",
-                              key="model.checkpoint")
-    weight_files(folder)
-    return fam, dims
+    fam = family(manifest.family)
+    folder = Path(folder)
+    problems = []
+    for _, path, sig in fam.declared_graphs(folder, manifest.llm, manifest.visual):
+        io = graph_io(path)
+        problems += [f"{path.relative_to(folder)}: {name}: {what}"
+                     for name, what in sig.mismatches(io.inputs, io.outputs)]
+    if problems:
+        raise IntegrityError(f"{folder} cannot be used: " + "; ".join(problems),
+                             fix="recompile the artifact (`qvlc verify` lists what changed)", key=key)
+    return fam

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from qvlc.contract import DECODE, EMBED, PREFILL, LlmSpec, rank_dirs, read_part_manifest
+from qvlc.artifact.layout import DECODE, EMBED, PREFILL, rank_dirs
+from qvlc.artifact.spec import LlmSpec, TokenIds
 from qvlc.errors import QvlcError
-from qvlc.host.embeddings import EmbedTable
-from qvlc.host.rope import decode_cos_sin, mrope_cos_sin
-from qvlc.models import family as family_of
-from qvlc.models.common.dims import TokenIds
+from qvlc.host.embeddings import EmbedTable, dense_deepstack
+from qvlc.host.rope import decode_cos_sin, decode_position, mrope_cos_sin
 from qvlc.models.common.family import Family
-from qvlc.parallel.ranked import RankedGraph
 from qvlc.precision import Runtime
+from qvlc.runtime.artifact import open_artifact
+from qvlc.runtime.ranked import RankedGraph
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ class Window:
 
 
 def tokens_of(spec: LlmSpec) -> TokenIds:
-    return TokenIds(None, spec.eos, spec.vision_start, spec.vision_end, spec.image_token, spec.video_token)
+    return TokenIds(bos=None, eos=spec.eos, vision_start=spec.vision_start, vision_end=spec.vision_end,
+                    image=spec.image_token, video=spec.video_token)
 
 
 @dataclass
@@ -74,26 +75,25 @@ class KvState:
 class LlmRuntime:
     """Prefill + decode loop with a host-managed KV cache, over one or several ranks."""
 
-    def __init__(self, folder: Path, spec: LlmSpec | None = None, family: Family | None = None,
+    def __init__(self, folder: Path, spec: LlmSpec | None = None, family: Family | None = None, *,
                  merge_size: int = 2, tokens_per_second: int = 0, graphs: tuple | None = None,
                  runtime: Runtime = Runtime.ONNXRUNTIME) -> None:
-        """``spec``/``family`` default to the artifact manifest's; ``merge_size`` and ``tokens_per_second`` are the
-        vision tower's (they shape M-RoPE positions of images and videos). ``graphs`` replaces the ONNX graphs by
-        other runners with the same ``run(feeds per rank)`` and ``run_many`` (validation drives the unsplit torch
-        deployment module this way); ``runtime`` runs the graphs on ONNX Runtime (the default) or TVM."""
+        """``spec``/``family`` default to the artifact's, opened and checked (``qvlc.runtime.artifact``);
+        ``merge_size`` and ``tokens_per_second`` are the vision tower's (they shape M-RoPE positions of images
+        and videos). ``graphs`` replaces the ONNX graphs by other runners with the same ``run(feeds per rank)`` and
+        ``run_many`` (validation drives the unsplit torch deployment module this way); ``runtime`` runs the graphs
+        on ONNX Runtime (the default) or TVM."""
         self.folder, self.runtime = Path(folder), runtime
         if spec is None or family is None:
-            m = read_part_manifest(self.folder, "llm")
-            spec, family = spec or m.llm, family or family_of(m.family)
+            m, family = open_artifact(self.folder, "llm", str(folder))
+            spec = spec or m.llm
         self.spec, self.family = spec, family
         self.merge_size, self.tokens_per_second = merge_size, tokens_per_second
         s = self.spec
         self._graphs: dict[str, object] = {} if graphs is None else {PREFILL: graphs[0], DECODE: graphs[1]}
         self.embed = EmbedTable(self.folder / EMBED, s.vocab, s.hidden, s.dtype)
         self.np_dtype = s.dtype.numpy
-        self.kv: list[np.ndarray] = []
-        self.past_mask = np.zeros((1, s.max_context - 1), dtype=np.int64)
-        self.slot = 0
+        self.state = self._empty_state()
 
     # -- graphs: opened on first use; the prefill graph can be released once every prompt is prefilled --------
     def _graph(self, name: str):
@@ -115,19 +115,20 @@ class LlmRuntime:
         gc.collect()
 
     # -- KV state -----------------------------------------------------------------------------------------
+    def _empty_state(self) -> KvState:
+        return KvState([], np.zeros((1, self.spec.max_context - 1), dtype=np.int64), 0)
+
     def snapshot(self) -> KvState:
-        return KvState([kv.copy() for kv in self.kv], self.past_mask.copy(), self.slot)
+        st = self.state
+        return KvState([kv.copy() for kv in st.kv], st.past_mask.copy(), st.slot)
 
     def take_state(self) -> KvState:
         """The current sequence's state, handed over without a copy (the runtime starts empty again)."""
-        state = KvState(self.kv, self.past_mask, self.slot)
-        self.kv, self.past_mask, self.slot = [], np.zeros_like(self.past_mask), 0
+        state, self.state = self.state, self._empty_state()
         return state
 
     def restore(self, state: KvState) -> None:
-        self.kv = [kv.copy() for kv in state.kv]
-        self.past_mask = state.past_mask.copy()
-        self.slot = state.slot
+        self.state = KvState([kv.copy() for kv in state.kv], state.past_mask.copy(), state.slot)
 
     # -- the host's prompt window -------------------------------------------------------------------------
     def prompt_window(self, ids: np.ndarray, media: Media = Media()) -> Window:
@@ -147,9 +148,9 @@ class LlmRuntime:
         rows = {self.spec.image_token: media.image_embeds, self.spec.video_token: media.video_embeds}
         deep = None
         if self.spec.deepstack_layers:
-            deep = self.embed.deepstack(padded, {self.spec.image_token: media.image_deepstack,
-                                                 self.spec.video_token: media.video_deepstack},
-                                        self.spec.deepstack_layers)
+            deep = dense_deepstack(padded, {self.spec.image_token: media.image_deepstack,
+                                            self.spec.video_token: media.video_deepstack},
+                                   self.spec.deepstack_layers, self.spec.hidden, self.np_dtype)
         return Window(padded, mask, positions, delta, self.embed.embed(padded, rows), deep)
 
     # -- prefill ------------------------------------------------------------------------------------------
@@ -181,16 +182,15 @@ class LlmRuntime:
         s = self.spec
         S = s.prefill_len
         outs = self.prefill_graph.run([self.prefill_feed(embeds, positions, mask, deepstack)] * s.tp)
-        C = s.max_context
-        self.kv = []
+        state = self._empty_state()
         for o in outs:
             present = o["present_key_values"]
-            buf = np.zeros(present.shape[:4] + (C - 1, s.head_dim), dtype=self.np_dtype)
+            buf = np.zeros(present.shape[:4] + (s.max_context - 1, s.head_dim), dtype=self.np_dtype)
             buf[..., :S, :] = present
-            self.kv.append(buf)
-        self.past_mask[:] = 0
-        self.past_mask[0, :S] = mask
-        self.slot = S
+            state.kv.append(buf)
+        state.past_mask[0, :S] = mask
+        state.slot = S
+        self.state = state
         return outs
 
     def logits_of(self, outs: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -200,10 +200,7 @@ class LlmRuntime:
     # -- decode ------------------------------------------------------------------------------------------
     def decode(self, embed: np.ndarray, position: int) -> list[dict[str, np.ndarray]]:
         """One decode step for a token with embedding ``embed`` [H] at M-RoPE ``position``."""
-        state = KvState(self.kv, self.past_mask, self.slot)
-        outs = self.decode_many([state], [embed], [position])[0]
-        self.slot = state.slot
-        return outs
+        return self.decode_many([self.state], [embed], [position])[0]
 
     def decode_many(self, states: list[KvState], embeds: list[np.ndarray],
                     positions: list[int]) -> list[list[dict[str, np.ndarray]]]:
@@ -240,10 +237,11 @@ class LlmRuntime:
 
         Stops after ``max_new_tokens`` or at a token in ``stop_ids`` (kept, as transformers does; ``None`` means
         never stop early). ``on_token(id, last)`` streams each token; when it returns True, generation stops after
-        that token. The token written into slot ``slot`` sits at M-RoPE position ``slot + rope_delta``
-        (transformers' cache_position + rope delta).
+        that token. The token fed at decode step k sits at M-RoPE position ``S + k + rope_delta``
+        (``qvlc.host.rope.decode_position``: transformers' cache_position + rope delta).
         """
         stops = frozenset(stop_ids or ())
+        first = self.state.slot - self.spec.prefill_len  # decode steps already taken from this state
         tokens: list[int] = []
         for step in range(max_new_tokens):
             tok = int(np.argmax(logits))
@@ -253,5 +251,6 @@ class LlmRuntime:
                 break
             if last:
                 break
-            logits = self.logits_of(self.decode(self.embed.lookup(np.array([tok]))[0], self.slot + rope_delta))
+            position = decode_position(self.spec.prefill_len, first + step, rope_delta)
+            logits = self.logits_of(self.decode(self.embed.lookup(np.array([tok]))[0], position))
         return tokens

@@ -3,6 +3,7 @@ of frames, sampled as the Qwen processors sample them (NumPy + PIL; PyAV only fo
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from collections.abc import Callable
@@ -21,29 +22,48 @@ MAX_IMAGE_PIXELS = 50_000_000  # ~7000 x 7000: far beyond any Qwen-VL max_pixels
 MAX_VIDEO_BYTES = 2_000_000_000  # sampled frames kept in memory (RGB uint8), at most
 
 
+class ImageError(QvlcError):
+    """An image qvlc will not decode; ``reason`` says why in OpenAI's words (serve answers 400 with it)."""
+
+    def __init__(self, problem: str, *, fix: str, key: str, reason: str = "invalid_image") -> None:
+        self.reason = reason
+        super().__init__(problem, fix=fix, key=key)
+
+
+def open_image(source: bytes | Path, *, max_pixels: int = MAX_IMAGE_PIXELS, what: str = "the image",
+               key: str = "image") -> Image.Image:
+    """The one bounded image open (`run`, `serve`, `eval`): sniff the format, check the header's size against
+    ``max_pixels`` before a pixel is decoded (a 37 KB PNG can claim 13000 x 13000), decode, convert to RGB.
+    ImageError naming ``what`` otherwise."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageError(f"{what} is {w}x{h} = {w * h} pixels; qvlc decodes at most {max_pixels}",
+                                     fix="pass a smaller image (the Qwen processors resize to at most a few million "
+                                         "pixels anyway)", key=key, reason="image_too_large")
+                im.load()
+                return im.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{what} is beyond the pixel limit ({exc})", fix="pass a smaller image", key=key,
+                         reason="image_too_large") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
+        raise ImageError(f"{what} is not a readable image ({type(exc).__name__}: {printable(exc, 200)})",
+                         fix="pass a valid image in a format Pillow reads (PNG, JPEG, WebP, GIF, BMP, TIFF)",
+                         key=key) from None
+
+
 def load_image(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open an image file as RGB; QvlcError (key ``image``) when it is missing, not a readable image, or larger
-    than ``max_pixels`` — read from the header, before a pixel is decoded (a 37 KB PNG can claim 13000 x 13000)."""
+    than ``max_pixels`` (``open_image``)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise QvlcError(f"{quoted(str(p), 200)} " + ("is a folder, not an image file" if p.is_dir() else
                                                       "does not exist" if not p.exists() else "is not a regular file"),
                         fix="pass the path of an image file (PNG, JPEG, …)", key="image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise QvlcError(f"{quoted(str(p), 200)} is {w}x{h} = {w * h} pixels; qvlc decodes at most "
-                                    f"{max_pixels}", fix="pass a smaller image (the Qwen processors resize to at "
-                                    "most a few million pixels anyway)", key="image")
-                im.load()
-                return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise QvlcError(f"{quoted(str(p), 200)} is not a readable image ({type(exc).__name__}: {printable(exc, 200)})",
-                        fix="pass a valid image file in a format Pillow reads (PNG, JPEG, WebP, BMP, …)",
-                        key="image") from None
+    return open_image(p, max_pixels=max_pixels, what=quoted(str(p), 200))
 
 
 @dataclass(frozen=True)

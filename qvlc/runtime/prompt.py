@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from qvlc.contract import Manifest
+from qvlc.artifact.manifest import Manifest
+from qvlc.checkpoint.resolve import checkpoint_folder
 from qvlc.errors import QvlcError
-from qvlc.models import tiny_family
 
 
 def resolve_checkpoint(manifest: Manifest, override: Path | str | None = None) -> Path:
@@ -23,12 +23,7 @@ def resolve_checkpoint(manifest: Manifest, override: Path | str | None = None) -
         name, where = str(override), "--checkpoint"
     else:
         name, where = str(manifest.source.checkpoint), "model.checkpoint"
-    tiny = tiny_family(name)
-    if tiny is not None:
-        from qvlc.checkpoint.tiny import TINY_SEED, tiny_checkpoint
-
-        return tiny_checkpoint(seed=manifest.source.tiny_seed or TINY_SEED, family=tiny)
-    folder = Path(name).expanduser()
+    folder = checkpoint_folder(name, manifest.source.tiny_seed)
     if not folder.is_dir():
         raise QvlcError(f"checkpoint folder {str(folder)!r} does not exist",
                         fix="pass --checkpoint FOLDER: a folder with the checkpoint's config.json, tokenizer files "

@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from qvlc.contract import PREPROCESS, VISUAL, VisualSpec, read_part_manifest
+from qvlc.artifact.layout import VISUAL
+from qvlc.artifact.spec import VisualSpec
 from qvlc.host.preprocess import ImageLike, PreprocessConfig, images_to_patches
 from qvlc.host.vision import fit_grids
-from qvlc.models import family as family_of
 from qvlc.models.common.family import Family, VisionFeeds
 from qvlc.precision import Runtime
+from qvlc.runtime.artifact import open_artifact, read_preprocess
 from qvlc.runtime.sessions import open_session
 
 
@@ -27,13 +28,15 @@ class VisualRuntime:
     """visual.onnx in ONNX Runtime (or TVM: ``runtime``), with the family's host-side inputs."""
 
     def __init__(self, folder: Path, spec: VisualSpec | None = None, family: Family | None = None,
-                 runtime: Runtime = Runtime.ONNXRUNTIME) -> None:
+                 preprocess: PreprocessConfig | None = None, runtime: Runtime = Runtime.ONNXRUNTIME) -> None:
+        """``spec``/``family`` default to the artifact's, opened and checked, and ``preprocess`` to its
+        preprocess.json (``qvlc.runtime.artifact``)."""
         self.folder = Path(folder)
         if spec is None or family is None:
-            m = read_part_manifest(self.folder, "visual")
-            spec, family = spec or m.visual, family or family_of(m.family)
+            m, family = open_artifact(self.folder, "visual", str(folder))
+            spec = spec or m.visual
         self.spec, self.family = spec, family
-        self.preprocess = PreprocessConfig.from_json((self.folder / PREPROCESS).read_text())
+        self.preprocess = preprocess or read_preprocess(self.folder, str(folder))
         self.session = open_session(self.folder / VISUAL, runtime=runtime)
 
     def feeds(self, pixel_values: np.ndarray, grids: npt.ArrayLike) -> VisionFeeds:

@@ -9,18 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
-from qvlc.contract import PREPROCESS, Manifest
+from qvlc.artifact.manifest import Manifest
+from qvlc.artifact.trust import Trust
+from qvlc.checkpoint.inspect import inspect_checkpoint
 from qvlc.errors import QvlcError
 from qvlc.host.preprocess import (
     ImageLike,
-    PreprocessConfig,
     image_to_patches,
     video_to_patches,
 )
 from qvlc.host.vision import fit_grids
-from qvlc.integrity import checked_artifact
-from qvlc.models import family as family_of
-from qvlc.models import inspect_checkpoint
+from qvlc.runtime.artifact import open_artifact, read_preprocess
 from qvlc.runtime.llm import LlmRuntime, Media
 from qvlc.runtime.media import Video, load_image
 from qvlc.runtime.prompt import (
@@ -45,23 +44,18 @@ class VlmPipeline:
     Raises QvlcError when the folders are not an LLM and a visual artifact of the same checkpoint.
     """
 
-    def __init__(self, llm_dir: Path | str, visual_dir: Path | str, checkpoint: Path | str | None = None,
-                 verify_hashes: bool | None = None, expect_digests: frozenset[str] = frozenset()) -> None:
-        """Both artifacts are checked before use (``qvlc.artifacts.checked_artifact``): manifest digest, every
-        file's size, sha256 when ``verify_hashes`` (default: artifacts up to 4 GB), and a parity that passed; with
-        ``expect_digests`` (pinned manifest sha256s), each artifact's manifest must be one of them."""
+    def __init__(self, llm_dir: Path | str, visual_dir: Path | str, *, checkpoint: Path | str | None = None,
+                 trust: Trust = Trust()) -> None:
+        """Both artifacts are checked before use, as far as ``trust`` says (``qvlc.artifact.trust``): manifest
+        digest (and the pinned ones), every file's size, sha256, a parity that passed, and graphs whose interfaces
+        are the ones their family declares."""
         from qvlc.checkpoint.tokenizer import load_processor
 
         self.llm_dir, self.visual_dir = Path(llm_dir), Path(visual_dir)
-        llm_m = checked_artifact(self.llm_dir, "llm", "LLM_DIR", verify_hashes, expect_digests or None)
-        vis_m = checked_artifact(self.visual_dir, "visual", "VISUAL_DIR", verify_hashes, expect_digests or None)
+        llm_m, self.family = open_artifact(self.llm_dir, "llm", "LLM_DIR", trust)
+        vis_m, _ = open_artifact(self.visual_dir, "visual", "VISUAL_DIR", trust)
         self.spec, self.visual_spec = llm_m.llm, vis_m.visual
-        self.family = family_of(llm_m.family)
-        pre = self.visual_dir / PREPROCESS
-        if not pre.is_file():
-            raise QvlcError(f"{self.visual_dir} has no {PREPROCESS}", fix="recompile the visual part with this qvlc",
-                            key="VISUAL_DIR")
-        self.preprocess = PreprocessConfig.from_json(pre.read_text())
+        self.preprocess = read_preprocess(self.visual_dir)
         self._check_pair(llm_m, vis_m)
         self.checkpoint = resolve_checkpoint(llm_m, checkpoint)
         _, self.dims = inspect_checkpoint(self.checkpoint)
@@ -75,9 +69,9 @@ class VlmPipeline:
             tid = self.tokenizer.convert_tokens_to_ids(name)
             if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
                 self.stop_ids.add(tid)
-        self.llm = LlmRuntime(self.llm_dir, self.spec, self.family, self.dims.vision.merge_size,
-                              self.dims.vision.tokens_per_second)
-        self.visual = VisualRuntime(self.visual_dir, self.visual_spec, self.family)
+        self.llm = LlmRuntime(self.llm_dir, self.spec, self.family, merge_size=self.dims.vision.merge_size,
+                              tokens_per_second=self.dims.vision.tokens_per_second)
+        self.visual = VisualRuntime(self.visual_dir, self.visual_spec, self.family, self.preprocess)
 
     # -- checks ---------------------------------------------------------------------------------------------
     def _token_text(self, tid: int) -> str:

@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from qvlc.errors import QvlcError
-from qvlc.guard import write_log
 from qvlc.runtime.vlm import VlmPipeline
 from qvlc.serve.errors import ApiError
 from qvlc.serve.protocol import ChatRequest, StopMatcher, usage
+from qvlc.system.crash_log import write_log
 
 
 @dataclass

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 import urllib.parse
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from qvlc.runtime.media import MAX_IMAGE_PIXELS
+from qvlc.runtime.media import MAX_IMAGE_PIXELS, ImageError, open_image
 from qvlc.serve.errors import ApiError
 
 DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS  # what `qvlc run` decodes at most
@@ -81,21 +79,9 @@ def _local_file_bytes(url: str, limits: MediaLimits, where: str) -> bytes:
 
 
 def decode_image_bytes(raw: bytes, limits: MediaLimits, where: str) -> Image.Image:
-    """Sniff, check the header's size against the pixel limit, then decode to RGB."""
+    """The bounded open of ``qvlc.runtime.media.open_image``, its refusal as OpenAI's 400 error."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(raw))
-            w, h = im.size
-            if w * h > limits.max_pixels:
-                raise _error(f"{where}: the image is {w}x{h} = {w * h} pixels; qvlc serve decodes at most "
-                             f"{limits.max_pixels} (--max-image-pixels)", where, "image_too_large")
-            im.load()
-            return im.convert("RGB")
-    except Image.DecompressionBombError as exc:
-        raise _error(f"{where}: the image is beyond the pixel limit ({exc})", where, "image_too_large") from None
-    except UnidentifiedImageError:
-        raise _error(f"{where}: the bytes are not an image Pillow reads (PNG, JPEG, WebP, GIF, BMP, TIFF)",
-                     where) from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise _error(f"{where}: the image cannot be decoded ({type(exc).__name__}: {exc})", where) from None
+        return open_image(raw, max_pixels=limits.max_pixels, what=f"{where}: the image", key=where)
+    except ImageError as exc:
+        limit = " (--max-image-pixels)" if exc.reason == "image_too_large" else ""
+        raise _error(exc.problem + limit, where, exc.reason) from None

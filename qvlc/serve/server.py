@@ -14,11 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qvlc.artifact.trust import Trust
 from qvlc.errors import Interrupted, QvlcError
 from qvlc.serve.media import MediaLimits
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -26,8 +27,7 @@ class ServeOptions:
     max_queue: int = 16
     limits: MediaLimits = MediaLimits()
     checkpoint: Path | None = None
-    verify_hashes: bool | None = None
-    expect_digests: frozenset[str] = frozenset()  # pinned manifest sha256s (--expect-digest)
+    trust: Trust = Trust()  # how far the artifacts are checked before serving (--verify-hashes, --expect-digest)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -55,7 +55,7 @@ def serve(llm_dir: Path, visual_dir: Path, options: ServeOptions, ready: Callabl
 
     if not 1 <= options.max_queue <= 4096:
         raise QvlcError(f"--max-queue is {options.max_queue}", fix="use 1 <= --max-queue <= 4096", key="--max-queue")
-    pipe = VlmPipeline(llm_dir, visual_dir, options.checkpoint, options.verify_hashes, options.expect_digests)
+    pipe = VlmPipeline(llm_dir, visual_dir, checkpoint=options.checkpoint, trust=options.trust)
     name = options.model_name or Path(llm_dir).resolve().name
     sock = bind(options.host, options.port)
     app = create_app(Engine(pipe, options.max_queue), name, options.limits)

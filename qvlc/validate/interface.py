@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qvlc.contract import GraphSig, graph_io
+from qvlc.artifact.manifest import graph_io
+from qvlc.artifact.signature import GraphSig
 from qvlc.validate.metrics import ParityReport
 
 

@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from qvlc.artifact.layout import PREFILL
+from qvlc.checkpoint.hf_model import LoadedCheckpoint
 from qvlc.checkpoint.lazy import lazy_text_model
-from qvlc.checkpoint.load import LoadedCheckpoint
-from qvlc.contract import PREFILL
-from qvlc.integrity import declared_graphs
-from qvlc.memory import UNSPLIT_MAX_BYTES, release_memory, text_params
+from qvlc.models.common.params import UNSPLIT_MAX_BYTES, text_params
 from qvlc.models.common.tp import RankLayout, rank_layout
-from qvlc.plan import Plan
 from qvlc.precision import Runtime
 from qvlc.runtime.tvm_session import TvmBuildError
+from qvlc.system.memory import release_memory
 from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
 from qvlc.validate.llm_cases import LlmCase, build_cases, with_image_rows
@@ -51,10 +51,15 @@ from qvlc.validate.quant_error import quantization_error, recombine_kv
 from qvlc.validate.ranges import RangeRecorder
 from qvlc.validate.vision_oracle import StreamedVisionOracle
 
+if TYPE_CHECKING:
+    from qvlc.compile.plan import (
+        Plan,  # the stages' argument: compile/ drives export and validation
+    )
+
 
 def check_interfaces(plan: Plan, folder: Path, report: ParityReport) -> bool:
     ok = True
-    for graph, path, sig in declared_graphs(folder, plan.family, llm=plan.llm_spec):
+    for graph, path, sig in plan.family.declared_graphs(folder, llm=plan.llm_spec):
         ok &= check_interface(report, graph, path, sig)
     return ok
 

@@ -6,22 +6,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from qvlc.checkpoint.hf_model import LoadedCheckpoint
 from qvlc.checkpoint.lazy import lazy_text_model
-from qvlc.checkpoint.load import LoadedCheckpoint
 from qvlc.host.rope import decode_position
-from qvlc.heap import trim_heap
-from qvlc.memory import release_memory
 from qvlc.models.common.quantized import quantized_tree
 from qvlc.models.common.tp import rank_layout
-from qvlc.plan import Plan
 from qvlc.precision import Runtime
 from qvlc.runtime.llm import LlmRuntime, Window
+from qvlc.system.malloc import trim_heap
+from qvlc.system.memory import release_memory
 from qvlc.validate.llm_cases import LlmCase
 from qvlc.validate.phases import Phases
+
+if TYPE_CHECKING:
+    from qvlc.compile.plan import (
+        Plan,  # the stages' argument: compile/ drives export and validation
+    )
 
 
 @dataclass
@@ -56,7 +61,8 @@ def llm_runtime(plan: Plan, folder: Path, graphs: tuple | None = None,
     spec, v = plan.llm_spec, plan.dims.vision
     if graphs is not None:
         spec = replace(spec, tp=1, kv_heads_per_rank=plan.dims.text.kv_heads)
-    return LlmRuntime(folder, spec, plan.family, v.merge_size, v.tokens_per_second, graphs, runtime)
+    return LlmRuntime(folder, spec, plan.family, merge_size=v.merge_size, tokens_per_second=v.tokens_per_second,
+                      graphs=graphs, runtime=runtime)
 
 
 def unsplit_runtime(plan: Plan, ck: LoadedCheckpoint | None, folder: Path) -> LlmRuntime:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qvlc.contract import PARITY_JSON, PARITY_MD
+from qvlc.artifact.layout import PARITY_JSON, PARITY_MD
 from qvlc.precision import Precision, Runtime, Tolerance
 from qvlc.validate.sections import ranges_markdown
 

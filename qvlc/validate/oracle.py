@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qvlc.checkpoint.hf_model import Shell, causal
 from qvlc.checkpoint.lazy import lazy_text_model, materialize, read_float
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
@@ -70,31 +71,6 @@ class _Recorder:
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         self.kv = (key_states, value_states)
         return key_states, value_states
-
-
-def causal(t: int) -> torch.Tensor:
-    """transformers' eager causal mask: 0 where a query may attend, the fp32 minimum elsewhere."""
-    return torch.full((t, t), torch.finfo(torch.float32).min).triu(1)[None, None]
-
-
-class Shell:
-    """transformers' classes for a checkpoint, instantiated on the meta device (no weights, no memory): the
-    source of the decoder-layer class, ``get_rope_index`` and the rotary embedding."""
-
-    def __init__(self, family: Family, folder: Path) -> None:
-        config = family.hf_class("config").from_pretrained(folder, trust_remote_code=False)
-        config._attn_implementation = "eager"
-        config.text_config._attn_implementation = "eager"
-        with torch.device("meta"):
-            self.model = family.hf_class("model")(config)
-        self.text_config = config.text_config
-        self.family = family
-        lm = self.model.model.language_model
-        self.rotary = type(lm.rotary_emb)(config=self.text_config)  # on the CPU: its inv_freq is computed here
-        self.layer_cls, self.norm_cls = type(lm.layers[0]), type(lm.norm)
-
-    def positions(self, seq: OracleInput) -> tuple[torch.Tensor, int]:
-        return positions(self.model, self.family, seq)
 
 
 @torch.no_grad()
@@ -148,7 +124,7 @@ class StreamedOracle(_Oracle):
         return out
 
     def _run(self, seqs: list[OracleInput], ranges: RangeRecorder) -> list[OracleOutput]:
-        pos = [self.shell.positions(s) for s in seqs]
+        pos = [positions(self.shell.model, self.shell.family, s) for s in seqs]
         hidden = self._embed(seqs)
         rope = [self.shell.rotary(h, p) for h, (p, _) in zip(hidden, pos)]
         kv: list[list[np.ndarray]] = [[] for _ in seqs]

@@ -10,11 +10,17 @@ hazard the probe did not see is reported (and fails an fp16 compile) like any ot
 
 from __future__ import annotations
 
-from qvlc.checkpoint.load import LoadedCheckpoint
-from qvlc.config_checks import part_units
-from qvlc.models.common.islands import Islands, islands
-from qvlc.plan import Plan
+from typing import TYPE_CHECKING
+
+from qvlc.artifact.layout import Part
+from qvlc.checkpoint.hf_model import LoadedCheckpoint
+from qvlc.models.common.islands import Islands, islands, part_units
 from qvlc.validate.ranges import RESIDUAL, RangeRecorder
+
+if TYPE_CHECKING:
+    from qvlc.compile.plan import (
+        Plan,  # the stages' argument: compile/ drives export and validation
+    )
 
 
 def probe_islands(plan: Plan, ck: LoadedCheckpoint | None) -> Islands:
@@ -23,11 +29,11 @@ def probe_islands(plan: Plan, ck: LoadedCheckpoint | None) -> Islands:
     found = ranges.hazards()
     modules = [h.module for h in found if h.kind != RESIDUAL or h.module.endswith("patch_embed")]
     residual = tuple(h.module for h in found if h.kind == RESIDUAL)
-    return islands(modules, part_units(plan.cfg, plan.dims), residual)
+    return islands(modules, part_units(plan.cfg.part, plan.dims), residual)
 
 
 def probe_ranges(plan: Plan, ck: LoadedCheckpoint | None) -> RangeRecorder:
-    if plan.cfg.part == "llm":
+    if plan.cfg.part == Part.LLM:
         from qvlc.validate.llm import llm_cases, oracle_input
         from qvlc.validate.oracle import InMemoryOracle, StreamedOracle
 

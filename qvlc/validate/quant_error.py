@@ -10,14 +10,19 @@ format's default when 0: ``WeightFormat.min_cosine`` says why each default is wh
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qvlc.plan import Plan
 from qvlc.validate.metrics import ParityReport, compare
 from qvlc.validate.oracle import OracleInput, StreamedOracle
 from qvlc.validate.ranges import RangeRecorder
 from qvlc.validate.vision_oracle import StreamedVisionOracle
+
+if TYPE_CHECKING:
+    from qvlc.compile.plan import (
+        Plan,  # the stages' argument: compile/ drives export and validation
+    )
 
 
 def quantization_error(plan: Plan, report: ParityReport, runs: list, inputs: list[OracleInput],

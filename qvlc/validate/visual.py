@@ -20,16 +20,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from qvlc.checkpoint.load import LoadedCheckpoint
-from qvlc.contract import PREPROCESS, VisualSpec
+from qvlc.artifact.spec import VisualSpec
+from qvlc.checkpoint.hf_model import LoadedCheckpoint
 from qvlc.host.preprocess import PreprocessConfig, image_to_patches, video_to_patches
-from qvlc.integrity import declared_graphs
-from qvlc.plan import Plan
 from qvlc.precision import Runtime
+from qvlc.runtime.artifact import read_preprocess
 from qvlc.runtime.tvm_session import TvmBuildError
 from qvlc.runtime.visual import VisualRuntime
 from qvlc.validate.divergence import LayerCapture, diagnose
@@ -39,6 +39,11 @@ from qvlc.validate.phases import Phases
 from qvlc.validate.quant_error import visual_quantization_error
 from qvlc.validate.ranges import RangeRecorder, remove
 from qvlc.validate.vision_oracle import StreamedVisionOracle, hook_tower
+
+if TYPE_CHECKING:
+    from qvlc.compile.plan import (
+        Plan,  # the stages' argument: compile/ drives export and validation
+    )
 
 GRAPH = "visual"
 MAX_ASPECT = 200  # smart_resize's limit on the longer side over the shorter one
@@ -147,7 +152,7 @@ def oracle(ck: LoadedCheckpoint, case: VisualCase, ranges: RangeRecorder, merge_
 
 def visual_cases(plan: Plan, seed: int = 0) -> list[VisualCase]:
     """The validation cases, preprocessed as the artifact will (from the checkpoint's preprocessor config)."""
-    from qvlc.export.visual import preprocess_config
+    from qvlc.checkpoint.processor import preprocess_config
 
     pre = preprocess_config(plan.checkpoint, plan.dims.vision, plan.family.video_rules)
     return build_cases(plan.visual_spec, pre, seed)
@@ -168,13 +173,13 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
                     seed: int = 0) -> None:
     """Record every interface and value check of ``stage/visual.onnx`` in ``report``."""
     spec = plan.visual_spec
-    (graph, path, sig), = declared_graphs(stage, plan.family, visual=spec)
+    (graph, path, sig), = plan.family.declared_graphs(stage, visual=spec)
     if not check_interface(report, graph, path, sig):
         report.notes.append("value checks skipped: the graph interface does not match the contract")
         return
     offsets, phases = np.cumsum([0, *spec.output_widths]), Phases()
-    cases = chosen_cases(plan, build_cases(spec, PreprocessConfig.from_json((stage / PREPROCESS).read_text()), seed),
-                         report)
+    pre = read_preprocess(stage)
+    cases = chosen_cases(plan, build_cases(spec, pre, seed), report)
     ranges = RangeRecorder(attn_name="attn")
     with phases.phase("oracle", f"transformers' vision tower, fp32, {len(cases)} cases"):
         refs = reference_embeddings(plan, ck, cases, ranges)
@@ -189,7 +194,7 @@ def validate_visual(plan: Plan, ck: LoadedCheckpoint | None, stage: Path, report
     outputs: dict[str, np.ndarray] = {}  # ONNX Runtime's embeddings per case (the quantization error reads them)
     for rt in v.runtimes:  # one runtime's session alive at a time
         try:
-            runtime = VisualRuntime(stage, spec, plan.family, rt)
+            runtime = VisualRuntime(stage, spec, plan.family, pre, runtime=rt)
         except TvmBuildError as exc:  # the graph does not import into this compiler: a failed check
             with report.using(rt):
                 report.fail(GRAPH, str(rt), "build", str(exc))

@@ -1,4 +1,4 @@
-"""Calibrated weight quantization (GPTQ, Frantar et al. 2022) and the file its integers live in (issue 9).
+"""Calibrated weight quantization (GPTQ, Frantar et al. 2022) and the file its integers live in (docs/quantization.md).
 
 ``gptq_quantize(w, hessian, ...)`` quantizes one Linear weight [out, in] column by column, folding each column's
 rounding error into the columns not yet quantized through the inverse Hessian of the layer's inputs

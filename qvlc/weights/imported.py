@@ -1,5 +1,5 @@
 """Checkpoints that are already quantized (``config.json`` ``quantization_config``): GPTQ and AWQ, read without
-requantizing — the integers, scales and zero points the graphs carry are exactly the checkpoint's (issue 9).
+requantizing — the integers, scales and zero points the graphs carry are exactly the checkpoint's (docs/quantization.md).
 
 Layouts (the ones Qwen's GPTQ-Int4/Int8 and AWQ releases use; the tests pack tiny checkpoints independently):
 

@@ -1,5 +1,5 @@
 """Round-to-nearest weight quantization in NumPy, and the checkpoint view that hands the deployment modules (and
-the oracle) the dequantized weights while remembering each rank's integer slice (issue 9).
+the oracle) the dequantized weights while remembering each rank's integer slice (docs/quantization.md).
 
 ``WeightQuant`` says what to quantize; ``DequantizedTensor`` wraps one checkpoint tensor of ``lazy.Tree``: a
 deployment module that narrows it gets ``(q - zero_point) * scale`` in the export dtype — exactly what the graph's

@@ -6,8 +6,9 @@ import json
 
 import torch
 
+from qvlc.checkpoint.hf_model import load_checkpoint
 from qvlc.checkpoint.lazy import lazy_text_model
-from qvlc.checkpoint.load import load_checkpoint, weight_files
+from qvlc.checkpoint.load import weight_files
 from qvlc.checkpoint.tiny import (
     shipped_config,
     tiny_checkpoint,
@@ -42,7 +43,7 @@ def test_streamed_checkpoint_loads_completely_and_lazily(tmp_path):
 
 
 def test_vision_tower_alone_equals_the_full_models_tower():
-    from qvlc.checkpoint.load import load_vision_tower
+    from qvlc.checkpoint.hf_model import load_vision_tower
 
     folder = tiny_checkpoint()
     full, alone = load_checkpoint(folder), load_vision_tower(folder)
@@ -72,13 +73,13 @@ def test_a_checkpoint_of_the_tower_alone_compiles_its_visual_part_only(tmp_path)
     refused before loading, naming a missing text tensor."""
     import pytest
 
-    from qvlc.config import config_from_dict
+    from qvlc.compile.plan import checked_plan
+    from qvlc.config.loading import config_from_dict
     from qvlc.errors import CheckpointError
-    from qvlc.plan import check
 
     folder = write_random_checkpoint_streaming(shipped_config("tiny"), tmp_path / "tower", seed=1, vision_only=True)
-    plan = check(config_from_dict({"name": "v", "part": "visual", "model": {"checkpoint": str(folder)}}))
+    plan = checked_plan(config_from_dict({"name": "v", "part": "visual", "model": {"checkpoint": str(folder)}}))
     assert plan.cfg.part == "visual"
     with pytest.raises(CheckpointError) as info:
-        check(config_from_dict({"name": "l", "part": "llm", "model": {"checkpoint": str(folder)}}))
+        checked_plan(config_from_dict({"name": "l", "part": "llm", "model": {"checkpoint": str(folder)}}))
     assert "has no tensor 'model." in str(info.value)

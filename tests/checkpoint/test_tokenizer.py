@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, Qwen2Tokenizer, Qwen2VLProcessor
 
 from qvlc.checkpoint import build_tiny_tokenizer
+from qvlc.checkpoint.processor import read_preprocess_config
 from qvlc.checkpoint.tiny import build_random_checkpoint, shipped_config
 from qvlc.checkpoint.tokenizer import (
     load_processor,
@@ -19,7 +20,7 @@ from qvlc.checkpoint.tokenizer import (
     tiny_tokenizer_files,
 )
 from qvlc.errors import QvlcError
-from qvlc.host.preprocess import PreprocessConfig, image_to_patches
+from qvlc.host.preprocess import image_to_patches
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
@@ -151,7 +152,7 @@ def test_processor_expands_image_pad(processor: Qwen2VLProcessor, checkpoint: Pa
     assert ids.count(1012) == n and ids.count(1009) == 1
     assert max(ids) < 1024
     # the processor's pixels are the host preprocessing's, exactly
-    pixel_values, grid = image_to_patches(image, PreprocessConfig.from_checkpoint(checkpoint))
+    pixel_values, grid = image_to_patches(image, read_preprocess_config(checkpoint))
     np.testing.assert_array_equal(grid, out["image_grid_thw"][0])
     np.testing.assert_allclose(pixel_values, out["pixel_values"], rtol=0, atol=1e-6)
 

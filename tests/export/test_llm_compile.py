@@ -9,13 +9,13 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from qvlc.checkpoint.load import load_checkpoint
+from qvlc.artifact.trust import verify
+from qvlc.checkpoint.hf_model import load_checkpoint
 from qvlc.checkpoint.tiny import tiny_checkpoint
-from qvlc.cli import app
-from qvlc.config import config_from_dict
+from qvlc.cli.app import app
+from qvlc.compile.stages import compile_artifact, validate_artifact
+from qvlc.config.loading import config_from_dict
 from qvlc.errors import ParityError, QvlcError
-from qvlc.integrity import verify
-from qvlc.pipeline import compile_artifact, validate_artifact
 
 S, C = 64, 128
 
@@ -136,7 +136,7 @@ def test_failed_parity_publishes_nothing(tmp_path, monkeypatch):
 
 
 def test_interrupted_compile_leaves_no_folder(tmp_path, monkeypatch):
-    import qvlc.pipeline as pipeline
+    import qvlc.compile.stages as pipeline
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -196,7 +196,7 @@ def test_staging_of_a_killed_compile_is_removed_next_time(tmp_path):
     import subprocess
     import sys
 
-    from qvlc.artifacts import make_staging
+    from qvlc.artifact.publish import make_staging
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".art.staging-{int(dead.stdout)}-abc"

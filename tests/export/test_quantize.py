@@ -1,4 +1,4 @@
-"""Weight-only quantization encodings (issue 9 groundwork): round-to-nearest int8/int4 in NumPy, and the graphs that
+"""Weight-only quantization encodings : round-to-nearest int8/int4 in NumPy, and the graphs that
 carry them — per-axis and blocked DequantizeLinear, and the explicit int4 form — dequantize bitwise to the NumPy
 reference on ONNX Runtime and (where it imports them) TVM."""
 

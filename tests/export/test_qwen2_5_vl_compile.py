@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from qvlc.config import config_from_dict, load_config
+from qvlc.compile.plan import checked_plan
+from qvlc.config.loading import config_from_dict, load_config
 from qvlc.errors import CheckpointError, ConfigError
-from qvlc.plan import check
 
 CK = "tiny:qwen2_5_vl"
 
@@ -62,7 +62,7 @@ def test_vamc_fullatt_blocks_checked_against_config_json():
                                                       "model_kwargs": {"build_visual": True}},
                             "backend": {"compile": {"fullatt_block_indexes": [7, 15, 23, 31]}}})
     with pytest.raises(ConfigError) as info:
-        check(cfg)
+        checked_plan(cfg)
     assert "[7, 15, 23, 31]" in str(info.value) and "[1, 3]" in str(info.value)
     assert info.value.key == "backend.compile.fullatt_block_indexes"
 
@@ -73,7 +73,7 @@ def test_vamc_example_reads_as_is():
     examples = Path(__file__).resolve().parents[2] / "examples"
     cfg = load_config(examples / "vamc_qwen2_5_vl_7b_visual.yaml")
     assert cfg.declared_fullatt_blocks == (7, 15, 23, 31) and cfg.declared_patch_dim == 1176 and not cfg.ignored
-    plan = check(load_config(examples / "vamc_tiny_qwen2_5_vl_visual.yaml"))
+    plan = checked_plan(load_config(examples / "vamc_tiny_qwen2_5_vl_visual.yaml"))
     assert plan.family.model_type == "qwen2_5_vl"
 
 
@@ -81,6 +81,6 @@ def test_patch_width_and_unknown_tiny_refused():
     cfg = config_from_dict({"name": "v", "frontend": {"checkpoint": CK, "shape": {"pixel_values": [256, 1000]},
                                                       "model_kwargs": {"build_visual": True}}})
     with pytest.raises(ConfigError, match="1176"):
-        check(cfg)
+        checked_plan(cfg)
     with pytest.raises(CheckpointError, match="tiny:qwen2_5_vl"):
-        check(config_from_dict({"name": "x", "part": "llm", "model": {"checkpoint": "tiny:llama"}}))
+        checked_plan(config_from_dict({"name": "x", "part": "llm", "model": {"checkpoint": "tiny:llama"}}))

@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import pytest
 
-from qvlc.config import config_from_dict
+from qvlc.compile.plan import checked_plan
+from qvlc.compile.stages import compile_artifact, validate_artifact
+from qvlc.config.loading import config_from_dict
 from qvlc.errors import ConfigError, ParityError
 from qvlc.export.onnx_export import check_graph
 from qvlc.parallel.allreduce import DOMAIN, OP_TYPE
-from qvlc.pipeline import compile_artifact, validate_artifact
-from qvlc.plan import check
 from qvlc.runtime.llm import LlmRuntime
 
 S, C = 64, 128
@@ -157,12 +157,12 @@ def test_parallel_workers_write_the_same_bytes(tp2, tmp_path):
     (8, "4 attention heads are not divisible by 8"),
 ])
 def test_bad_tp_refused_before_loading(tp, fragment, monkeypatch):
-    import qvlc.pipeline as pipeline
+    import qvlc.compile.stages as pipeline
 
     monkeypatch.setattr(pipeline, "load_checkpoint", lambda *a: pytest.fail("weights were loaded"))
     cfg = config_from_dict({"name": "x", "part": "llm", "export": {"prefill_len": S, "max_context": C, "tp": tp}})
     with pytest.raises(ConfigError) as info:
-        check(cfg)
+        checked_plan(cfg)
     assert fragment in str(info.value) and "tp = 1, 2, 4" in info.value.fix
 
 

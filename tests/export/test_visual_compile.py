@@ -12,13 +12,13 @@ import onnx
 import pytest
 import torch
 
-from qvlc.config import config_from_dict
-from qvlc.contract import PREPROCESS, VISUAL, VISUAL_WEIGHTS
+from qvlc.artifact.layout import PREPROCESS, VISUAL, VISUAL_WEIGHTS
+from qvlc.checkpoint.processor import preprocess_config, read_preprocess_config
+from qvlc.compile.plan import Plan, checked_plan
+from qvlc.compile.stages import CompileResult, compile_artifact, load
+from qvlc.config.loading import config_from_dict
 from qvlc.errors import CheckpointError, QvlcError
-from qvlc.export.visual import preprocess_config
 from qvlc.host.preprocess import PreprocessConfig, images_to_patches
-from qvlc.pipeline import CompileResult, compile_artifact, load
-from qvlc.plan import Plan, check
 from qvlc.precision import Precision
 from qvlc.runtime.visual import VisualRuntime
 from qvlc.validate.metrics import ParityReport
@@ -45,7 +45,7 @@ def built(tmp_path_factory) -> dict[str, CompileResult]:
 @pytest.fixture(scope="module")
 def plan_ck(built):
     cfg = config_from_dict(visual_config(built["fp32"].folder.parent, dtype="fp32"))
-    plan = check(cfg)
+    plan = checked_plan(cfg)
     return plan, load(plan)
 
 
@@ -96,7 +96,7 @@ def test_fp16_interface_chunks(built):
 def test_preprocess_json(built, plan_ck):
     plan, _ = plan_ck
     pre = PreprocessConfig.from_json((built["fp32"].folder / PREPROCESS).read_text())
-    assert pre == PreprocessConfig.from_checkpoint(plan.checkpoint)
+    assert pre == read_preprocess_config(plan.checkpoint)
     v = plan.dims.vision
     assert (pre.patch_size, pre.temporal_patch_size, pre.merge_size) == (v.patch_size, v.temporal_patch_size,
                                                                          v.merge_size)

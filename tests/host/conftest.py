@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qvlc.checkpoint.load import LoadedCheckpoint, load_checkpoint
+from qvlc.checkpoint.hf_model import LoadedCheckpoint, load_checkpoint
 from qvlc.checkpoint.tiny import tiny_checkpoint
 
 

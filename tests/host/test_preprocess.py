@@ -14,6 +14,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import (
     smart_resize as hf_smart_resize,
 )
 
+from qvlc.checkpoint.processor import read_preprocess_config
 from qvlc.checkpoint.tokenizer import tiny_tokenizer_files
 from qvlc.errors import QvlcError
 from qvlc.host.preprocess import (
@@ -137,15 +138,15 @@ def test_config_json_round_trip_and_determinism() -> None:
 
 
 def test_config_from_checkpoint(tmp_path) -> None:
-    assert PreprocessConfig.from_checkpoint(tmp_path) == PreprocessConfig()
+    assert read_preprocess_config(tmp_path) == PreprocessConfig()
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({
         "size": {"shortest_edge": 1000, "longest_edge": 50000}, "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5], "patch_size": 14, "image_processor_type": "Qwen2VLImageProcessor",
     }))
-    cfg = PreprocessConfig.from_checkpoint(tmp_path)
+    cfg = read_preprocess_config(tmp_path)
     assert (cfg.min_pixels, cfg.max_pixels, cfg.image_mean, cfg.image_std) == (1000, 50000, (0.5,) * 3, (0.5,) * 3)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 2000, "max_pixels": 80000}))
-    assert PreprocessConfig.from_checkpoint(tmp_path) == PreprocessConfig(min_pixels=2000, max_pixels=80000)
+    assert read_preprocess_config(tmp_path) == PreprocessConfig(min_pixels=2000, max_pixels=80000)
 
 
 # --- images ---------------------------------------------------------------------------------------------------

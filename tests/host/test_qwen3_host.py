@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from qvlc.artifact.spec import TokenIds
 from qvlc.host.pos_table import interpolate, linspace_like_torch, pos_table_feeds
 from qvlc.host.rope import get_rope_index, mrope_cos_sin
-from qvlc.models.common.dims import TokenIds
 
 SIDE = 48  # the released models' table: 48 x 48 rows
 
@@ -57,7 +57,7 @@ def test_several_grids_and_frames_against_transformers(tower):
 
 
 def _image_positions() -> np.ndarray:
-    tokens = TokenIds(None, 9, 1, 2, 3, 4)  # vision_start 1, image 3
+    tokens = TokenIds(bos=None, eos=9, vision_start=1, vision_end=2, image=3, video=4)  # vision_start 1, image 3
     ids = [5, 6, 1] + [3] * 12 + [2, 7, 8, 1] + [3] * 6 + [2, 9]
     pos, _ = get_rope_index(np.array(ids), tokens, 2, image_grid_thw=[[1, 6, 8], [1, 4, 6]])
     return pos

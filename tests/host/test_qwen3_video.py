@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import transformers
 
+from qvlc.checkpoint.inspect import inspect_checkpoint
+from qvlc.checkpoint.processor import preprocess_config
 from qvlc.checkpoint.tiny import tiny_checkpoint
 from qvlc.errors import QvlcError
 from qvlc.host.preprocess import PreprocessConfig, smart_resize_clip, video_to_patches
-from qvlc.export.visual import preprocess_config
-from qvlc.models import family, inspect_checkpoint
+from qvlc.models import family
 from qvlc.runtime.media import sample_indices
 
 SOURCE = "models/qwen3_vl/video_processing_qwen3_vl.py"

@@ -15,6 +15,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     apply_multimodal_rotary_pos_emb,
 )
 
+from qvlc.artifact.spec import TokenIds
 from qvlc.checkpoint.tiny import shipped_config
 from qvlc.errors import QvlcError
 from qvlc.host.rope import (
@@ -24,7 +25,7 @@ from qvlc.host.rope import (
     mrope_cos_sin,
     mrope_inv_freq,
 )
-from qvlc.models.common.dims import ModelDims, TokenIds
+from qvlc.models.common.dims import ModelDims
 from qvlc.models.qwen2_vl import FAMILY as QWEN2_VL
 
 PAD_ID = 0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from qvlc.checkpoint.load import LoadedCheckpoint, load_checkpoint
+from qvlc.checkpoint.hf_model import LoadedCheckpoint, load_checkpoint
 from qvlc.checkpoint.tiny import tiny_checkpoint
 from qvlc.host.vision import vision_attention_mask, vision_cos_sin
 from qvlc.models import FAMILIES

@@ -1,4 +1,4 @@
-"""``qvlc.memory.heap_reuse``: graph calls take their large buffers from the heap and reuse them (ONNX Runtime's
+"""``qvlc.system.malloc.heap_reuse``: graph calls take their large buffers from the heap and reuse them (ONNX Runtime's
 per-call fp32 cast of an fp16 weight stops faulting in fresh pages), hand them back when the block ends, and
 compute bit for bit what they compute without it."""
 
@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from qvlc.heap import heap_reuse
 from qvlc.runtime.sessions import session_options
+from qvlc.system.malloc import heap_reuse
 from qvlc.validate.phases import resident_gb
 
 K, N = 1536, 8960  # a 2B MLP weight: its fp32 cast is 55 MB, above glibc's 32 MB mmap ceiling
@@ -73,7 +73,7 @@ def test_the_block_hands_its_heap_back_when_it_ends_and_nested_blocks_keep_reusi
 
 
 def test_ranked_graphs_run_inside_heap_reuse(monkeypatch):
-    import qvlc.parallel.ranked as ranked
+    import qvlc.runtime.ranked as ranked
 
     entered = []
 

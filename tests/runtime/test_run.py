@@ -11,8 +11,8 @@ from PIL import Image
 from rich.control import strip_control_codes
 from typer.testing import CliRunner
 
-from qvlc.checkpoint.load import load_checkpoint
-from qvlc.cli import app
+from qvlc.checkpoint.hf_model import load_checkpoint
+from qvlc.cli.app import app
 from qvlc.errors import QvlcError
 from qvlc.runtime.vlm import VlmPipeline
 from qvlc.validate.metrics import token_agreement

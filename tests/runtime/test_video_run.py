@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from qvlc.checkpoint.load import load_checkpoint
-from qvlc.cli import app
+from qvlc.checkpoint.hf_model import load_checkpoint
+from qvlc.cli.app import app
 from qvlc.errors import QvlcError
 from qvlc.models import FAMILIES
 from qvlc.runtime.media import Video, load_video, sample_indices

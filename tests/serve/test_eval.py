@@ -15,9 +15,9 @@ from PIL import Image
 from serve_helpers import C, N, S, png_bytes
 from typer.testing import CliRunner
 
-from qvlc.cli import app
+from qvlc.cli.app import app
+from qvlc.eval.scoring import extract_option, mcq_prompt, normalize
 from qvlc.runtime.vlm import VlmPipeline
-from qvlc.serve.scoring import extract_option, mcq_prompt, normalize
 
 NEW = 8
 
@@ -37,7 +37,7 @@ def write_tsv(path: Path, rows: list[dict]) -> Path:
 
 def answer_of(pipe: VlmPipeline, row: dict) -> str:
     """What the artifacts answer to a row, through the same prompt qvlc eval builds."""
-    from qvlc.serve.scoring import messages
+    from qvlc.eval.scoring import messages
 
     im = Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB")
     options = {k: row[k] for k in "ABCD" if row.get(k)}
@@ -101,7 +101,7 @@ def test_open_vqa_jsonl_exact_match(serve_artifacts, tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.png").write_bytes(png_bytes(100, 140, 3))
     pipe = VlmPipeline(*serve_artifacts)
-    from qvlc.serve.scoring import messages, vqa_prompt
+    from qvlc.eval.scoring import messages, vqa_prompt
 
     prepared = pipe.prepare_chat(messages(vqa_prompt("What is it?"), True),
                                  [Image.open(tmp_path / "imgs" / "a.png").convert("RGB")])

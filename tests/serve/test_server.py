@@ -105,10 +105,21 @@ def test_vlmevalkit_payload(server, expected):
 
 
 def test_system_message_and_turns_go_through_the_chat_template(server):
-    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": PROMPT}]
-    r = client(server).chat.completions.create(model="m", messages=messages, max_tokens=4)
-    assert r.usage.prompt_tokens > 20 and r.choices[0].message.content
+    """The system message and every turn reach the prompt: a longer system message or one more turn makes the
+    prompt longer by what they add, and the default system turn is replaced, not kept beside it."""
+    def prompt_tokens(system: str | None, turns: list[dict]) -> int:
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + turns
+        r = client(server).chat.completions.create(model="m", messages=messages, max_tokens=1)
+        assert r.choices[0].message.content is not None
+        return r.usage.prompt_tokens
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": PROMPT}]
+    terse = prompt_tokens("You are terse.", turns)
+    longer = prompt_tokens("You are terse. You answer in one word, always, whatever the question.", turns)
+    assert longer > terse
+    assert prompt_tokens("You are terse.", turns[2:]) < terse  # the earlier turns were in the prompt
+    assert prompt_tokens(None, turns) != terse  # no system message: the template's default one instead
 
 
 def test_max_tokens_is_capped_at_the_kv_room(server):

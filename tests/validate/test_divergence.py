@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from qvlc.pipeline import validate_artifact
+from qvlc.compile.stages import validate_artifact
 from qvlc.validate.divergence import layer_outputs
 
 CASES = {  # part → (graph file, initializer prefix, transformers' name prefix of the layer)

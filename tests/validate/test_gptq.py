@@ -11,11 +11,11 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from qvlc.checkpoint.load import load_checkpoint
-from qvlc.config import config_from_dict
+from qvlc.checkpoint.hf_model import load_checkpoint
+from qvlc.compile.plan import checked_plan
+from qvlc.compile.stages import validate_artifact
+from qvlc.config.loading import config_from_dict
 from qvlc.export.calibration_data import calibration_set
-from qvlc.pipeline import validate_artifact
-from qvlc.plan import check
 from qvlc.weights.gptq import STORE, gptq_quantize, read_store
 from qvlc.weights.quant import quantize_rtn
 
@@ -36,7 +36,7 @@ def test_gptq_output_error_is_below_round_to_nearest_on_the_same_layer(compiled)
     r = _int4(compiled)
     cfg = config_from_dict({"name": "g", "part": "llm", "model": {"checkpoint": "tiny"},
                             "export": {"opset": 21, **LEN, "weights": INT4}})
-    plan = check(cfg)
+    plan = checked_plan(cfg)
     windows = calibration_set(cfg, plan.checkpoint, plan.dims.text.vocab).windows
     model = load_checkpoint(plan.checkpoint, plan.family, plan.dims).model
     layer = model.model.language_model.layers[0]
@@ -146,7 +146,7 @@ def test_calibration_set_reads_texts_and_ids_and_is_deterministic(tmp_path):
     cfg = config_from_dict({"name": "g", "part": "llm", "model": {"checkpoint": "tiny"}, "export": {
         "opset": 21, **LEN, "weights": {"format": "int8", "method": "gptq",
                                         "calibration": {"path": str(path), "nsamples": 5, "seqlen": 16}}}})
-    plan = check(cfg)
+    plan = checked_plan(cfg)
     a = calibration_set(cfg, plan.checkpoint, plan.dims.text.vocab)
     tok = AutoTokenizer.from_pretrained(str(plan.checkpoint))
     n_text = len(tok("The cat sat on the mat. " * 8)["input_ids"])
@@ -165,7 +165,7 @@ def test_cli_shows_the_calibrate_stage_and_both_proofs(tmp_path):
     import yaml
     from typer.testing import CliRunner
 
-    from qvlc.cli import app
+    from qvlc.cli.app import app
 
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump({"name": "g", "part": "llm", "model": {"checkpoint": "tiny"},

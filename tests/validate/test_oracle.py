@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from qvlc.checkpoint.load import load_checkpoint
+from qvlc.checkpoint.hf_model import load_checkpoint
+from qvlc.checkpoint.inspect import inspect_checkpoint
 from qvlc.checkpoint.tiny import tiny_checkpoint
-from qvlc.models import FAMILIES, inspect_checkpoint
+from qvlc.models import FAMILIES
 from qvlc.models import family as family_of
 from qvlc.validate.oracle import InMemoryOracle, OracleInput, StreamedOracle
 
@@ -85,9 +86,9 @@ def test_one_pass_verdict_equals_generate(compiled):
 @pytest.mark.parametrize("k", [0, 5])
 def test_a_graph_diverging_at_token_k_is_reported_at_k(tmp_path, monkeypatch, k):
     """The decode graph is made to prefer another token from step k on: the check reports the split at k."""
-    from qvlc.config import config_from_dict
+    from qvlc.compile.stages import compile_artifact
+    from qvlc.config.loading import config_from_dict
     from qvlc.errors import ParityError
-    from qvlc.pipeline import compile_artifact
     from qvlc.runtime.llm import LlmRuntime
 
     prefill, decode_many = LlmRuntime.prefill, LlmRuntime.decode_many
@@ -118,7 +119,7 @@ def test_a_graph_diverging_at_token_k_is_reported_at_k(tmp_path, monkeypatch, k)
 def test_streamed_vision_tower_equals_the_loaded_one(tiny):
     """Every case in one forward of transformers' own tower, each block read once, equals the loaded tower run on
     each case alone (images, a video, grids with part-filled windows)."""
-    from qvlc.checkpoint.load import load_vision_tower
+    from qvlc.checkpoint.hf_model import load_vision_tower
     from qvlc.validate.vision_oracle import StreamedVisionOracle
 
     fam, folder, dims, _ = tiny

@@ -12,10 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from qvlc.config import config_from_dict
+from qvlc.compile.plan import checked_plan
+from qvlc.compile.stages import compile_artifact, validate_artifact
+from qvlc.config.loading import config_from_dict
 from qvlc.errors import ConfigError, ParityError
-from qvlc.pipeline import compile_artifact, validate_artifact
-from qvlc.plan import check
 from qvlc.weights.quant import quantize_rtn
 
 LEN = {"prefill_len": 64, "max_context": 96}
@@ -138,7 +138,7 @@ def test_bad_weight_configs_refused_before_loading(weights, extra, key, fragment
     runtimes = extra.pop("runtimes", ["onnxruntime"])
     export = {"opset": 21, "tp": 1, **extra, "weights": weights}
     with pytest.raises(ConfigError) as info:
-        check(config_from_dict({"name": "x", "part": "llm", "export": export, "validate": {"runtimes": runtimes}}))
+        checked_plan(config_from_dict({"name": "x", "part": "llm", "export": export, "validate": {"runtimes": runtimes}}))
     assert info.value.key == key and fragment in str(info.value), str(info.value)
 
 
@@ -191,7 +191,7 @@ def test_visual_weight_configs_refused(weights, key, fragment):
 def test_qwen2_5_vl_tower_has_no_int4_group_size():
     """Qwen2.5-VL's vision MLP has 3420 input rows: no multiple of 16 divides it, so int4 is refused naming int8."""
     from qvlc.checkpoint.tiny import shipped_config
-    from qvlc.config_checks import _weight_groups
+    from qvlc.config.model_checks import _weight_groups
     from qvlc.models import family as family_of
 
     fam = family_of("qwen2_5_vl")
@@ -217,7 +217,7 @@ def test_a_rank_slice_dequantizes_to_the_slice_of_the_whole(bits, group, symmetr
 
 
 def test_validate_with_tvm_refuses_blocked_int4_before_running(compiled):
-    from qvlc.pipeline import validate_artifact
+    from qvlc.compile.stages import validate_artifact
 
     r = compiled("q_int4_asym", opset=21, weights={"format": "int4", "group_size": 32, "symmetric": False}, **LEN)
     with pytest.raises(ConfigError) as info:
@@ -232,8 +232,8 @@ def test_7b_int8_memory_on_a_16_gib_runner(monkeypatch):
     from pathlib import Path
 
     from qvlc.checkpoint.tiny import shipped_config
-    from qvlc.config import load_config
-    from qvlc.memory import check_memory, estimate
+    from qvlc.compile.memory_estimate import check_memory, estimate
+    from qvlc.config.loading import load_config
     from qvlc.models import family as family_of
 
     monkeypatch.setenv("QVLC_MEMORY_LIMIT_GB", "16")

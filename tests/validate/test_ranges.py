@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from qvlc.checkpoint.tiny import tiny_checkpoint
-from qvlc.config import config_from_dict
+from qvlc.compile.stages import compile_artifact
+from qvlc.config.loading import config_from_dict
 from qvlc.errors import ParityError
 from qvlc.models import FAMILIES
 from qvlc.models import family as family_of
-from qvlc.pipeline import compile_artifact
 from qvlc.validate.ranges import FP16_MAX, KINDS, LINEAR, SCORES, RangeRecorder
 
 TARGET = 2e5  # the planted channel's largest output: past fp16's 65504, like the reported vision MLP (~2e5)
@@ -196,11 +196,11 @@ def test_auto_fp32_islands_pass_what_plain_fp16_fails(outliers, part, tmp_path, 
     ("all", "fp16", "expected a list of module names or auto"),
 ])
 def test_bad_fp32_layers_refused_before_loading(layers, dtype, fragment):
+    from qvlc.compile.plan import checked_plan
     from qvlc.errors import ConfigError
-    from qvlc.plan import check
 
     with pytest.raises(ConfigError) as info:
-        check(config_from_dict({"name": "x", "part": "llm", "export": {"dtype": dtype, "fp32_layers": layers}}))
+        checked_plan(config_from_dict({"name": "x", "part": "llm", "export": {"dtype": dtype, "fp32_layers": layers}}))
     assert fragment in str(info.value) and info.value.key == "export.fp32_layers"
 
 

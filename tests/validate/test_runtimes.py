@@ -12,9 +12,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from qvlc.config import config_from_dict
+from qvlc.compile.stages import compile_artifact
+from qvlc.config.loading import config_from_dict
 from qvlc.errors import ConfigError, ParityError
-from qvlc.pipeline import compile_artifact
 from qvlc.precision import Precision, Runtime
 
 BOTH = {"runtimes": ["onnxruntime", "tvm"]}
@@ -92,7 +92,7 @@ def test_tvm_sees_the_overflow_onnx_runtime_hides(tmp_path):
 
 
 def test_qvlc_validate_adds_a_runtime(compiled, capsys):
-    from qvlc.pipeline import validate_artifact
+    from qvlc.compile.stages import validate_artifact
 
     r = compiled("tvm_later", prefill_len=128, max_context=160)
     assert {c.runtime for c in r.report.checks} == {"onnxruntime"}
@@ -152,8 +152,8 @@ def test_tvm_holding_7b_ranks_is_refused_before_loading(monkeypatch):
     """TVM's sessions hold every rank's weights in memory (ONNX Runtime maps them): the 7B tp = 4 LLM fits a 16 GiB
     runner on ONNX Runtime alone and is refused, naming validate.runtimes, with tvm; its visual part fits either way."""
     from qvlc.checkpoint.tiny import shipped_config
-    from qvlc.config import load_config
-    from qvlc.memory import check_memory
+    from qvlc.compile.memory_estimate import check_memory
+    from qvlc.config.loading import load_config
     from qvlc.models import family as family_of
 
     monkeypatch.setenv("QVLC_MEMORY_LIMIT_GB", "16")

@@ -15,10 +15,10 @@ from onnx import numpy_helper
 from safetensors.numpy import load_file, save_file
 
 from qvlc.checkpoint.tiny import tiny_checkpoint
-from qvlc.config import config_from_dict
+from qvlc.compile.plan import checked_plan
+from qvlc.compile.stages import compile_artifact
+from qvlc.config.loading import config_from_dict
 from qvlc.errors import CheckpointError, ConfigError
-from qvlc.pipeline import compile_artifact
-from qvlc.plan import check
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
@@ -126,7 +126,7 @@ def test_imported_integers_are_the_checkpoints(tmp_path, method, bits, group, sy
 def test_desc_act_is_refused_naming_the_key(tmp_path):
     write_quantized(tmp_path / "ck", "gptq", 4, 32, True, desc_act=True)
     with pytest.raises(CheckpointError) as info:
-        check(config_from_dict({"name": "x", "part": "llm", "model": {"checkpoint": str(tmp_path / "ck")},
+        checked_plan(config_from_dict({"name": "x", "part": "llm", "model": {"checkpoint": str(tmp_path / "ck")},
                                 "export": {"opset": 21}}))
     assert "desc_act" in str(info.value)
 
@@ -134,7 +134,7 @@ def test_desc_act_is_refused_naming_the_key(tmp_path):
 def test_requantizing_an_imported_checkpoint_is_refused(tmp_path):
     write_quantized(tmp_path / "ck", "awq", 4, 32, False)
     with pytest.raises(ConfigError) as info:
-        check(config_from_dict({"name": "x", "part": "llm", "model": {"checkpoint": str(tmp_path / "ck")},
+        checked_plan(config_from_dict({"name": "x", "part": "llm", "model": {"checkpoint": str(tmp_path / "ck")},
                                 "export": {"opset": 21, "weights": {"format": "int8"}}}))
     assert info.value.key == "export.weights.format" and "already quantized" in str(info.value)
 
@@ -162,9 +162,9 @@ def test_an_opset_left_unset_is_the_lowest_that_expresses_the_checkpoint(tmp_pat
     this compile asks for 18' when the config never named an opset); only an explicit opset too low is refused."""
     write_quantized(tmp_path / "ck", "gptq", 4 if group > 0 else 8, group, True)
     raw = {"name": "x", "part": "llm", "model": {"checkpoint": str(tmp_path / "ck")}}
-    assert check(config_from_dict(raw)).cfg.export.opset == opset
+    assert checked_plan(config_from_dict(raw)).cfg.export.opset == opset
     with pytest.raises(ConfigError, match="opset"):
-        check(config_from_dict({**raw, "export": {"opset": 18}}))
+        checked_plan(config_from_dict({**raw, "export": {"opset": 18}}))
 
 
 def test_qwen3_vl_imports_gptq_at_tp2(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qvlc.artifact.spec import TokenIds
+
 
 @dataclass(frozen=True)
 class TextDims:
@@ -49,16 +51,6 @@ class VisionDims:
     @property
     def merge_unit(self) -> int:
         return self.merge_size**2
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    bos: int | None
-    eos: int | None
-    vision_start: int
-    vision_end: int
-    image: int
-    video: int
 
 
 @dataclass(frozen=True)

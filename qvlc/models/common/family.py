@@ -14,14 +14,19 @@ import importlib
 import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from qvlc.contract import GraphSig, LlmSpec, VisualSpec
-from qvlc.models.common.dims import ModelDims, TokenIds
+from qvlc.artifact.layout import VISUAL, rank_dirs
+from qvlc.artifact.signature import GraphSig
+from qvlc.artifact.spec import LlmSpec, TokenIds, VisualSpec
+from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.islands import Islands
 from qvlc.precision import Precision
+
+VISION_ROPE_THETA = 10000.0  # the rotary base of every Qwen-VL vision tower (not in config.json)
 
 if TYPE_CHECKING:
     import torch
@@ -104,16 +109,32 @@ class Family:
         from qvlc.models.common.tp import rank_layout
 
         t, k = dims.text, dims.tokens
-        return LlmSpec(prefill_len, max_context, tp, Precision(dtype), t.hidden, t.layers, t.head_dim,
-                       rank_layout(t, tp, 0).kv_heads, t.vocab, t.rope_theta, tuple(t.mrope_section), k.eos,
-                       k.image, k.video, k.vision_start, k.vision_end, self.stop_tokens, len(dims.vision.deepstack),
-                       t.mrope_interleaved)
+        return LlmSpec(prefill_len=prefill_len, max_context=max_context, tp=tp, dtype=Precision(dtype),
+                       hidden=t.hidden, layers=t.layers, head_dim=t.head_dim,
+                       kv_heads_per_rank=rank_layout(t, tp, 0).kv_heads, vocab=t.vocab, rope_theta=t.rope_theta,
+                       mrope_section=tuple(t.mrope_section), eos=k.eos, image_token=k.image, video_token=k.video,
+                       vision_start=k.vision_start, vision_end=k.vision_end, stop_tokens=self.stop_tokens,
+                       deepstack_layers=len(dims.vision.deepstack), mrope_interleaved=t.mrope_interleaved)
 
     def visual_spec(self, dims: ModelDims, max_patches: int, chunk_width: int, dtype: Precision) -> VisualSpec:
         v = dims.vision
-        return VisualSpec(max_patches, v.patch_dim, v.head_dim, v.merge_size, v.out_hidden,
-                          tuple(chunk_widths(v.out_hidden, chunk_width)), Precision(dtype), 10000.0, v.window,
-                          tuple(v.fullatt_blocks) if v.window else (), len(v.deepstack), v.pos_table_side)
+        return VisualSpec(max_patches=max_patches, patch_dim=v.patch_dim, head_dim=v.head_dim,
+                          merge_size=v.merge_size, out_hidden=v.out_hidden,
+                          chunk_widths=tuple(chunk_widths(v.out_hidden, chunk_width)), dtype=Precision(dtype),
+                          rope_theta=VISION_ROPE_THETA, window=v.window,
+                          fullatt_blocks=tuple(v.fullatt_blocks) if v.window else (), deepstack=len(v.deepstack),
+                          pos_table_side=v.pos_table_side)
+
+    def declared_graphs(self, folder: Path, llm: LlmSpec | None = None,
+                        visual: VisualSpec | None = None) -> list[tuple[str, Path, GraphSig]]:
+        """(label, file, declared signature) of every graph an artifact with this spec holds: the one list both
+        validation and the trust check (``qvlc.models.artifact_family``) check the files against."""
+        if llm is not None:
+            ranked = llm.tp > 1
+            return [(name.removesuffix(".onnx").removeprefix("llm_") + (f"[rank{r}]" if ranked else ""), d / name,
+                     sig) for r, d in enumerate(rank_dirs(folder, llm.tp))
+                    for name, sig in self.llm_signatures(llm).items()]
+        return [("visual", Path(folder) / VISUAL, self.visual_signature(visual))] if visual is not None else []
 
     # -- host side --------------------------------------------------------------------------------------------
     def rope_index(self, input_ids: np.ndarray, tokens: TokenIds, merge_size: int, tokens_per_second: int = 0,

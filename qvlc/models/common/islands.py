@@ -19,6 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qvlc.models.common.dims import ModelDims
 
 TEXT_LAYERS = "model.language_model.layers"
 VISION = "model.visual"
@@ -48,6 +52,13 @@ def vision_units(depth: int, deepstack: int = 0) -> list[str]:
     """patch_embed, each block's attn and mlp, the ``deepstack`` DeepStack mergers (Qwen3-VL), the merger."""
     return ([f"{VISION}.patch_embed"] + [f"{VISION}.blocks.{i}.{m}" for i in range(depth) for m in ("attn", "mlp")]
             + [f"{VISION}.{DEEPSTACK}.{j}" for j in range(deepstack)] + [f"{VISION}.merger"])
+
+
+def part_units(part: str, dims: "ModelDims") -> list[str]:
+    """The modules of a part ("llm" or "visual") an fp32 island can hold."""
+    if part == "llm":
+        return text_units(dims.text.layers)
+    return vision_units(dims.vision.depth, len(dims.vision.deepstack))
 
 
 def selects(pattern: str, unit: str) -> bool:

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvlc.contract import DECODE, PREFILL, GraphSig, LlmSpec, TensorSig
+from qvlc.artifact.layout import DECODE, PREFILL
+from qvlc.artifact.signature import GraphSig, TensorSig
+from qvlc.artifact.spec import LlmSpec
 from qvlc.models.common.dims import TextDims
 from qvlc.models.common.islands import TEXT_LAYERS, Islands
 from qvlc.models.common.layers import Linear, RMSNorm, rotate_half, take

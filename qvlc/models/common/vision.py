@@ -7,13 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvlc.contract import GraphSig, TensorSig, VisualSpec
+from qvlc.artifact.signature import GraphSig, TensorSig
+from qvlc.artifact.spec import VisualSpec
 from qvlc.errors import QvlcError
 from qvlc.models.common.dims import VisionDims
 from qvlc.models.common.islands import VISION, Islands
 from qvlc.models.common.layers import ACTIVATIONS, LayerNorm, Linear, param, rotate_half
-
-VISUAL_INPUTS = ("pixel_values", "attention_mask", "cos", "sin")
 
 
 class VisionAttention(nn.Module):

@@ -7,7 +7,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from qvlc.contract import GraphSig, VisualSpec
+from qvlc.artifact.signature import GraphSig
+from qvlc.artifact.spec import VisualSpec
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family, VisionFeeds
 

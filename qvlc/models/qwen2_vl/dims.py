@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from qvlc.artifact.spec import TokenIds
 from qvlc.errors import CheckpointError
-from qvlc.models.common.dims import ModelDims, TextDims, TokenIds, VisionDims
+from qvlc.models.common.dims import ModelDims, TextDims, VisionDims
 
 
 def text_section(cfg: dict[str, Any]) -> dict[str, Any]:

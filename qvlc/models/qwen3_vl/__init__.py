@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from qvlc.contract import VisualSpec
-from qvlc.models.common.dims import ModelDims, TokenIds
+from qvlc.artifact.spec import TokenIds, VisualSpec
+from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import VisionFeeds
 from qvlc.models.qwen2_vl import Qwen2VL
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from qvlc.artifact.spec import TokenIds
 from qvlc.host.rope import get_rope_index, mrope_cos_sin
-from qvlc.models.common.dims import TextDims, TokenIds
+from qvlc.models.common.dims import TextDims
 from qvlc.models.common.text import PrefillGraph, TextStack
 from qvlc.models.common.tp import rank_layout
 
@@ -38,7 +39,7 @@ def model():
 
 
 def _inputs(rng):
-    tokens = TokenIds(None, 9, 1, 2, 3, 4)
+    tokens = TokenIds(bos=None, eos=9, vision_start=1, vision_end=2, image=3, video=4)
     ids = np.array([5, 6, 1] + [3] * 12 + [2, 7, 8, 9])
     pos, _ = get_rope_index(ids, tokens, 2, image_grid_thw=[[1, 6, 8]])
     embeds = rng.standard_normal((1, len(ids), H)).astype(np.float32)

@@ -15,7 +15,7 @@ FAM = family("qwen2_5_vl")
 
 @pytest.fixture(scope="module")
 def model():
-    from qvlc.checkpoint.load import load_checkpoint
+    from qvlc.checkpoint.hf_model import load_checkpoint
 
     return load_checkpoint(tiny_checkpoint(family=FAM)).model
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qvlc.checkpoint.load import load_checkpoint
+from qvlc.checkpoint.hf_model import load_checkpoint
 from qvlc.checkpoint.tiny import tiny_checkpoint
 from qvlc.models import family
 

@@ -1,46 +1,39 @@
-"""What a compile (and its validation) will need in memory, estimated from the dims and shapes before any weight
-is read, against what this machine (or its memory cgroup) allows.
-
-The coefficients come from measured peaks on this kind of machine (README "Measured"). LLM validation runs in
-phases one after the other (graphs; the streamed oracle, one fp32 layer at a time plus the embedding table and
-the KV it records; the vision tower for a prompt given as pixels) and the largest counts. ONNX Runtime maps the
-weights file (no constant folding, no prepacking): those pages are the kernel's to reclaim, so what must stay is
-one rank's share (ranks run one after another) plus the fp32 cast of the largest weight, lm_head's slice — and,
-for a small model with tp > 1, the unsplit tp = 1 module beside them (``UNSPLIT_MAX_BYTES``). The
-in-memory oracle (``validate.oracle: memory``) holds every parameter in fp32. The visual export reads the tower
-in the export dtype and the exporter serialises a copy (``EXPORT_COPIES``); its validation maps the weights file
-in an ORT session and holds one block of the streamed oracle (the whole fp32 tower with ``oracle: memory``) and
-the graph's attention — one block of ``export.attention_block`` query rows × N — at a time; the larger phase
-counts. x1.35 on the weights covers the rest (Python, torch and ORT arenas). It errs high.
-``QVLC_MEMORY_LIMIT_GB`` replaces the detected limit (a bigger swap-backed machine, or tests).
-"""
+"""DOC"""
 
 from __future__ import annotations
 
-import gc
-import os
 from dataclasses import dataclass
-from pathlib import Path
+from enum import Enum
 from typing import TYPE_CHECKING
 
+from qvlc.artifact.layout import Part
+from qvlc.config.choices import OracleKind
 from qvlc.errors import ConfigError
-from qvlc.heap import trim_heap
+from qvlc.models.common.params import UNSPLIT_MAX_BYTES, text_params, vision_params
+from qvlc.system.memory import GB, available_bytes
 
 if TYPE_CHECKING:
-    from qvlc.config import Config
+    from qvlc.config.schema import Config
     from qvlc.models.common.dims import ModelDims
 
-GB = 1e9
+
+
 OVERHEAD = 1.35
 EXPORT_COPIES = 2.2  # visual export: the tower read in the export dtype + the exporter's serialized copy, per
 #                      weight byte (2B fp16: 2.81 GB peak RSS for 1.35 GB of weights, 2.14 GiB anonymous)
 
-# With tp > 1, LLM validation's tp = 1 comparison runs the unsplit deployment module in eager torch, in the
-# export dtype, beside the rank sessions. It isolates a tensor-parallel error from an export error, on models whose unsplit weights are small:
-# above this size it would hold the whole model in memory (7B fp16: 14 GB) and torch computes fp16 on CPU at
-# ~1 GFLOP/s here (a 7B prefill at S = 2048 would take hours). Every rank's logit slice and KV heads, and the
-# recombined result, are compared with the fp32 oracle either way — at the same tolerance.
-UNSPLIT_MAX_BYTES = 1 << 30
+
+TVM_PHASE = "TVM sessions (every rank's weights in memory, the graph's protobuf while it builds)"
+WORKERS_PHASE = "export (each worker: one rank's weights and the exporter)"
+CALIBRATION_PHASE = "GPTQ calibration (hidden states, one fp32 layer, H and its factors)"
+
+
+class Bound(Enum):
+    """What sets the estimated peak, and so which setting lowers it."""
+
+    TVM = "validate.runtimes"  # TVM's sessions hold every rank's weights
+    EXPORT_WORKERS = "export.workers"  # parallel export workers, each holding a rank
+    OTHER = ""
 
 
 @dataclass(frozen=True)
@@ -48,33 +41,25 @@ class Estimate:
     bytes: float
     parts: dict[str, float]
 
+    @property
+    def bound(self) -> Bound:
+        if TVM_PHASE in self.parts:
+            return Bound.TVM
+        return Bound.EXPORT_WORKERS if WORKERS_PHASE in self.parts else Bound.OTHER
+
     def describe(self) -> str:
         return ", ".join(f"{k} {v / GB:.1f} GB" for k, v in self.parts.items())
 
 
-def text_params(dims: "ModelDims") -> int:
-    t = dims.text
-    per_layer = (t.hidden * t.heads * t.head_dim * 2 + t.hidden * t.kv_heads * t.head_dim * 2
-                 + 3 * t.hidden * t.intermediate)
-    return t.layers * per_layer + t.vocab * t.hidden  # + lm_head (the graphs hold it; embed_tokens is a .bin)
-
-
-def vision_params(dims: "ModelDims") -> int:
-    v = dims.vision
-    mlp = (3 if v.window else 2) * v.embed_dim * v.mlp_hidden
-    merged = v.embed_dim * v.merge_unit
-    return v.depth * (4 * v.embed_dim**2 + mlp) + merged * merged + merged * v.out_hidden + v.patch_dim * v.embed_dim
-
-
 def estimate(cfg: "Config", dims: "ModelDims") -> Estimate:
     """Peak bytes of the compile: export alone, or export then validation when it is enabled."""
-    parts = _llm_parts(cfg, dims) if cfg.part == "llm" else _visual_parts(cfg, dims)
+    parts = _llm_parts(cfg, dims) if cfg.part == Part.LLM else _visual_parts(cfg, dims)
     total = sum(v for k, v in parts.items() if k != "attention") * OVERHEAD + parts.get("attention", 0.0)
     w = cfg.export.weights
-    if cfg.part == "llm" and w.enabled and w.method == "gptq":  # calibration: a phase before export
+    if cfg.part == Part.LLM and w.enabled and w.method == "gptq":  # calibration: a phase before export
         cal = _calibration(cfg, dims)
         if cal * OVERHEAD > total:
-            parts, total = {"GPTQ calibration (hidden states, one fp32 layer, H and its factors)": cal}, cal * OVERHEAD
+            parts, total = {CALIBRATION_PHASE: cal}, cal * OVERHEAD
     return Estimate(total, parts)
 
 
@@ -85,7 +70,7 @@ def _llm_parts(cfg: "Config", dims: "ModelDims") -> dict[str, float]:
     graph, t = text_params(dims), dims.text
     if cfg.validate.enabled:
         s = e.prefill_len
-        if cfg.validate.oracle == "memory":
+        if cfg.validate.oracle == OracleKind.MEMORY:
             parts["fp32 oracle"] = (graph + t.vocab * t.hidden + vision_params(dims)) * 4
             parts["ONNX Runtime sessions"] = graph * dt
             parts.update(_tvm(cfg, graph * dt))
@@ -110,7 +95,7 @@ def _llm_parts(cfg: "Config", dims: "ModelDims") -> dict[str, float]:
         export = min(e.workers, e.tp) * _rank_export(cfg, rank)
         if export > sum(parts.values()) * OVERHEAD:
             parts.clear()
-            parts["export (each worker: one rank's weights and the exporter)"] = export / OVERHEAD
+            parts[WORKERS_PHASE] = export / OVERHEAD
     else:
         parts["one rank's weights"] = _rank_export(cfg, graph / e.tp * dt) / OVERHEAD
     return parts
@@ -127,7 +112,7 @@ def _visual_parts(cfg: "Config", dims: "ModelDims") -> dict[str, float]:
     else:
         rows = e.attention_block if 0 < e.attention_block < n else n
         attention = v.heads * rows * n * 4 * 4 + 2 * n * n  # fp32 scores of one block of query rows, the masks
-        held = p * 4 if cfg.validate.oracle == "memory" else p / v.depth * 4  # the oracle's tower, or a block
+        held = p * 4 if cfg.validate.oracle == OracleKind.MEMORY else p / v.depth * 4  # the oracle's tower, or a block
         # the session maps the weights file; its calls cast weights to fp32 as they go (2B at N = 5120, blocks
         # of 1024 rows: 4.80 GiB anonymous, measured)
         tvm = _tvm(cfg, p * dt)
@@ -169,40 +154,6 @@ def _calibration(cfg: "Config", dims: "ModelDims") -> float:
     return max(hidden + layer + gptq, hidden / 2 + t.vocab * t.hidden * 4, head)
 
 
-def available_bytes() -> tuple[float, str]:
-    """(bytes, where the figure comes from): QVLC_MEMORY_LIMIT_GB, else the memory cgroup's limit, else RAM."""
-    override = os.environ.get("QVLC_MEMORY_LIMIT_GB")
-    if override:
-        try:
-            return float(override) * GB, "QVLC_MEMORY_LIMIT_GB"
-        except ValueError:
-            raise ConfigError(f"QVLC_MEMORY_LIMIT_GB={override!r} is not a number",
-                              fix="set it to a size in GB, e.g. 16, or unset it", key="QVLC_MEMORY_LIMIT_GB") from None
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = _cgroup_limit()
-    return (min(total, limit), "the memory cgroup's limit") if limit and limit < total else (total, "this machine's RAM")
-
-
-def _cgroup_limit() -> float | None:
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        files = ([Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"] if controllers == "" else
-                 [Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"]
-                 if "memory" in controllers.split(",") else [])
-        for f in files:
-            try:
-                value = f.read_text().strip()
-            except OSError:
-                continue
-            if value.isdigit():
-                return float(value)
-    return None
-
-
 def _tvm(cfg: "Config", weights: float) -> dict[str, float]:
     """The TVM phase, when ``validate.runtimes`` lists tvm: its sessions hold every rank's weights in anonymous
     memory (nothing is mapped), the ONNX protobuf is alive beside them while a graph builds, and TVM plans every
@@ -211,7 +162,7 @@ def _tvm(cfg: "Config", weights: float) -> dict[str, float]:
     if "tvm" not in cfg.validate.runtimes:
         return {}
     rank = weights / cfg.export.tp  # the protobuf of one rank's graph at a time
-    return {"TVM sessions (every rank's weights in memory, the graph's protobuf while it builds)": weights + 1.6 * rank}
+    return {TVM_PHASE: weights + 1.6 * rank}
 
 
 def check_memory(cfg: "Config", dims: "ModelDims") -> None:
@@ -220,11 +171,11 @@ def check_memory(cfg: "Config", dims: "ModelDims") -> None:
     have, source = available_bytes()
     if est.bytes <= have:
         return
-    if "tvm" in cfg.validate.runtimes and any(k.startswith("TVM") for k in est.parts):
+    if est.bound is Bound.TVM:
         key, fix = "validate.runtimes", "remove tvm from validate.runtimes (ONNX Runtime maps the weights instead), or"
-    elif cfg.part == "llm" and cfg.export.workers > 1 and any(k.startswith("export (each worker") for k in est.parts):
+    elif est.bound is Bound.EXPORT_WORKERS and cfg.export.workers > 1:
         key, fix = "export.workers", "set export.workers: 1 (each worker holds a rank), or"
-    elif cfg.part == "llm":
+    elif cfg.part == Part.LLM:
         key = "validate.enabled" if cfg.validate.enabled else "export.tp"
         fix = ("set validate.enabled: false (the export alone reads one rank's slices at a time), lower "
                "export.prefill_len, or" if cfg.validate.enabled else "raise export.tp, or")
@@ -233,11 +184,3 @@ def check_memory(cfg: "Config", dims: "ModelDims") -> None:
     raise ConfigError(f"this compile needs about {est.bytes / GB:.1f} GB ({est.describe()}; x{OVERHEAD} on the "
                       f"weights for the rest), more than the {have / GB:.1f} GB of {source}",
                       fix=f"{fix} run on a machine with at least {est.bytes / GB:.0f} GB", key=key)
-
-
-def release_memory() -> None:
-    """Collect, then hand freed heap pages back to the OS (glibc keeps them otherwise: measured, the export of a
-    2B LLM left ~3 GB resident that the validation's sessions then had to sit beside; inside a memory cgroup every
-    such page is one the page cache cannot use for the weights)."""
-    gc.collect()
-    trim_heap()

@@ -1,11 +1,12 @@
-"""``export.weights``: the typed section and its checks on the YAML alone (issue 9; README "Weight quantization").
-Split from config.py, which imports it."""
+"""``export.weights``: the typed section and its checks on the YAML alone (docs/quantization.md)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
 
+from qvlc.artifact.layout import Part
+from qvlc.config.choices import OracleKind
 from qvlc.errors import ConfigError
 from qvlc.precision import WeightFormat
 
@@ -74,7 +75,7 @@ def check_weights(cfg) -> None:
         raise ConfigError(f"include {list(w.include)} quantizes nothing of the {cfg.part} part",
                           fix=f"add {' or '.join(PART_INCLUDE[str(cfg.part)])} to {key}.include",
                           key=f"{key}.include")
-    if cfg.part != "llm" and w.method == "gptq":
+    if cfg.part != Part.LLM and w.method == QuantMethod.GPTQ:
         raise ConfigError("method gptq calibrates the LLM on texts; the vision tower is quantized round to nearest",
                           fix=f"use {key}.method: rtn in the visual config", key=f"{key}.method")
     c = w.calibration
@@ -101,7 +102,7 @@ def check_weights(cfg) -> None:
         raise ConfigError("tvm is in validate.runtimes, and TVM 0.27 does not import blocked int4 DequantizeLinear",
                           fix=f"set {key}.dequantize: explicit (the same integers, plain ops), or remove tvm",
                           key=f"{key}.dequantize")
-    if cfg.validate.enabled and cfg.validate.oracle == "memory":
+    if cfg.validate.enabled and cfg.validate.oracle == OracleKind.MEMORY:
         raise ConfigError("quantized weights are proven with the streamed oracle (it reads the dequantized weights "
                           "layer by layer)", fix="remove validate.oracle: memory", key="validate.oracle")
     if cfg.export.fp32_layers:

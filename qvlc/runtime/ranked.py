@@ -14,10 +14,10 @@ import numpy as np
 import onnx
 import onnx.utils
 
-from qvlc.heap import heap_reuse
 from qvlc.parallel.allreduce import DOMAIN, OP_TYPE, register_onnx_schema
 from qvlc.precision import Runtime
 from qvlc.runtime.sessions import open_session
+from qvlc.system.malloc import heap_reuse
 
 
 def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:

@@ -7,16 +7,17 @@ from __future__ import annotations
 import numpy as np
 
 from qvlc.errors import EnvironmentFailure
-from qvlc.memory import GB, available_bytes, text_params, vision_params
+from qvlc.models.common.params import text_params, vision_params
 from qvlc.runtime.prompt import VlmPrompt
 from qvlc.runtime.vlm import VlmPipeline
+from qvlc.system.memory import GB, available_bytes
 
 HEADROOM = 1.3  # activations, generate's cache and the ONNX sessions beside the fp32 weights
 
 
 class Reference:
     def __init__(self, pipe: VlmPipeline) -> None:
-        from qvlc.checkpoint.load import load_checkpoint
+        from qvlc.checkpoint.hf_model import load_checkpoint
 
         need = (text_params(pipe.dims) + vision_params(pipe.dims)) * 4 * HEADROOM
         have, where = available_bytes()

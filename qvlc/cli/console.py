@@ -1,4 +1,4 @@
-"""What every `qvlc` command shares: the consoles, the one-line failure report, the command guard, stage progress.
+"""The consoles every command prints to, the one-line failure report, problem lines and stage progress.
 User-derived text is printed without control characters (``qvlc.errors.printable``) and never read as markup."""
 
 from __future__ import annotations
@@ -6,22 +6,21 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from typing import Iterator, Optional
+from typing import Iterator
 
-import typer
 from rich.console import Console
 from rich.text import Text
 
-from qvlc.errors import printable
-from qvlc.guard import Exit, guarded
+from qvlc.errors import Failure, printable
 
 # Not on a terminal (CI logs), rich would assume 80 columns and truncate the parity table.
 _WIDTH = max(shutil.get_terminal_size((120, 24)).columns, 110)
+
 console = Console(highlight=False, width=_WIDTH)
 err = Console(stderr=True, highlight=False, width=_WIDTH)
 
-STYLES = {"error": "bold red", "parity failed": "bold red", "integrity": "bold red", "environment": "bold red",
-          "interrupted": "bold yellow", "internal error": "bold magenta"}
+
+STYLES = {Failure.INTERRUPTED: "bold yellow", Failure.INTERNAL: "bold magenta"}  # every other kind: bold red
 
 
 class RichProgress:
@@ -37,26 +36,11 @@ class RichProgress:
         console.print(Text("✓ ", style="green") + Text(f"{name:<20} {time.perf_counter() - t0:7.1f} s{detail}"))
 
 
-def report(kind: str, text: str) -> None:
+def report(kind: Failure, text: str) -> None:
     """One failure message on stderr; ``text`` is printed as is (never as markup)."""
     err.print(Text(f"{kind}: ", style=STYLES.get(kind, "bold red")) + Text(printable(text)), soft_wrap=True)
-
-
-@contextlib.contextmanager
-def command(action: str) -> Iterator[None]:
-    """A command body: every failure becomes one message and its documented exit code."""
-    try:
-        with guarded(action, report):
-            yield
-    except Exit as e:
-        raise typer.Exit(e.code) from None
 
 
 def problem(text: str, mark: str = "✗ ", style: str = "red") -> None:
     """One problem line on stderr (a verify finding, a parity failure): user-derived, so made printable."""
     err.print(Text(mark, style=style) + Text(printable(text)), soft_wrap=True)
-
-
-EXPECT_DIGEST = typer.Option(None, "--expect-digest", help="Refuse unless the artifact's manifest has this sha256 "
-                             "(the digest `qvlc compile` printed); repeat to pin both artifacts.")
-Digests = Optional[list[str]]

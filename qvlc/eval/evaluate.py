@@ -16,18 +16,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qvlc.artifact.trust import Trust
 from qvlc.errors import QvlcError
-from qvlc.runtime.vlm import VlmPipeline
-from qvlc.serve.bench_data import Item, read_items
-from qvlc.serve.errors import ApiError
-from qvlc.serve.media import MediaLimits, decode_image_bytes
-from qvlc.serve.scoring import (
+from qvlc.eval.bench_data import Item, read_items
+from qvlc.eval.scoring import (
     extract_option,
     mcq_prompt,
     messages,
     normalize,
     vqa_prompt,
 )
+from qvlc.runtime.media import open_image
+from qvlc.runtime.vlm import VlmPipeline
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _score(item: Item, text: str) -> tuple[str | None, bool]:
 
 
 def _prepare(pipe: VlmPipeline, item: Item):
-    image = [] if item.image is None else [decode_image_bytes(item.image, MediaLimits(), f"{item.where} image")]
+    image = [] if item.image is None else [open_image(item.image, what=f"{item.where} image", key="--data")]
     prompt = mcq_prompt(item.question, item.options, item.hint) if item.multiple_choice else vqa_prompt(item.question)
     prepared = pipe.prepare_chat(messages(prompt, bool(image)), image)
     pipe.check_fits(prepared)
@@ -78,7 +78,7 @@ def run_eval(pipe: VlmPipeline, items: list[Item], data: str, max_new_tokens: in
     for i, item in enumerate(items):
         try:
             prepared = _prepare(pipe, item)
-        except (QvlcError, ApiError) as exc:
+        except QvlcError as exc:
             run.predictions.append(Prediction(item.index, item.answer, None, "", False, item.category,
                                               error=str(exc).splitlines()[0][:300]))
         else:
@@ -141,21 +141,22 @@ def write_results(path: Path, results: dict) -> None:
         raise
 
 
-def evaluate(llm_dir: Path, visual_dir: Path, data: Path, out: Path, reference: bool = False,
+def evaluate(llm_dir: Path, visual_dir: Path, data: Path, out: Path, *, reference: bool = False,
              limit: int | None = None, max_new_tokens: int = 64, checkpoint: Path | None = None,
-             progress: Callable[[int], Callable[[int], None]] | None = None) -> dict:
-    """Read and check everything first (the data file, the output folder, the artifacts), then run and write."""
+             trust: Trust = Trust(), progress: Callable[[int], Callable[[int], None]] | None = None) -> dict:
+    """Read and check everything first (the data file, the output folder, the artifacts, as far as ``trust``
+    says), then run and write."""
     if limit is not None and limit < 1:
         raise QvlcError(f"--limit is {limit}", fix="use a positive number of items", key="--limit")
     if not Path(out).resolve().parent.is_dir():
         raise QvlcError(f"the folder of --out {str(out)!r} does not exist", fix="create it, or pass another --out",
                         key="--out")
     items = read_items(data, limit)
-    pipe = VlmPipeline(llm_dir, visual_dir, checkpoint)
+    pipe = VlmPipeline(llm_dir, visual_dir, checkpoint=checkpoint, trust=trust)
     room = pipe.spec.max_context - pipe.spec.prefill_len
     ref = None
     if reference:
-        from qvlc.serve.reference import Reference
+        from qvlc.eval.reference import Reference
 
         ref = Reference(pipe)
     tick = progress(len(items)) if progress is not None else None

@@ -1,14 +1,16 @@
 """The config against the checkpoint's config.json and this machine, still before any weight is read: tp against
-the heads, lengths against the model's position limit, declared vamc values against the checkpoint, and an
-estimate of the memory the compile and its validation need."""
+the heads, lengths against the model's position limit, declared vamc values against the checkpoint, fp32 islands
+and weight groups against the model's modules."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qvlc.config import Config, Part
+from qvlc.config.choices import OracleKind
+from qvlc.config.schema import Config, Part
+from qvlc.config.yaml_to_dataclass import AUTO
 from qvlc.errors import ConfigError, quoted
-from qvlc.memory import check_memory
+from qvlc.models.common.islands import part_units, unmatched
 from qvlc.models.common.tp import tp_problems, valid_tp_values
 
 if TYPE_CHECKING:
@@ -16,15 +18,14 @@ if TYPE_CHECKING:
     from qvlc.models.common.family import Family
 
 
-def check_against_model(cfg: Config, dims: "ModelDims", family: "Family", memory: bool = True) -> None:
-    """Every check that needs config.json (and, with ``memory``, this machine's memory)."""
+def check_against_model(cfg: Config, dims: "ModelDims", family: "Family") -> None:
+    """Every check that needs config.json (the memory estimate against this machine is the plan's:
+    ``qvlc.compile.memory_estimate``)."""
     _tp(cfg, dims)
     _lengths(cfg, dims, family)
     _declared(cfg, dims)
     _fp32_layers(cfg, dims)
     _weight_groups(cfg, dims)
-    if memory:
-        check_memory(cfg, dims)
 
 
 def _tp(cfg: Config, dims: "ModelDims") -> None:
@@ -59,23 +60,11 @@ def _lengths(cfg: Config, dims: "ModelDims", family: "Family") -> None:
                           fix=f"use a multiple of {16 * v.merge_unit // 4}", key="export.max_patches")
 
 
-def part_units(cfg: Config, dims: "ModelDims") -> list[str]:
-    """The modules of this part an fp32 island can hold (``qvlc.models.common.islands``)."""
-    from qvlc.models.common.islands import text_units, vision_units
-
-    if cfg.part == Part.LLM:
-        return text_units(dims.text.layers)
-    return vision_units(dims.vision.depth, len(dims.vision.deepstack))
-
-
 def _fp32_layers(cfg: Config, dims: "ModelDims") -> None:
-    from qvlc.config import AUTO
-    from qvlc.models.common.islands import unmatched
-
     patterns = cfg.export.fp32_layers
     if not patterns or patterns == (AUTO,):
         return
-    units = part_units(cfg, dims)
+    units = part_units(cfg.part, dims)
     bad = unmatched(patterns, units)
     if bad:
         raise ConfigError(f"{', '.join(map(repr, bad))} names no module of the {cfg.part} part",
@@ -103,7 +92,7 @@ def check_imported(cfg: Config, dims: "ModelDims", imported) -> None:
                           f"{imported.group_size}): its integers are compiled as they are", fix="remove "
                           "export.weights (or point model.checkpoint at the unquantized model)",
                           key="export.weights.format")
-    if cfg.part == Part.LLM and cfg.validate.enabled and cfg.validate.oracle == "memory":
+    if cfg.part == Part.LLM and cfg.validate.enabled and cfg.validate.oracle == OracleKind.MEMORY:
         raise ConfigError("a quantized checkpoint is proven with the streamed oracle (transformers cannot load it "
                           "without a GPTQ/AWQ kernel package)", fix="remove validate.oracle: memory",
                           key="validate.oracle")

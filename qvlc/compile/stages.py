@@ -14,32 +14,39 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 from qvlc import __version__
-from qvlc.artifacts import (
+from qvlc.artifact.hashing import sha256_file
+from qvlc.artifact.manifest import (
+    Fp32Record,
+    Manifest,
+    SourceRecord,
+    WeightFileRecord,
+    library_versions,
+    write_manifest,
+)
+from qvlc.artifact.publish import (
     CompileLock,
     discard,
     keep_failed,
-    library_versions,
     make_staging,
     publish,
     refuse_existing,
-    write_manifest,
 )
-from qvlc.checkpoint.load import (
+from qvlc.artifact.trust import Trust, checked_artifact, manifest_digest
+from qvlc.checkpoint.hf_model import (
     LoadedCheckpoint,
     load_checkpoint,
     load_vision_tower,
-    sha256_file,
-    weight_files,
 )
+from qvlc.checkpoint.load import weight_files
 from qvlc.checkpoint.tiny import TINY_SEED
-from qvlc.config import Config, OracleKind, Part, config_from_dict
-from qvlc.contract import Fp32Record, Manifest, SourceRecord, WeightFileRecord
+from qvlc.compile.plan import Plan, checked_plan
+from qvlc.config.loading import config_from_dict
+from qvlc.config.schema import Config, OracleKind, Part
 from qvlc.errors import ParityError, QvlcError
 from qvlc.export.onnx_export import ExportResult
-from qvlc.integrity import checked_artifact, manifest_digest
-from qvlc.memory import release_memory
+from qvlc.models import artifact_family
 from qvlc.models.common.islands import Islands
-from qvlc.plan import Plan, check
+from qvlc.system.memory import release_memory
 from qvlc.validate.metrics import ParityReport
 
 
@@ -73,7 +80,7 @@ def load(plan: Plan) -> LoadedCheckpoint | None:
     the streamed oracle reads one layer at a time, so a model too large for this machine in fp32 (7B: ~33 GB)
     still compiles and validates.
     """
-    in_memory = plan.cfg.validate.enabled and plan.cfg.validate.oracle == "memory"
+    in_memory = plan.cfg.validate.enabled and plan.cfg.validate.oracle == OracleKind.MEMORY
     if plan.cfg.part == Part.LLM and not in_memory:
         return None
     if plan.cfg.part == Part.VISUAL and not in_memory:  # only the export reads it: the tower in the export dtype
@@ -161,7 +168,7 @@ def _compile_locked(cfg: Config, force: bool, timed, timings: dict[str, float]) 
     final = cfg.artifact_dir
     with timed("check"):
         refuse_existing(final, force)
-        plan = check(cfg)
+        plan = checked_plan(cfg)
         if plan.calibrating:  # the calibration set is read and tokenized now: a bad file fails before any weight
             from qvlc.export.calibration_data import calibration_set
 
@@ -195,7 +202,7 @@ def _compile_locked(cfg: Config, force: bool, timed, timings: dict[str, float]) 
             write_manifest(stage, manifest(plan, exported, report))
         if report is not None and not report.passed:
             failed = keep_failed(stage, final)
-            raise ParityError(f"{len(report.failures)} parity check(s) failed:\n  - " +
+            raise ParityError(f"{len(report.failures)} parity checked_plan(s) failed:\n  - " +
                               "\n  - ".join(report.failures) + (f"\n  {report.cause}" if report.cause else ""),
                               fix=f"see {failed / 'parity.md'}; nothing was written to {final}")
         with timed("publish"):
@@ -217,21 +224,23 @@ def calibrated_store(folder: Path) -> Path:
 
 
 def validate_artifact(folder: Path, progress: Progress | None = None, runtimes: tuple[str, ...] | None = None,
-                      expect_digest: frozenset[str] | None = None) -> ParityReport:
+                      digests: frozenset[str] = frozenset()) -> ParityReport:
     """`qvlc validate`: re-run the parity check of an existing artifact against its source checkpoint.
 
     Reads the resolved config from the manifest; writes nothing into the artifact. ``runtimes`` (names) run the
     cases on those runtimes beside ONNX Runtime instead of the ones the compile used.
     """
     progress = progress or NullProgress()
-    m = checked_artifact(folder, None, str(folder), hashes=True, expect_digest=expect_digest)  # sha256: cheap here
+    # every file hashed (cheap next to the proof), then the graphs against what their family declares
+    m = checked_artifact(folder, None, str(folder), Trust(hashes=True, digests=digests))
+    artifact_family(folder, m, str(folder))
     raw = m.config
     if runtimes is not None:
         raw = {**raw, "validate": {**raw.get("validate", {}),
                                    "runtimes": list(dict.fromkeys(["onnxruntime", *runtimes]))}}
     cfg = config_from_dict(raw)
     with progress.stage("check"):
-        plan = check(cfg)
+        plan = checked_plan(cfg)
         if plan.calibrating:  # the integers the compile calibrated, as the artifact stores them
             plan = dataclasses.replace(plan, calibrated=calibrated_store(folder))
         if plan.auto:  # what the compile's probe chose, as the manifest records it

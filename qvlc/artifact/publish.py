@@ -1,41 +1,19 @@
-"""Artifact folders: staging, atomic publish, file hashes, manifest.json, and `qvlc verify`."""
+"""From a staging folder to a published artifact: the staging folder, the compile's lock, the atomic publish,
+a failed compile kept aside, and only folders qvlc marked ever deleted."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
-import hashlib
 import os
 import shutil
 import stat
 import tempfile
 from pathlib import Path
 
-from qvlc.checkpoint.load import sha256_file
-from qvlc.contract import MANIFEST, FileRecord, Manifest
+from qvlc.artifact.layout import FAILED_SUFFIX, MANIFEST, MARKER
 from qvlc.errors import QvlcError
-
-LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnxsim", "numpy")
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-MARKER = ".qvlc-artifact"  # written into every folder qvlc creates; qvlc deletes only folders that carry it
-MANIFEST_DIGEST = "manifest.sha256"  # sha256 of manifest.json, in `sha256sum -c` format
-NOT_LISTED = (MANIFEST, MANIFEST_DIGEST, MARKER)  # files of an artifact that the manifest's file table leaves out
-FAILED_SUFFIX = ".failed"
 
 
 def is_ours(folder: Path) -> bool:
@@ -200,24 +178,3 @@ class CompileLock:
                 self.path.unlink()
             os.close(self.fd)
             self.fd = None
-
-
-def listed_files(folder: Path) -> list[Path]:
-    """Every file and symlink under ``folder`` but the manifest, its digest and the marker (a symlink is listed so
-    the integrity check can refuse it; it is never followed)."""
-    return sorted(q for q in folder.rglob("*") if (q.is_symlink() or q.is_file())
-                  and q.relative_to(folder).as_posix() not in NOT_LISTED)
-
-
-def file_table(folder: Path) -> tuple[FileRecord, ...]:
-    """Every file under ``folder`` except the manifest, its digest and the marker, sorted, with bytes and sha256."""
-    return tuple(FileRecord(p.relative_to(folder).as_posix(), p.stat().st_size, sha256_file(p))
-                 for p in listed_files(folder))
-
-
-def write_manifest(folder: Path, manifest: Manifest) -> None:
-    """The one place manifest.json is written: ``manifest`` with the table of every file beside it, then its own
-    sha256 in manifest.sha256 (so an edited manifest is caught too)."""
-    text = dataclasses.replace(manifest, files=file_table(folder)).to_json()
-    (folder / MANIFEST).write_text(text)
-    (folder / MANIFEST_DIGEST).write_text(f"{hashlib.sha256(text.encode()).hexdigest()}  {MANIFEST}\n")

@@ -1,8 +1,8 @@
-"""Whether an artifact folder can be trusted before anything reads it: the manifest's own digest, every listed
-path confined to the folder (relative, no ``..``, no symlinks out), every file's size and sha256, the graphs'
-external-data locations, their interfaces against the family's signatures, and the parity it was compiled with.
-What `qvlc verify`, `run`, `validate` and `serve` call; ``expected_digest`` pins an artifact for CI.
-"""
+"""Whether an artifact folder can be trusted before anything reads it: the manifest's own digest (and the one CI
+pinned), every listed path confined to the folder (relative, no ``..``, no symlinks out), every file's size and
+sha256, the graphs' external-data locations, and the parity it was compiled with. What `qvlc verify`, `run`,
+`validate`, `serve` and `eval` call; how far to check is one ``Trust`` value. The graphs' interfaces against their
+family's signatures are checked one layer up (``qvlc.models.artifact_family``), where the families are known."""
 
 from __future__ import annotations
 
@@ -11,10 +11,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvlc.artifacts import FAILED_SUFFIX, MANIFEST_DIGEST, listed_files
-from qvlc.checkpoint.load import sha256_file
-from qvlc.contract import MANIFEST, GraphSig, Manifest, read_manifest
-from qvlc.errors import IntegrityError, QvlcError, printable
+from qvlc.artifact.hashing import listed_files, sha256_file
+from qvlc.artifact.layout import FAILED_SUFFIX, MANIFEST, MANIFEST_DIGEST, PARITY_MD
+from qvlc.artifact.manifest import (
+    Manifest,
+    read_manifest,
+    read_part_manifest,
+    require_artifact,
+)
+from qvlc.errors import IntegrityError, printable
 
 
 def manifest_digest(folder: Path) -> str:
@@ -22,19 +27,9 @@ def manifest_digest(folder: Path) -> str:
     return sha256_file(Path(folder) / MANIFEST)
 
 
-def check_digest_options(expect: list[str] | None) -> frozenset[str]:
-    """``--expect-digest`` values: 64 hex digits each (any case)."""
-    for e in expect or ():
-        if not re.fullmatch(r"[0-9a-fA-F]{64}", e):
-            raise QvlcError(f"--expect-digest {printable(e, 80)!r} is not a sha256 (64 hex digits)",
-                            fix="pass the digest `qvlc compile` printed (the content of manifest.sha256)",
-                            key="--expect-digest")
-    return frozenset(e.lower() for e in expect or ())
-
-
-def manifest_problems(folder: Path, expect_digest: frozenset[str] | None = None) -> list[str]:
+def manifest_problems(folder: Path, digests: frozenset[str] = frozenset()) -> list[str]:
     """Why manifest.json cannot be trusted (empty when its digest matches manifest.sha256 and, when given,
-    ``expect_digest``: the digest CI pinned, which an edited-and-resealed manifest cannot match)."""
+    ``digests``: the digests CI pinned, which an edited-and-resealed manifest cannot match)."""
     digest = Path(folder) / MANIFEST_DIGEST
     if not digest.is_file() or digest.is_symlink():
         return [f"{MANIFEST_DIGEST}: missing, so {MANIFEST} cannot be checked"]
@@ -43,8 +38,8 @@ def manifest_problems(folder: Path, expect_digest: frozenset[str] | None = None)
     actual = manifest_digest(folder)
     if want != [actual]:
         return [f"{MANIFEST}: changed after the compile (its sha256 differs from {MANIFEST_DIGEST})"]
-    if expect_digest and actual not in expect_digest:
-        return [f"{MANIFEST}: sha256 {actual} is not {' or '.join(sorted(expect_digest))} (--expect-digest): this "
+    if digests and actual not in digests:
+        return [f"{MANIFEST}: sha256 {actual} is not {' or '.join(sorted(digests))} (--expect-digest): this "
                 "is not the artifact that was pinned"]
     return []
 
@@ -137,69 +132,42 @@ def external_data_problems(folder: Path, listed: dict) -> list[str]:
     return problems
 
 
-def declared_graphs(folder: Path, family, llm=None, visual=None) -> list[tuple[str, Path, GraphSig]]:
-    """(label, file, signature the family declares) of every graph an artifact with this spec holds: the one
-    list both validation and ``checked_artifact`` check the files against."""
-    from qvlc.contract import VISUAL, rank_dirs
-
-    if llm is not None:
-        ranked = llm.tp > 1
-        return [(name.removesuffix(".onnx").removeprefix("llm_") + (f"[rank{r}]" if ranked else ""), d / name, sig)
-                for r, d in enumerate(rank_dirs(folder, llm.tp)) for name, sig in family.llm_signatures(llm).items()]
-    return [("visual", Path(folder) / VISUAL, family.visual_signature(visual))] if visual is not None else []
-
-
-def signature_problems(folder: Path, m: Manifest) -> list[str]:
-    """Each graph's actual interface against the one its family declares for the manifest's spec: a manifest
-    whose shapes disagree with the graphs is refused before a runtime feeds them."""
-    from qvlc.contract import graph_io
-    from qvlc.models import family
-
-    problems = []
-    for _, path, sig in declared_graphs(folder, family(m.family), m.llm, m.visual):
-        io = graph_io(path)
-        problems += [f"{path.relative_to(folder)}: {name}: {what}" for name, what in sig.mismatches(io.inputs,
-                                                                                                   io.outputs)]
-    return problems
-
-
 HASH_BY_DEFAULT_BYTES = 4 << 30  # sha256 runs at ~1.7 GB/s here: up to 4 GB costs ~2.5 s before a run
 
 
-def require_artifact(folder: Path, key: str) -> Path:
-    """A folder with a manifest.json; QvlcError (bad input) when the path is not an artifact at all."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise QvlcError(f"artifact folder {str(folder)!r} does not exist",
-                        fix="give the folder of a finished `qvlc compile`", key=key)
-    if not (folder / MANIFEST).is_file():
-        raise QvlcError(f"{folder} has no {MANIFEST}, so it is not a finished artifact",
-                        fix="give the folder of a finished `qvlc compile`", key=key)
-    return folder
+@dataclass(frozen=True)
+class Trust:
+    """How far an artifact is checked before use, one value from the command line to the check. Its manifest's
+    own digest and every file's size are always checked; every file's sha256 when ``hashes`` (None: when the
+    artifact is at most 4 GB). ``digests``: sha256s of manifests CI pinned (``--expect-digest``); a pinned artifact's
+    manifest must be one of them, and every file is then hashed against it."""
+
+    hashes: bool | None = None
+    digests: frozenset[str] = frozenset()
+
+    def hash_files(self, manifest: Manifest) -> bool:
+        if self.digests:
+            return True
+        if self.hashes is None:
+            return sum(f.bytes for f in manifest.files) <= HASH_BY_DEFAULT_BYTES
+        return self.hashes
 
 
-def checked_artifact(folder: Path, part: str | None, key: str, hashes: bool | None = None,
-                     expect_digest: frozenset[str] | None = None) -> Manifest:
-    """What `run` and `validate` use: the manifest (digest checked) of a ``part`` artifact (None: either part)
-    whose files all have their recorded sizes — and sha256 when ``hashes`` (default: when the artifact is at most
-    4 GB) — whose graphs match the manifest's interfaces, and whose parity did not fail. IntegrityError listing
-    every problem otherwise."""
-    from qvlc.contract import read_part_manifest
+FULL = Trust(hashes=True)  # every file hashed: `qvlc validate` (cheap next to the proof)
 
-    folder = require_artifact(folder, key)
-    problems = manifest_problems(folder, expect_digest)
+
+def checked_artifact(folder: Path, part: str | None, key: str, trust: Trust = Trust()) -> Manifest:
+    """The manifest (digest checked) of a ``part`` artifact (None: either part) whose files all have their
+    recorded sizes — and sha256, as ``trust`` says — and whose parity did not fail. IntegrityError listing every
+    problem otherwise. The graphs' interfaces are checked against their family by ``qvlc.models.artifact_family``."""
+    folder = require_artifact(folder, key, part or "")
+    problems = manifest_problems(folder, trust.digests)
     if problems:
         raise IntegrityError("; ".join(problems), fix="recompile the artifact (or restore it from a copy)", key=key)
-    m = read_part_manifest(folder, part, key) if part else read_manifest(folder)
-    if expect_digest:
-        hashes = True  # a pinned artifact: every file against the pinned manifest
-    if hashes is None:
-        hashes = sum(f.bytes for f in m.files) <= HASH_BY_DEFAULT_BYTES
-    problems = file_problems(folder, m, hashes)
-    if not problems:
-        problems = signature_problems(folder, m)
+    m = read_part_manifest(folder, part, key) if part else read_manifest(folder, key)
+    problems = file_problems(folder, m, trust.hash_files(m))
     if m.parity.get("passed") is False or folder.name.endswith(FAILED_SUFFIX):
-        problems.insert(0, f"its parity check failed when it was compiled (see {folder / 'parity.md'})")
+        problems.insert(0, f"its parity check failed when it was compiled (see {folder / PARITY_MD})")
     if problems:
         raise IntegrityError(f"{folder} cannot be used: " + "; ".join(problems),
                              fix="recompile the artifact (`qvlc verify` lists what changed)", key=key)
@@ -212,15 +180,15 @@ class VerifyResult:
     problems: list[str]
 
 
-def verify(folder: Path, expect_digest: frozenset[str] | None = None) -> VerifyResult:
-    """The manifest's own digest (and the pinned one), then every file's size and sha256 against it, files it
-    does not know, and whether the artifact's parity failed at compile time."""
+def verify(folder: Path, digests: frozenset[str] = frozenset()) -> VerifyResult:
+    """`qvlc verify`: the manifest's own digest (and the pinned ones), then every file's size and sha256 against
+    it, files it does not know, and whether the artifact's parity failed at compile time."""
     folder = require_artifact(folder, str(folder))
-    problems = manifest_problems(folder, expect_digest)
+    problems = manifest_problems(folder, digests)
     if problems:
         return VerifyResult(0, problems)
     manifest = read_manifest(folder)
     problems = file_problems(folder, manifest)
     if manifest.parity.get("passed") is False:
-        problems.append(f"parity: FAILED when it was compiled, the files are as written (see {folder / 'parity.md'})")
+        problems.append(f"parity: FAILED when it was compiled, the files are as written (see {folder / PARITY_MD})")
     return VerifyResult(len(manifest.files), problems)
