@@ -165,3 +165,15 @@ def test_prefill_must_hold_the_visual_tokens():
 def test_to_dict_round_trips(raw):
     cfg = config_from_dict(raw)
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("key, value, calls", [("generate_tokens", 200, 199), ("decode_steps", 150, 150)])
+def test_a_refusal_quotes_the_number_the_user_wrote(key, value, calls):
+    """`validate.generate_tokens: 200` is refused naming 200 (and the 199 decode calls it needs), so the reader
+    finds their own number in the message."""
+    raw = {**llm(prefill_len=128, max_context=256), "validate": {key: value}}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    assert f"{key} {value} needs {calls} decode calls" in str(info.value)
+    assert info.value.key == f"validate.{key}"
+    assert f"use {key} <= {127 + (value - calls)}" in str(info.value)

@@ -149,6 +149,36 @@ def _escaping_index(ck: Path) -> None:
     (ck / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
 
 
+def _visual_from(e: Env, edit) -> list[str]:
+    """A visual compile from a copy of the tiny checkpoint after ``edit``: its processor configs are read."""
+    ck = e.tmp / "ck_json"
+    shutil.copytree(e.tiny, ck)
+    edit(ck)
+    return e.compile({"name": "x", "part": "visual", "model": {"checkpoint": str(ck)},
+                      "export": {"max_patches": 256}})
+
+
+def _run_with(e: Env, edit) -> list[str]:
+    """`qvlc run --checkpoint` a copy of the tiny checkpoint after ``edit``: its tokenizer files are read."""
+    ck = e.tmp / "ck_tok"
+    shutil.copytree(e.tiny, ck)
+    edit(ck)
+    return e.run(None, None, "--checkpoint", str(ck))
+
+
+def _write(name: str, data: bytes):
+    return lambda ck: (ck / name).write_bytes(data)
+
+
+def _preprocess_json(e: Env, data: bytes) -> list[str]:
+    """A visual artifact whose preprocess.json was replaced and the manifest resealed (its digest passes)."""
+    def edit(a: Path) -> None:
+        (a / "preprocess.json").write_bytes(data)
+        _reseal(a, lambda d: None)
+
+    return e.run(None, e.artifact("visual", edit))
+
+
 HOSTILE = [
     Case("lock_is_a_symlink", 2, "not a plain lock file", _lock_symlink, (".x.lock",)),
     Case("video_playlist", 2, "not a container qvlc reads", _playlist),
@@ -174,6 +204,29 @@ HOSTILE = [
     Case("force_onto_symlinked_artifact", 2, "is a symlink", _symlinked_artifact, ("x",)),
     Case("config_20000_layers", 2, "text.layers = 20000", lambda e: e.checkpoint(_many_layers)),
     Case("index_names_a_parent_path", 2, "outside the checkpoint folder", lambda e: e.checkpoint(_escaping_index)),
+    # every JSON file of a checkpoint goes through one reader: exit 2 naming the file, never exit 4
+    Case("preprocessor_config_not_utf8", 2, "preprocessor_config.json is not UTF-8", lambda e: _visual_from(
+        e, _write("preprocessor_config.json", b"\xff\xfe{}"))),
+    Case("preprocessor_config_an_array", 2, "holds a JSON list", lambda e: _visual_from(
+        e, _write("preprocessor_config.json", b"[1]"))),
+    Case("preprocessor_config_wrong_type", 2, 'min_pixels is "many"', lambda e: _visual_from(
+        e, _write("preprocessor_config.json", b'{"min_pixels": "many"}'))),
+    Case("video_preprocessor_nested_deep", 2, "nested too deeply", lambda e: _visual_from(
+        e, _write("video_preprocessor_config.json", b"[" * 100_000 + b"]" * 100_000))),
+    Case("config_json_an_array", 2, "config.json holds a JSON list", lambda e: e.checkpoint(
+        _write("config.json", b"[1, 2]"))),
+    Case("index_unterminated", 2, "model.safetensors.index.json is not valid JSON", lambda e: e.checkpoint(
+        _write("model.safetensors.index.json", b'{"weight_map": {"a": "b'))),
+    Case("run_preprocessor_config_an_array", 2, "preprocessor_config.json holds a JSON list", lambda e: _run_with(
+        e, _write("preprocessor_config.json", b"[1]"))),
+    Case("run_chat_template_a_number", 2, "chat_template is 5", lambda e: _run_with(
+        e, _write("chat_template.json", b'{"chat_template": 5}'))),
+    Case("preprocess_json_an_array", 1, "preprocess.json is not a preprocessing config", lambda e: _preprocess_json(
+        e, b"[1]")),
+    Case("preprocess_json_wrong_type", 1, "preprocess.json is not a preprocessing config", lambda e: _preprocess_json(
+        e, b'{"merge_size": "two"}')),
+    Case("run_tokenizer_config_not_utf8", 2, "tokenizer_config.json is not UTF-8", lambda e: _run_with(
+        e, _write("tokenizer_config.json", b"\x80abc"))),
 ]
 
 
@@ -275,7 +328,7 @@ def test_a_signal_ends_a_command_stuck_in_library_code(tmp_path, artifacts, sig,
     clip, stuck = _clip(tmp_path / "c.mp4", 8), tmp_path / "stuck"
     code_text = ("import qvlc.system.signals as w; w.block(); import time, pathlib, qvlc.runtime.media as m; "  # as entry
                  f"m.container_format = lambda p: (pathlib.Path({str(stuck)!r}).touch(), time.sleep(600)); "
-                 "from qvlc.cli import main; main()")
+                 "from qvlc.cli.app import main; main()")
     proc = subprocess.Popen([sys.executable, "-c", code_text, "run", str(artifacts["llm"]), str(artifacts["visual"]),
                              "--video", str(clip), "--prompt", "hi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "QVLC_CACHE": str(tmp_path / "cache")},

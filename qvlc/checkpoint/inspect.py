@@ -27,7 +27,10 @@ def inspect_checkpoint(folder: Path) -> tuple["Family", "ModelDims"]:
     folder = require_folder(folder)
     config = read_config_json(folder)
     refuse_remote_code(folder)
-    fam = family(str(config.get("model_type")))
+    try:
+        fam = family(str(config.get("model_type")))
+    except CheckpointError as exc:  # name the file the model_type came from
+        raise CheckpointError(f"{Path(folder) / 'config.json'}: {exc.problem}", fix=exc.fix, key=exc.key) from None
     dims = fam.dims(config, str(Path(folder) / "config.json"))
     if problems := bound_problems(dims):
         raise CheckpointError(f"{Path(folder) / 'config.json'} describes a model beyond any qvlc builds: "

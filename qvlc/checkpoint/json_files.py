@@ -15,14 +15,15 @@ MAX_JSON_BYTES = 64 << 20  # a checkpoint's largest JSON (tokenizer.json: ~11 MB
 RESTORE = "restore the file that ships with the checkpoint"
 
 
-def read_json_object(path: Path, *, required: bool = True, fix: str = RESTORE,
+def read_json_object(path: Path, *, required: bool = True, fix: str = RESTORE, missing_fix: str = "",
                      key: str = "model.checkpoint") -> dict[str, Any] | None:
-    """The JSON object in ``path``; None when it is absent and not ``required``."""
+    """The JSON object in ``path``; None when it is absent and not ``required``. ``fix`` is said of a damaged
+    file, ``missing_fix`` (default: ``fix``) of a missing one."""
     path = Path(path)
     if not path.is_file():
         if not required:
             return None
-        raise CheckpointError(f"{path.parent} has no {path.name}", fix=fix, key=key)
+        raise CheckpointError(f"{path.parent} has no {path.name}", fix=missing_fix or fix, key=key)
     size = path.stat().st_size
     if size > MAX_JSON_BYTES:
         raise CheckpointError(f"{path} is {size} bytes; qvlc reads checkpoint JSON files of at most {MAX_JSON_BYTES}",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qvlc.checkpoint.json_files import field_error, read_json_object
-from qvlc.errors import CheckpointError, quoted
+from qvlc.errors import CheckpointError, printable, quoted
 
 if TYPE_CHECKING:
 
@@ -38,8 +38,8 @@ def require_folder(folder: Path) -> Path:
 
 def read_config_json(folder: Path) -> dict[str, Any]:
     """The checkpoint's config.json as a dict."""
-    return read_json_object(Path(folder) / CONFIG_NAME, fix="point model.checkpoint at a Hugging Face model folder "
-                            "with the config.json that ships with the checkpoint")
+    return read_json_object(Path(folder) / CONFIG_NAME, fix="restore the config.json that ships with the checkpoint",
+                            missing_fix="point model.checkpoint at a Hugging Face model folder")
 
 
 REMOTE_CODE_FILES = (CONFIG_NAME, "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
@@ -69,6 +69,9 @@ def _index_names(index: Path) -> list[str]:
     """The shard names of model.safetensors.index.json: plain file names in the folder (never a path)."""
     weight_map = index_weight_map(index)
     names = sorted(set(weight_map.values()))
+    if not names:
+        raise CheckpointError(f"{index} lists no weight files (its weight_map is empty)",
+                              fix="restore the index that ships with the checkpoint", key="model.checkpoint")
     bad = [n for n in names if not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", "..")]
     if bad:
         raise CheckpointError(f"{index} names a shard outside the checkpoint folder: {quoted(bad[0])}",
@@ -131,9 +134,10 @@ def _header(path: Path) -> dict:
                                   fix="download the file again", key="model.checkpoint")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path} has a damaged safetensors header ({exc})", fix="download the file again",
-                                  key="model.checkpoint") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise CheckpointError(f"{path} has a damaged safetensors header ({what})", fix="download the file again",
+                                  key="model.checkpoint") from None
     tensors = {k: t for k, t in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
     if tensors is None or not all(_entry_ok(t) for t in tensors.values()):
         bad = "not a JSON object" if tensors is None else \
@@ -152,13 +156,13 @@ def check_weight_shapes(folder: Path, family: "Family", config: dict, vision_onl
     """Every weight file complete, and every tensor the model needs present with its shape (read from the
     safetensors headers and a meta-device model: no weight is read). ``vision_only``: only the vision tower's
     tensors, all a visual compile reads (a checkpoint of the tower alone compiles its visual part)."""
-    import torch
 
     found: dict[str, list[int]] = {}
-    for file in weight_files(folder):
+    files = weight_files(folder)
+    for file in files:
         found.update({k: t["shape"] for k, t in _header(file).items()})
-    with torch.device("meta"):
-        model = family.hf_class("model")(family.hf_class("config")(**config))
+    shown = ", ".join(f.name for f in files[:2]) + (f" and {len(files) - 2} more" if len(files) > 2 else "")
+    model = meta_model(folder, family, config)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, p in model.state_dict().items():
         if vision_only and not name.startswith("model.visual."):
@@ -178,12 +182,28 @@ def check_weight_shapes(folder: Path, family: "Family", config: dict, vision_onl
         if have is None:
             if tied and name == "lm_head.weight":
                 continue
-            raise CheckpointError(f"{folder} has no tensor {names[-1]!r}", fix="use a complete checkpoint of this "
-                                  "model (every file listed in its index)", key="model.checkpoint")
+            raise CheckpointError(f"{folder}: no tensor {names[-1]!r} in {shown}", fix="use a complete checkpoint of "
+                                  "this model (every file listed in its index)", key="model.checkpoint")
         if list(have) != list(p.shape):
             raise CheckpointError(f"{folder}: tensor {names[-1]!r} has shape {list(have)}, config.json implies "
                                   f"{list(p.shape)}", fix="use the config.json that ships with these weights",
                                   key="model.checkpoint")
+
+
+def meta_model(folder: Path, family: "Family", config: dict) -> "torch.nn.Module":
+    """transformers' model of ``config`` on the meta device (no memory): the tensors a checkpoint must hold.
+    transformers reads every field of config.json, typed or not: a value it cannot take is a CheckpointError
+    naming config.json, not a crash inside transformers."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return family.hf_class("model")(family.hf_class("config")(**config))
+    except Exception as exc:  # noqa: BLE001 — transformers raises any kind on a mistyped field
+        raise CheckpointError(f"{Path(folder) / CONFIG_NAME}: transformers cannot build the model it describes "
+                              f"({type(exc).__name__}: {printable(exc, 200)})",
+                              fix="restore the config.json that ships with the checkpoint", key="model.checkpoint") \
+            from None
 
 
 def released_name(name: str) -> str:

@@ -7,8 +7,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from qvlc.checkpoint.json_files import field_error, read_json_object
-from qvlc.errors import CheckpointError
+from qvlc.checkpoint.json_files import RESTORE, field_error, read_json_object
+from qvlc.errors import CheckpointError, QvlcError
 from qvlc.host.preprocess import PreprocessConfig
 from qvlc.models.common.dims import VisionDims
 
@@ -52,7 +52,10 @@ def read_preprocess_config(folder: Path) -> PreprocessConfig:
             raise field_error(path, "rescale_factor", raw["rescale_factor"], "a number")
         values["rescale_factor"] = float(raw["rescale_factor"])
     values.update(_video_pixels(Path(folder)))
-    return PreprocessConfig(**values)
+    try:
+        return PreprocessConfig(**values)
+    except QvlcError as exc:  # a value out of range: name the file it came from
+        raise CheckpointError(f"{path}: {exc.problem}", fix=f"{exc.fix} ({RESTORE})", key="model.checkpoint") from None
 
 
 def preprocess_config(checkpoint: Path, vision: VisionDims,

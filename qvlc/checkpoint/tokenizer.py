@@ -9,7 +9,7 @@ from typing import Any
 
 from qvlc.checkpoint.json_files import field_error, read_json_object
 from qvlc.checkpoint.load import refuse_remote_code, require_folder
-from qvlc.errors import CheckpointError, QvlcError
+from qvlc.errors import CheckpointError, QvlcError, printable
 
 TINY_TOKENIZER_PACKAGE_DIR = "tiny_tokenizer"
 TINY_VOCAB_SIZE = 1024
@@ -17,6 +17,9 @@ TINY_IMAGE_TOKEN_ID = 1012
 
 # A folder is loadable by a Qwen2 tokenizer with tokenizer.json (fast) or vocab.json + merges.txt (slow).
 _TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+PROCESSOR_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.json",
+                        "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+                        "generation_config.json", "tokenizer.json", "vocab.json")
 
 
 def tiny_tokenizer_files() -> list[Path]:
@@ -66,12 +69,23 @@ def load_processor(folder: Path) -> Any:
                 "from the original Qwen2-VL-Instruct download into the checkpoint folder",
             key="model.checkpoint",
         )
-    if is_torchvision_available():
-        processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-        if type(processor.image_processor) is not Qwen2VLImageProcessor:
-            processor.image_processor = Qwen2VLImageProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-        return processor
-    return _image_only_processor(folder)
+    for name in PROCESSOR_JSON_FILES:  # every JSON file transformers parses: an object, UTF-8, bounded
+        read_json_object(folder / name, required=False)
+    try:
+        if is_torchvision_available():
+            processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+            if type(processor.image_processor) is not Qwen2VLImageProcessor:
+                processor.image_processor = Qwen2VLImageProcessor.from_pretrained(
+                    str(folder), local_files_only=True, trust_remote_code=False)
+            return processor
+        return _image_only_processor(folder)
+    except QvlcError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — transformers and tokenizers raise any kind on a damaged file
+        raise CheckpointError(f"the tokenizer and processor files of {folder} cannot be loaded "
+                              f"({type(exc).__name__}: {printable(exc, 200)})",
+                              fix="restore tokenizer.json, tokenizer_config.json, chat_template.json and "
+                                  "preprocessor_config.json from the original download", key="--checkpoint") from None
 
 
 def _image_only_processor(folder: Path) -> Any:

@@ -47,13 +47,13 @@ def check_values(cfg: Config) -> None:
                               fix=f"use export.prefill_len >= {MIN_PREFILL}", key="export.prefill_len")
         room = e.max_context - 1 - e.prefill_len  # decode calls the KV cache holds after the prefill window
         v = cfg.validate
-        for key, calls in (("validate.decode_steps", v.decode_steps), ("validate.generate_tokens",
-                                                                       v.generate_tokens - 1)):
+        for key, value, calls in (("validate.decode_steps", v.decode_steps, v.decode_steps),
+                                  ("validate.generate_tokens", v.generate_tokens, v.generate_tokens - 1)):
+            name = key.split(".")[1]
             if v.enabled and calls > room:
-                raise ConfigError(f"{key.split('.')[1]} needs {calls} decode calls, the KV cache leaves room for {room} "
+                raise ConfigError(f"{name} {value} needs {calls} decode calls, the KV cache leaves room for {room} "
                                   f"(max_context {e.max_context} - prefill_len {e.prefill_len} - 1)",
-                                  fix=f"use {key.split('.')[1]} <= {room + (key.endswith('tokens'))}, or raise "
-                                      "export.max_context", key=key)
+                                  fix=f"use {name} <= {room + (value - calls)}, or raise export.max_context", key=key)
     else:
         _multiple_of_16(e.max_patches, "export.max_patches")
         if e.attention_block:

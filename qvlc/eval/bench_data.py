@@ -127,14 +127,21 @@ def _jsonl_image(path: Path, line: int, value) -> bytes | None:
 
 def _read_jsonl(path: Path, limit: int | None) -> list[Item]:
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _error(path, n, f"byte {exc.start}", f"not UTF-8 ({exc.reason})", "write the file as UTF-8") \
+                    from None
             if not text.strip():
                 continue
             try:
                 rec = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise _error(path, n, f"char {exc.colno}", f"not JSON ({exc.msg})", "one JSON object a line") from None
+            except RecursionError:
+                raise _error(path, n, "", "JSON nested too deeply", "one flat JSON object a line") from None
             if not isinstance(rec, dict):
                 raise _error(path, n, "", "not a JSON object", 'write {"image": …, "question": …, "answer": …}')
             for key in ("question", "answer"):

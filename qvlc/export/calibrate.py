@@ -34,9 +34,8 @@ from qvlc.weights.gptq import STORE, GptqStore, StoreLayout, gptq_quantize
 from qvlc.weights.quant import quantize_rtn
 
 if TYPE_CHECKING:
-    from qvlc.compile.plan import (
-        Plan,  # the stages' argument: compile/ drives export and validation
-    )
+    # the stages' argument, named in annotations only: compile/ drives export and validation
+    from qvlc.compile.plan import Plan
 
 RECORD = "calibration/calibration.json"
 SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",

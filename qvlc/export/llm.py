@@ -38,9 +38,8 @@ from qvlc.weights.imported import ImportedQuant
 from qvlc.weights.quant import WeightQuant
 
 if TYPE_CHECKING:
-    from qvlc.compile.plan import (
-        Plan,  # the stages' argument: compile/ drives export and validation
-    )
+    # the stages' argument, named in annotations only: compile/ drives export and validation
+    from qvlc.compile.plan import Plan
 
 ISOLATE_BYTES = 1 << 30  # graph weights above which an export that validation follows runs in a child process
 

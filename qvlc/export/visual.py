@@ -24,9 +24,8 @@ from qvlc.models.common.quantized import quantized_vision, vision_graph_name
 from qvlc.models.common.text import example_inputs
 
 if TYPE_CHECKING:
-    from qvlc.compile.plan import (
-        Plan,  # the stages' argument: compile/ drives export and validation
-    )
+    # the stages' argument, named in annotations only: compile/ drives export and validation
+    from qvlc.compile.plan import Plan
 
 
 def _dequantize_tower(plan: Plan, tower) -> dict:

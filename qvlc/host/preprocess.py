@@ -21,6 +21,8 @@ from qvlc.errors import QvlcError
 ImageLike = Union[Image.Image, np.ndarray]
 
 MAX_ASPECT_RATIO = 200
+# resized images hold at most this many pixels, whatever a config says (Qwen-VL's largest max_pixels: 16384 x 28 x 28)
+MAX_PIXELS_BOUND = 1 << 26
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
@@ -88,15 +90,29 @@ class PreprocessConfig:
     video_budget: str = "frame"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
-        object.__setattr__(self, "image_std", tuple(float(x) for x in self.image_std))
+        for f in fields(self):
+            value, kind = getattr(self, f.name), {"int": int, "float": float, "str": str}.get(f.type)
+            if kind is not None and (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float
+                                                                                 else kind)):
+                raise QvlcError(f"{f.name} is {value!r:.60}, not a {f.type}", fix=f"give {f.name} as a {f.type}",
+                                key=f.name)
+            if kind is float and not math.isfinite(value):
+                raise QvlcError(f"{f.name} is {value}", fix=f"give {f.name} as a finite number", key=f.name)
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value):
+                raise QvlcError(f"{name} is {value!r:.60}", fix=f"give {name} as a list of numbers, one per channel",
+                                key=name)
+            object.__setattr__(self, name, tuple(float(x) for x in value))
         for name in ("patch_size", "temporal_patch_size", "merge_size"):
-            if int(getattr(self, name)) <= 0:
-                raise QvlcError(f"{name} is {getattr(self, name)}", fix=f"{name} must be a positive integer", key=name)
+            if not 0 < getattr(self, name) <= 64:
+                raise QvlcError(f"{name} is {getattr(self, name)}", fix=f"{name} must be an integer from 1 to 64",
+                                key=name)
         for lo, hi in (("min_pixels", "max_pixels"), ("video_min_pixels", "video_max_pixels")):
-            if not 0 < getattr(self, lo) <= getattr(self, hi):
+            if not 0 < getattr(self, lo) <= getattr(self, hi) <= MAX_PIXELS_BOUND:
                 raise QvlcError(f"{lo}={getattr(self, lo)}, {hi}={getattr(self, hi)}",
-                                fix=f"use 0 < {lo} <= {hi}", key=lo)
+                                fix=f"use 0 < {lo} <= {hi} <= {MAX_PIXELS_BOUND}", key=lo)
         if len(self.image_mean) != len(self.image_std):
             raise QvlcError(f"image_mean has {len(self.image_mean)} values, image_std {len(self.image_std)}",
                             fix="give one mean and one std per channel", key="image_mean")

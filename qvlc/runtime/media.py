@@ -187,6 +187,8 @@ def _decode(path: Path, pick: Callable[[int, float], np.ndarray]) -> list[np.nda
         keep = pick(total, rate)
         with av.open(str(path), format=fmt, options=options) as container:
             stream = container.streams.video[0]
+            if stream.codec_context is None:  # a stream whose codec FFmpeg does not know
+                raise ValueError("FFmpeg has no decoder for its video stream")
             _check_budget(len(keep), stream.codec_context.height, stream.codec_context.width)
             wanted, frames = set(keep.tolist()), []
             for i, frame in enumerate(container.decode(stream)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 
@@ -21,6 +22,7 @@ from qvlc.serve.engine import Engine, Job, Outcome
 from qvlc.serve.errors import ApiError
 from qvlc.serve.media import MediaLimits
 from qvlc.serve.protocol import chunk, completion, parse_chat_request
+from qvlc.system.crash_log import write_log
 
 MAX_BODY = 128 << 20  # a request's bytes (several base64 images)
 
@@ -84,6 +86,16 @@ def create_app(engine: Engine, model_name: str, limits: MediaLimits) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        try:
+            return await _chat(request)
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — a bug in qvlc: logged to a file, answered in OpenAI's shape
+            path = write_log("".join(traceback.format_exception(exc)))
+            raise ApiError(f"internal error (a bug in qvlc); the traceback is in {path}", code="internal_error",
+                           status=500, kind="server_error") from None
+
+    async def _chat(request: Request):
         parsed = parse_chat_request(await _read_body(request), limits)
         job = engine.submit(parsed, request.is_disconnected)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

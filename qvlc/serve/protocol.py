@@ -9,6 +9,7 @@ module does not know are accepted and ignored: decoding is greedy.
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +44,13 @@ def _int_at_least_1(body: dict, name: str) -> int | None:
     return value
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
 def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    """A client's value in a message: bounded in depth and length (a body may nest a thousand lists deep)."""
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[:limit] + "…"
 
 
@@ -92,6 +98,8 @@ def parse_chat_request(raw: bytes, limits: MediaLimits) -> ChatRequest:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError("the request body is JSON nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object", code="invalid_json")
     msgs = body.get("messages")
@@ -100,7 +108,7 @@ def parse_chat_request(raw: bytes, limits: MediaLimits) -> ChatRequest:
     messages, images = [], []
     for i, m in enumerate(msgs):
         role = m.get("role") if isinstance(m, dict) else None
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ApiError(f"messages[{i}].role is {_short(role)}: use system, user or assistant",
                            param=f"messages[{i}].role")
         messages.append({"role": ROLES[role], "content": _content(m.get("content"), f"messages[{i}]", limits,

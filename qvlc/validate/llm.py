@@ -52,9 +52,8 @@ from qvlc.validate.ranges import RangeRecorder
 from qvlc.validate.vision_oracle import StreamedVisionOracle
 
 if TYPE_CHECKING:
-    from qvlc.compile.plan import (
-        Plan,  # the stages' argument: compile/ drives export and validation
-    )
+    # the stages' argument, named in annotations only: compile/ drives export and validation
+    from qvlc.compile.plan import Plan
 
 
 def check_interfaces(plan: Plan, folder: Path, report: ParityReport) -> bool:

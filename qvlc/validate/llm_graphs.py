@@ -24,9 +24,8 @@ from qvlc.validate.llm_cases import LlmCase
 from qvlc.validate.phases import Phases
 
 if TYPE_CHECKING:
-    from qvlc.compile.plan import (
-        Plan,  # the stages' argument: compile/ drives export and validation
-    )
+    # the stages' argument, named in annotations only: compile/ drives export and validation
+    from qvlc.compile.plan import Plan
 
 
 @dataclass

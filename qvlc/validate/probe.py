@@ -18,9 +18,8 @@ from qvlc.models.common.islands import Islands, islands, part_units
 from qvlc.validate.ranges import RESIDUAL, RangeRecorder
 
 if TYPE_CHECKING:
-    from qvlc.compile.plan import (
-        Plan,  # the stages' argument: compile/ drives export and validation
-    )
+    # the stages' argument, named in annotations only: compile/ drives export and validation
+    from qvlc.compile.plan import Plan
 
 
 def probe_islands(plan: Plan, ck: LoadedCheckpoint | None) -> Islands:

@@ -41,9 +41,8 @@ from qvlc.validate.ranges import RangeRecorder, remove
 from qvlc.validate.vision_oracle import StreamedVisionOracle, hook_tower
 
 if TYPE_CHECKING:
-    from qvlc.compile.plan import (
-        Plan,  # the stages' argument: compile/ drives export and validation
-    )
+    # the stages' argument, named in annotations only: compile/ drives export and validation
+    from qvlc.compile.plan import Plan
 
 GRAPH = "visual"
 MAX_ASPECT = 200  # smart_resize's limit on the longer side over the shorter one

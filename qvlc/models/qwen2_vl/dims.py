@@ -21,8 +21,8 @@ def parse_dims(cfg: dict[str, Any], source: str, model_type: str, display: str,
     if cfg.get("model_type") != model_type:
         raise CheckpointError(f"{source} has model_type {cfg.get('model_type')!r}, not {model_type!r}",
                               fix=f"point model.checkpoint at a {display} checkpoint", key="model.checkpoint")
-    text = text_section(cfg)
     try:
+        text = text_section(cfg)
         rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
         section = tuple(int(x) for x in rope["mrope_section"])
         heads = int(text["num_attention_heads"])
@@ -55,7 +55,7 @@ def parse_dims(cfg: dict[str, Any], source: str, model_type: str, display: str,
                 video=int(cfg["video_token_id"]),
             ),
         )
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as exc:
         raise CheckpointError(f"{source} is missing or has a malformed {display} field ({exc!r})",
                               fix="use the config.json that ships with the checkpoint",
                               key="model.checkpoint") from exc
