@@ -11,6 +11,7 @@ from qvlc.checkpoint.json_files import field_error, read_json_object
 from qvlc.errors import CheckpointError, printable, quoted
 
 if TYPE_CHECKING:
+    import torch
 
     from qvlc.models.common.family import Family
 

@@ -18,7 +18,11 @@ ALL = {**SURFACES, **SERVE_SURFACES}
 
 @pytest.fixture(scope="module")
 def ws(compiled, tmp_path_factory):
-    from test_reliability import C, N, S  # the artifacts test_reliability compiles: shared within a session
+    from test_reliability import (  # the artifacts test_reliability compiles: shared within a session
+        C,
+        N,
+        S,
+    )
 
     from qvlc.checkpoint.tiny import tiny_checkpoint
 
