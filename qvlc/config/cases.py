@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 
+from qvlc.artifact.layout import Part
 from qvlc.errors import ConfigError
 
 
@@ -29,7 +30,7 @@ VISUAL_CASES = (Case.SMALL_IMAGE, Case.ODD_GRID, Case.EXTREME_ASPECT, Case.TWO_I
 
 
 def part_cases(part: str) -> tuple[Case, ...]:
-    return LLM_CASES if part == "llm" else VISUAL_CASES
+    return LLM_CASES if part == Part.LLM else VISUAL_CASES
 
 
 def chosen(cases: tuple[Case, ...], part: str) -> tuple[list[str], list[str]]:

@@ -26,6 +26,9 @@ MAX_FIELD = 64 << 20  # one TSV field (a base64 image) at most
 IMAGE_REF_MAX = 64  # MMBench: an image field this short names another row's index
 
 
+CIRCULAR = 1_000_000  # MMBench's rotated copies of question q have indices q + k * 1e6 (VLMEvalKit's g_index)
+
+
 @dataclass(frozen=True)
 class Item:
     index: str
@@ -36,10 +39,38 @@ class Item:
     hint: str | None = None
     category: str = ""
     where: str = ""  # file:line, for messages
+    split: str = ""
+    l2_category: str = ""
+    answers: tuple[str, ...] = ()  # open VQA: every reference answer (VQA score); ``answer`` is the first
 
     @property
     def multiple_choice(self) -> bool:
         return bool(self.options)
+
+    @property
+    def question_id(self) -> str:
+        return question_of(self.index)
+
+    @property
+    def rotated(self) -> bool:
+        """A circular copy (options rotated) of another row's question."""
+        return self.question_id != self.index.strip()
+
+
+def question_of(index: str) -> str:
+    """The question a row asks: its index modulo 1e6 for integer indices (a circular copy's is its original's,
+    VLMEvalKit's ``g_index``), else the index itself."""
+    index = str(index).strip()
+    return str(int(index) % CIRCULAR) if index.lstrip("-").isdigit() else index
+
+
+def whole_questions(indices: list[str], limit: int | None) -> set[str]:
+    """The first ``limit`` questions in file order (all of them without a limit)."""
+    keep: dict[str, None] = {}
+    for index in indices:
+        if not limit or len(keep) < limit:
+            keep.setdefault(question_of(index))
+    return set(keep)
 
 
 def _error(path: Path, line: int, column: str, problem: str, fix: str) -> QvlcError:
@@ -88,7 +119,10 @@ def _read_tsv(path: Path, limit: int | None) -> list[Item]:
                          "use the MMBench layout: index, question, [hint,] A, B, …, answer, image")
     by_index = {r["index"]: r for r in rows}
     items = []
-    for n, row in enumerate(rows[:limit] if limit else rows, start=2):
+    questions = whole_questions([r["index"] or "" for r in rows], limit)  # --limit N: N questions, every rotation
+    for n, row in enumerate(rows, start=2):
+        if question_of(row["index"] or "") not in questions:
+            continue
         options = {c: row[c] for c in string.ascii_uppercase if (row.get(c) or "").strip()}
         if not (row["question"] or "").strip():
             raise _error(path, n, "question", "the question is empty", "every row needs a question")
@@ -106,7 +140,8 @@ def _read_tsv(path: Path, limit: int | None) -> list[Item]:
             image = by_index[image]["image"]
         items.append(Item(row["index"], row["question"], answer, _b64(path, n, "image", image), options,
                           (row.get("hint") or "").strip() or None, (row.get("category") or "").strip(),
-                          f"{path.name}:{n}"))
+                          f"{path.name}:{n}", (row.get("split") or "").strip(),
+                          (row.get("l2-category") or "").strip()))
     return items
 
 
@@ -123,6 +158,16 @@ def _jsonl_image(path: Path, line: int, value) -> bytes | None:
         raise _error(path, line, "image", f"{value[:80]!r} is not a file inside {root}",
                      "give a path relative to the JSONL file's folder (or inline the image as a data URL)")
     return target.read_bytes()
+
+
+def _answers(path: Path, line: int, value) -> tuple[str, ...]:
+    """A JSONL answer: one string or number, or a list of them (VQA's reference answers)."""
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v).strip()
+                             for v in values):
+        raise _error(path, line, "answer", "missing, empty, or not a string, a number or a list of them",
+                     'every line needs an "answer" (or a list of answers)')
+    return tuple(str(v) for v in values)
 
 
 def _read_jsonl(path: Path, limit: int | None) -> list[Item]:
@@ -144,12 +189,12 @@ def _read_jsonl(path: Path, limit: int | None) -> list[Item]:
                 raise _error(path, n, "", "JSON nested too deeply", "one flat JSON object a line") from None
             if not isinstance(rec, dict):
                 raise _error(path, n, "", "not a JSON object", 'write {"image": …, "question": …, "answer": …}')
-            for key in ("question", "answer"):
-                if not isinstance(rec.get(key), (str, int, float)) or not str(rec[key]).strip():
-                    raise _error(path, n, key, "missing or empty", f'every line needs a "{key}"')
-            items.append(Item(str(rec.get("index", len(items))), str(rec["question"]), str(rec["answer"]),
+            if not isinstance(rec.get("question"), (str, int, float)) or not str(rec["question"]).strip():
+                raise _error(path, n, "question", "missing or empty", 'every line needs a "question"')
+            answers = _answers(path, n, rec.get("answer"))
+            items.append(Item(str(rec.get("index", len(items))), str(rec["question"]), answers[0],
                               _jsonl_image(path, n, rec.get("image")), {}, None, str(rec.get("category", "")),
-                              f"{path.name}:{n}"))
-            if limit and len(items) >= limit:
-                break
-    return items
+                              f"{path.name}:{n}", str(rec.get("split", "")), str(rec.get("l2-category", "")),
+                              answers))
+    questions = whole_questions([i.index for i in items], limit)
+    return [i for i in items if i.question_id in questions]

@@ -15,6 +15,7 @@ from qvlc.checkpoint.inspect import inspect_checkpoint
 from qvlc.errors import QvlcError
 from qvlc.host.preprocess import (
     ImageLike,
+    PreprocessConfig,
     image_to_patches,
     video_to_patches,
 )
@@ -126,15 +127,17 @@ class VlmPipeline:
         return self.prepare_chat(self.messages(len(images), prompt, len(videos)), images, videos)
 
     def prepare_chat(self, messages: list[dict], images: Sequence[ImageLike | Path | str] = (),
-                     videos: Sequence[Video] = ()) -> VlmPrompt:
+                     videos: Sequence[Video] = (), preprocess: PreprocessConfig | None = None) -> VlmPrompt:
         """Chat messages (transformers' format: ``content`` a string or parts ``{"type": "text"|"image"|"video"}``)
         through the checkpoint's chat template → host preprocessing of each image and video (preprocess.json) → ids
         with each pad token expanded to its item's t*h*w / merge² tokens (what the Qwen processors do with the same
-        grids). ``images`` and ``videos`` are in the order their parts appear."""
+        grids). ``images`` and ``videos`` are in the order their parts appear; ``preprocess`` replaces the artifact's
+        preprocess.json (``qvlc eval --min-pixels/--max-pixels``)."""
+        pre = preprocess or self.preprocess
         pil = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
         text = render_chat(self.processor, messages)
-        queue = {"image": [image_to_patches(im, self.preprocess) for im in pil],
-                 "video": [video_to_patches(list(v.frames), self.preprocess) for v in videos]}
+        queue = {"image": [image_to_patches(im, pre) for im in pil],
+                 "video": [video_to_patches(list(v.frames), pre) for v in videos]}
         pieces = re.split(f"({re.escape(self.pads['image'])}|{re.escape(self.pads['video'])})", text)
         kinds = ["image" if p == self.pads["image"] else "video" for p in pieces[1::2]]
         if [kinds.count(k) for k in ("image", "video")] != [len(pil), len(videos)]:

@@ -117,12 +117,14 @@ def test_images_change_the_answer(pipelines, images):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_fp16_reports_token_agreement(pipelines, images, expected, case, record_property):
+def test_fp16_tokens_mostly_agree_with_fp32(pipelines, images, expected, case, record_property):
     result = pipelines["fp16"].generate([images[k] for k in CASES[case]], PROMPT, max_new_tokens=NEW,
                                         stop_at_eos=False)
     agreement = token_agreement(expected[case], result.tokens)
     record_property(f"fp16_token_agreement_{case}", f"{agreement}/{NEW}")
-    assert len(result.tokens) == NEW and 0 <= agreement <= NEW
+    # fp16 may part from fp32 after a near-tie (the compile reports it, it does not require it); measured here 12/12
+    # on every case. Half is the floor: a wrong fp16 graph (a bad cast, a swapped scale) agrees on ~0 tokens.
+    assert len(result.tokens) == NEW and agreement >= NEW // 2, f"{agreement}/{NEW}"
 
 
 def test_token_agreement_is_the_common_prefix():

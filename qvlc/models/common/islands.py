@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import TYPE_CHECKING
 
+from qvlc.artifact.layout import Part
+
 if TYPE_CHECKING:
     from qvlc.models.common.dims import ModelDims
 
@@ -56,7 +58,7 @@ def vision_units(depth: int, deepstack: int = 0) -> list[str]:
 
 def part_units(part: str, dims: "ModelDims") -> list[str]:
     """The modules of a part ("llm" or "visual") an fp32 island can hold."""
-    if part == "llm":
+    if part == Part.LLM:
         return text_units(dims.text.layers)
     return vision_units(dims.vision.depth, len(dims.vision.deepstack))
 
