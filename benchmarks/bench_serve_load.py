@@ -189,9 +189,17 @@ def main() -> int:
         lock = threading.Lock()
         health: list[float] = []
 
+        retried = Counter()
+
         def one(item: tuple[str, int]) -> None:
             kind, i = item
-            status, text, seconds = post(url, body(kind, i, args.max_tokens), leave=kind == "leave")
+            for _ in range(10):  # a 429 is retried after its Retry-After (1 s), as OpenAI's clients do
+                status, text, seconds = post(url, body(kind, i, args.max_tokens), leave=kind == "leave")
+                if status != 429:
+                    break
+                with lock:
+                    retried["429"] += 1
+                time.sleep(1.0)
             with lock:
                 results.append((kind, status, text, seconds, key(kind, i)))
 
@@ -212,6 +220,7 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    print(f"429 answers (each retried after its Retry-After): {retried['429']}")
     return report(args, results, serial, wall, warm_rss, after_rss, health)
 
 

@@ -32,9 +32,14 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    release: Callable[[], None] | None = None  # frees the job's queue slot (the engine's), once
 
     def put(self, kind: str, value=None) -> None:
-        """From the worker thread: hand an event to the request's coroutine."""
+        """From the worker thread: hand an event to the request's coroutine. The last one ("done", "error") frees
+        the queue slot first, so a client that sends its next request on the answer never finds its own finished
+        request still counted (that raced into spurious 429s under load)."""
+        if kind in ("done", "error") and self.release is not None:
+            self.loop.call_soon_threadsafe(self.release)
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
 
@@ -80,6 +85,14 @@ class Engine:
                            f"{self.max_queue}); retry later", code="rate_limit_exceeded", status=429,
                            kind="rate_limit_error", headers={"Retry-After": "1"})
         job = Job(request, disconnected, asyncio.get_running_loop())
+        released = []
+
+        def release() -> None:  # in the event loop; idempotent
+            if not released:
+                released.append(True)
+                self.pending -= 1
+
+        job.release = release
         self.queue.put_nowait(job)
         self.pending += 1
         return job
@@ -99,7 +112,7 @@ class Engine:
                     job.put("error", _internal_error())
                 self.served += 1
             finally:
-                self.pending -= 1
+                job.release()
                 self.queue.task_done()
 
     def _prepare(self, request: ChatRequest):
