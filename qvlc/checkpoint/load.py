@@ -115,11 +115,11 @@ def _entry_ok(t: Any) -> bool:
         start, end = t["data_offsets"]
         count = 1
         for d in t["shape"]:
-            if not isinstance(d, int) or d < 0:
+            if not isinstance(d, int) or isinstance(d, bool) or d < 0:  # JSON true is not a dimension
                 return False
             count *= d
-        return isinstance(start, int) and isinstance(end, int) and 0 <= start <= end and \
-            end - start == count * DTYPE_BYTES[t["dtype"]]
+        return all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)) and 0 <= start <= end \
+            and end - start == count * DTYPE_BYTES[t["dtype"]]
     except (KeyError, TypeError, ValueError):
         return False
 
@@ -159,9 +159,12 @@ def check_weight_shapes(folder: Path, family: "Family", config: dict, vision_onl
     tensors, all a visual compile reads (a checkpoint of the tower alone compiles its visual part)."""
 
     found: dict[str, list[int]] = {}
+    where: dict[str, str] = {}  # tensor → the weight file holding it, for messages
     files = weight_files(folder)
     for file in files:
-        found.update({k: t["shape"] for k, t in _header(file).items()})
+        header = _header(file)
+        found.update({k: t["shape"] for k, t in header.items()})
+        where.update(dict.fromkeys(header, file.name))
     shown = ", ".join(f.name for f in files[:2]) + (f" and {len(files) - 2} more" if len(files) > 2 else "")
     model = meta_model(folder, family, config)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -186,8 +189,9 @@ def check_weight_shapes(folder: Path, family: "Family", config: dict, vision_onl
             raise CheckpointError(f"{folder}: no tensor {names[-1]!r} in {shown}", fix="use a complete checkpoint of "
                                   "this model (every file listed in its index)", key="model.checkpoint")
         if list(have) != list(p.shape):
-            raise CheckpointError(f"{folder}: tensor {names[-1]!r} has shape {list(have)}, config.json implies "
-                                  f"{list(p.shape)}", fix="use the config.json that ships with these weights",
+            file = next(where[n] for n in names if n in where)
+            raise CheckpointError(f"{folder}: tensor {names[-1]!r} in {file} has shape {list(have)}, config.json "
+                                  f"implies {list(p.shape)}", fix="use the config.json that ships with these weights",
                                   key="model.checkpoint")
 
 

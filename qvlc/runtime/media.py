@@ -49,7 +49,10 @@ def open_image(source: bytes | Path, *, max_pixels: int = MAX_IMAGE_PIXELS, what
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{what} is beyond the pixel limit ({exc})", fix="pass a smaller image", key=key,
                          reason="image_too_large") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
+    except (ImageError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 — Pillow's decoders raise any kind on damaged bytes (OSError, ValueError,
+        #                       SyntaxError; TypeError for a TIFF tag of the wrong type, found by fuzzing)
         raise ImageError(f"{what} is not a readable image ({type(exc).__name__}: {printable(exc, 200)})",
                          fix="pass a valid image in a format Pillow reads (PNG, JPEG, WebP, GIF, BMP, TIFF)",
                          key=key) from None

@@ -80,6 +80,24 @@ def test_a_deeply_nested_safetensors_header(ws):  # noqa: F811
         ws.restore()
 
 
+def test_a_safetensors_shape_of_true_is_not_a_dimension(ws):  # noqa: F811
+    """A header dimension written as JSON ``true`` (Python's 1) passed as a shape and was refused naming no file."""
+    path = ws.tiny / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k, t in header.items() if k != "__metadata__" and len(t["shape"]) == 1)
+    header[name]["shape"] = header[name]["shape"] + [True]
+    text = json.dumps(header).encode()
+    try:
+        ws.write(path, len(text).to_bytes(8, "little") + text + data[8 + n:])
+        o = outcome(lambda: _plan(ws.tiny))
+        expect(o, {2}, ("model.safetensors",))
+        assert "malformed safetensors header" in o.messages[0], o.messages
+    finally:
+        ws.restore()
+
+
 @pytest.mark.parametrize("data", [b'{"image_std": null}', b'{"image_mean": {"a": 1}}', b'{"rescale_factor": "x"}',
                                   b'{"max_pixels": 1e300}'])
 def test_a_resealed_preprocess_json_of_the_wrong_types(ws, data):  # noqa: F811
@@ -123,3 +141,27 @@ def test_a_bug_is_answered_in_openai_shape_with_no_traceback_in_the_output(ws, m
     assert "the traceback is in" in r.json()["error"]["message"]
     out = capfd.readouterr()
     assert "Traceback" not in out.out + out.err
+
+
+def test_a_tiff_whose_strip_offsets_are_rationals():
+    """Pillow raised TypeError (not OSError) for a TIFF whose StripOffsets tag has type RATIONAL: exit 4 before."""
+    import io
+    import struct
+
+    import numpy as np
+    from PIL import Image
+
+    from qvlc.runtime.media import open_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((28, 40, 3), np.uint8)).save(buf, format="TIFF")
+    data = bytearray(buf.getvalue())
+    order = "<" if data[:2] == b"II" else ">"
+    ifd = struct.unpack(order + "I", data[4:8])[0]
+    for i in range(struct.unpack(order + "H", data[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack(order + "H", data[entry:entry + 2])[0] == 273:  # StripOffsets
+            data[entry + 2:entry + 4] = struct.pack(order + "H", 5)  # type RATIONAL
+    o = outcome(lambda: open_image(bytes(data), what="upload.tif"))
+    expect(o, {2}, ("upload.tif",))
+    assert "not a readable image" in o.messages[0]
