@@ -34,7 +34,12 @@ QWEN2_VL_SPECIAL = 151643  # <|endoftext|>, then Qwen2-VL's special tokens in or
 def synthetic_tokenizer(folder: Path) -> None:
     """The tiny tokenizer, its regular vocabulary padded with never-produced entries up to Qwen2-VL's 151643 and
     Qwen2-VL's 14 special tokens at 151643…151656, with the released chat template and processor settings."""
-    from qvlc.checkpoint.build_tiny_tokenizer import REGULAR_VOCAB, SPECIAL_TOKENS, tokenizer_config, tokenizer_files
+    from qvlc.checkpoint.build_tiny_tokenizer import (
+        REGULAR_VOCAB,
+        SPECIAL_TOKENS,
+        tokenizer_config,
+        tokenizer_files,
+    )
 
     files = tokenizer_files()
     tok = json.loads(files["tokenizer.json"])
