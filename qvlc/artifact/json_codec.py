@@ -1,4 +1,5 @@
-"""Frozen dataclasses ↔ JSON, with every field's type checked on the way in: how manifest.json is read back typed.
+"""An artifact's JSON files read (``read_json_file``), and frozen dataclasses ↔ JSON with every field's type checked
+on the way in: how manifest.json is read back typed.
 A malformed document is an ``IntegrityError`` naming the field (``manifest.llm.prefill_len: expected a int``)."""
 
 from __future__ import annotations
@@ -8,10 +9,25 @@ import json
 import types
 import typing
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from qvlc.errors import IntegrityError, QvlcError
 from qvlc.precision import Precision
+
+
+def read_json_file(path: Path, what: str, max_bytes: int = 64 << 20) -> Any:
+    """The parsed JSON of an artifact's file (manifest.json, preprocess.json): the one reader, so every way such a
+    file can be damaged — too large, not UTF-8, not JSON, nested too deeply — is an IntegrityError naming it."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise IntegrityError(f"{path} is {size} bytes; {what} is at most {max_bytes}", fix="recompile the artifact",
+                             key=str(path))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else f"not valid JSON ({exc})"
+        raise IntegrityError(f"{path} is {problem}", fix="recompile the artifact", key=str(path)) from None
 
 
 def to_json(value: Any) -> Any:

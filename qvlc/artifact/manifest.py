@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qvlc.artifact.hashing import listed_files, sha256_file
-from qvlc.artifact.json_codec import from_json, to_json
+from qvlc.artifact.json_codec import from_json, read_json_file, to_json
 from qvlc.artifact.layout import MANIFEST, MANIFEST_DIGEST
 from qvlc.artifact.signature import TensorSig
 from qvlc.artifact.spec import LlmSpec, VisualSpec
@@ -155,15 +155,7 @@ def require_artifact(folder: Path, key: str, part: str = "") -> Path:
 def read_manifest(folder: Path, key: str | None = None) -> Manifest:
     """The manifest of an artifact folder, typed and bounded; QvlcError when it is missing or malformed."""
     path = require_artifact(folder, key or str(folder)) / MANIFEST
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise IntegrityError(f"{path} is {path.stat().st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}",
-                             fix="recompile the artifact", key=str(path))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        what = "nested too deeply" if isinstance(exc, RecursionError) else f"not valid JSON ({exc})"
-        raise IntegrityError(f"{path} is {what}", fix="recompile the artifact", key=str(path)) from None
-    m = Manifest.from_dict(data, str(path))
+    m = Manifest.from_dict(read_json_file(path, "a manifest", MAX_MANIFEST_BYTES), str(path))
     if problems := bound_problems(m):
         raise IntegrityError(f"{path}: " + "; ".join(problems), fix="recompile the artifact", key=str(path))
     return m

@@ -24,8 +24,6 @@ from qvlc.errors import QvlcError
 
 MAX_FIELD = 64 << 20  # one TSV field (a base64 image) at most
 IMAGE_REF_MAX = 64  # MMBench: an image field this short names another row's index
-
-
 CIRCULAR = 1_000_000  # MMBench's rotated copies of question q have indices q + k * 1e6 (VLMEvalKit's g_index)
 
 

@@ -73,9 +73,8 @@ def _score(item: Item, text: str) -> tuple[str | None, bool, float | None]:
     if item.multiple_choice:
         letter = extract_option(text, item.options)
         return letter, letter == item.answer, None
-    pred = normalize(text)
-    return pred, any(pred == normalize(a) for a in item.answers or (item.answer,)), vqa_score(text, list(
-        item.answers or (item.answer,)))
+    pred, answers = normalize(text), list(item.answers or (item.answer,))
+    return pred, any(pred == normalize(a) for a in answers), vqa_score(text, answers)
 
 
 def _fit(pre: PreprocessConfig, height: int, width: int, most: int) -> PreprocessConfig:

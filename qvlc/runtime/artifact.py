@@ -4,10 +4,10 @@ and a visual artifact's preprocess.json, parsed once."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qvlc.artifact.json_codec import read_json_file
 from qvlc.artifact.layout import PREPROCESS
 from qvlc.artifact.manifest import Manifest
 from qvlc.artifact.trust import Trust, checked_artifact
@@ -33,11 +33,11 @@ def read_preprocess(folder: Path, key: str = "VISUAL_DIR") -> PreprocessConfig:
     path = Path(folder) / PREPROCESS
     if not path.is_file():
         raise QvlcError(f"{folder} has no {PREPROCESS}", fix="recompile the visual part with this qvlc", key=key)
+    data = read_json_file(path, PREPROCESS)
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
         if not isinstance(data, dict):
             raise TypeError(f"a JSON {type(data).__name__}, not an object")
         return PreprocessConfig.from_dict(data)
-    except (UnicodeDecodeError, ValueError, TypeError, RecursionError, QvlcError) as exc:
+    except (ValueError, TypeError, QvlcError) as exc:
         raise IntegrityError(f"{path} is not a preprocessing config ({printable(exc, 200)})",
                              fix="recompile the visual part", key=key) from None

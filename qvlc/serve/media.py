@@ -19,13 +19,12 @@ from PIL import Image
 from qvlc.runtime.media import MAX_IMAGE_PIXELS, ImageError, open_image
 from qvlc.serve.errors import ApiError
 
-DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS  # what `qvlc run` decodes at most
 DEFAULT_MAX_BYTES = 32 << 20  # one image's encoded bytes
 
 
 @dataclass(frozen=True)
 class MediaLimits:
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = MAX_IMAGE_PIXELS  # what `qvlc run` decodes at most
     max_bytes: int = DEFAULT_MAX_BYTES
     media_dir: Path | None = None  # file:// URLs are opened only inside this folder (resolved, symlinks too)
 

@@ -22,7 +22,9 @@ from surfaces import (
     only_files,
     outcome,
     png_bytes,
+    split_safetensors,
     tsv_text,
+    with_header,
     yaml_text,
 )
 
@@ -89,15 +91,12 @@ def checkpoint_json(ws: Workspace, draw: Draw) -> None:
 
 def safetensors_header(ws: Workspace, draw: Draw) -> None:
     path = ws.tiny / "model.safetensors"
-    data = path.read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header, body = split_safetensors(path)
     kind = draw(st.sampled_from(("header", "header", "length")))
     if kind == "header":
-        text = draw(json_bytes(header))
-        new = len(text).to_bytes(8, "little") + text + data[8 + n:]
-    else:
-        new = draw(st.integers(min_value=0, max_value=2**64 - 1)).to_bytes(8, "little") + data[8:]
+        new = with_header(draw(json_bytes(header)), body)
+    else:  # the length prefix alone: any 8 bytes before the original header
+        new = draw(st.integers(min_value=0, max_value=2**64 - 1)).to_bytes(8, "little") + path.read_bytes()[8:]
     ws.write(path, new)
     expect(outcome(lambda: _plan_of(ws.tiny, "llm")), {0, 2}, ("model.safetensors",))
 

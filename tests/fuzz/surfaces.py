@@ -217,6 +217,18 @@ def jsonl_records() -> list[dict]:
             {"question": "Two plus two?", "answer": 4}]
 
 
+def split_safetensors(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file as (its JSON header, the tensor bytes after it)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def with_header(header: bytes, body: bytes) -> bytes:
+    """A safetensors file of ``header`` (raw JSON bytes, length-prefixed) and ``body``."""
+    return len(header).to_bytes(8, "little") + header + body
+
+
 @dataclass
 class Workspace:
     """Copies an example may edit, restored after it: the tiny checkpoint and the tiny artifacts."""

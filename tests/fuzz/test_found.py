@@ -7,7 +7,7 @@ import json
 
 import pytest
 from serve_properties import BASE, check_answer, client
-from surfaces import expect, outcome
+from surfaces import expect, outcome, split_safetensors, with_header
 from test_fuzz import ws  # noqa: F401  (the fixture)
 
 from qvlc.checkpoint.inspect import inspect_checkpoint
@@ -68,11 +68,9 @@ def test_checkpoint_files_are_named(ws, name, data, fragment):  # noqa: F811
 
 def test_a_deeply_nested_safetensors_header(ws):  # noqa: F811
     path = ws.tiny / "model.safetensors"
-    data = path.read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    deep = b"[" * 5000 + b"]" * 5000
+    _, body = split_safetensors(path)
     try:
-        ws.write(path, len(deep).to_bytes(8, "little") + deep + data[8 + n:])
+        ws.write(path, with_header(b"[" * 5000 + b"]" * 5000, body))
         o = outcome(lambda: _plan(ws.tiny))
         expect(o, {2}, ("model.safetensors",))
         assert "nested too deeply" in o.messages[0]
@@ -83,14 +81,11 @@ def test_a_deeply_nested_safetensors_header(ws):  # noqa: F811
 def test_a_safetensors_shape_of_true_is_not_a_dimension(ws):  # noqa: F811
     """A header dimension written as JSON ``true`` (Python's 1) passed as a shape and was refused naming no file."""
     path = ws.tiny / "model.safetensors"
-    data = path.read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header, body = split_safetensors(path)
     name = next(k for k, t in header.items() if k != "__metadata__" and len(t["shape"]) == 1)
     header[name]["shape"] = header[name]["shape"] + [True]
-    text = json.dumps(header).encode()
     try:
-        ws.write(path, len(text).to_bytes(8, "little") + text + data[8 + n:])
+        ws.write(path, with_header(json.dumps(header).encode(), body))
         o = outcome(lambda: _plan(ws.tiny))
         expect(o, {2}, ("model.safetensors",))
         assert "malformed safetensors header" in o.messages[0], o.messages
