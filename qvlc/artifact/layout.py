@@ -23,6 +23,9 @@ PREFILL = "llm_prefill.onnx"
 DECODE = "llm_decode.onnx"
 
 
+CHUNK = "llm_chunk.onnx"  # export.prefill_chunk: T prompt tokens against the packed past cache
+
+
 WEIGHTS = "llm_weights.data"
 
 

@@ -43,6 +43,13 @@ class LlmSpec:
     stop_tokens: tuple[str, ...]  # token strings that end a chat turn, besides eos (the family declares them)
     deepstack_layers: int = 0  # prefill input deepstack_embeds [k,1,S,H], added after layers 0..k-1 (Qwen3-VL)
     mrope_interleaved: bool = False  # cos/sin frequencies alternate t, h, w (Qwen3-VL) instead of sections
+    prefill_chunk: int = 0  # T of the chunk graph (llm_chunk.onnx; 0: the artifact has none)
+
+    def prompt_slots(self, tokens: int) -> int:
+        """KV slots a prompt of ``tokens`` occupies: whole chunks of T when the artifact has a chunk graph (the
+        first chunk left-padded), else the full prefill window S."""
+        t = self.prefill_chunk
+        return -(-tokens // t) * t if t else self.prefill_len
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -84,7 +84,7 @@ class Plan:
     @property
     def llm_spec(self) -> LlmSpec:
         e = self.cfg.export
-        return self.family.llm_spec(self.dims, e.prefill_len, e.max_context, e.tp, e.dtype)
+        return self.family.llm_spec(self.dims, e.prefill_len, e.max_context, e.tp, e.dtype, e.prefill_chunk)
 
     @property
     def visual_spec(self) -> VisualSpec:

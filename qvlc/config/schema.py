@@ -35,6 +35,7 @@ class ExportConfig:
     opset: int = 0  # 0: the lowest that expresses the graphs (18; 19 for int8 weights, 21 for blocked int4)
     prefill_len: int = 128  # llm: S, static prefill length (multiple of 16)
     max_context: int = 256  # llm: C, KV capacity including the new token (multiple of 16)
+    prefill_chunk: int = 0  # llm: T > 0 adds llm_chunk.onnx, T prompt tokens per call (divides prefill_len)
     tp: int = 1  # llm: tensor-parallel ranks
     workers: int = 1  # llm, tp > 1: ranks exported by this many parallel processes
     max_patches: int = 256  # visual: N, static patch count (multiple of 16)
@@ -59,9 +60,9 @@ class ValidateConfig:
     # the parity report lists the cases skipped
     cases: tuple[Case, ...] = (Case.ALL,)
 
-    def chosen(self, part: Part) -> tuple[list[str], list[str]]:
-        """(the part's cases that run, the ones skipped), in the part's order."""
-        return chosen(self.cases, part.value)
+    def chosen(self, part: Part, chunked: bool = False) -> tuple[list[str], list[str]]:
+        """(the part's cases that run, the ones skipped), in the part's order (``chunked``: with the chunk cases)."""
+        return chosen(self.cases, part.value, chunked)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class Config:
             if not self.llm_holds_patches:
                 del d["export"]["max_patches"]
         else:
-            for key in ("prefill_len", "max_context", "tp", "workers"):
+            for key in ("prefill_len", "max_context", "prefill_chunk", "tp", "workers"):
                 del d["export"][key]
             for key in ("decode_steps", "generate_tokens"):
                 del d["validate"][key]

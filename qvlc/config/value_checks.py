@@ -45,6 +45,8 @@ def check_values(cfg: Config) -> None:
         if e.prefill_len < MIN_PREFILL:
             raise ConfigError(f"prefill_len {e.prefill_len} is too short to validate",
                               fix=f"use export.prefill_len >= {MIN_PREFILL}", key="export.prefill_len")
+        if e.prefill_chunk:
+            _prefill_chunk(e.prefill_chunk, e.prefill_len)
         room = e.max_context - 1 - e.prefill_len  # decode calls the KV cache holds after the prefill window
         v = cfg.validate
         for key, value, calls in (("validate.decode_steps", v.decode_steps, v.decode_steps),
@@ -58,6 +60,9 @@ def check_values(cfg: Config) -> None:
         _multiple_of_16(e.max_patches, "export.max_patches")
         if e.attention_block:
             _multiple_of_16(e.attention_block, "export.attention_block")
+        if e.prefill_chunk:
+            raise ConfigError(f"prefill_chunk {e.prefill_chunk} given for the visual part, which has no prompt",
+                              fix="remove export.prefill_chunk from the visual config", key="export.prefill_chunk")
         if e.tp != 1:
             raise ConfigError(f"tp {e.tp} given for the visual part, which is never split across ranks",
                               fix="remove export.tp from the visual config (or set it to 1)", key="export.tp")
@@ -66,7 +71,7 @@ def check_values(cfg: Config) -> None:
     if cfg.validate.runtime_cases < 0:
         raise ConfigError(f"must be 0 (every case) or more, got {cfg.validate.runtime_cases}",
                           fix="set validate.runtime_cases to 0 or a positive count", key="validate.runtime_cases")
-    check_cases(cfg.validate.cases, cfg.part.value)
+    check_cases(cfg.validate.cases, cfg.part.value, bool(e.prefill_chunk))
     if e.fp32_layers and e.dtype != Precision.FP16:
         raise ConfigError(f"fp32_layers keeps modules in fp32 inside an fp16 graph; this compile is {e.dtype}",
                           fix="remove export.fp32_layers, or set export.dtype: fp16", key="export.fp32_layers")
@@ -90,6 +95,16 @@ def _runtimes(runtimes: tuple[Runtime, ...]) -> None:
 def _positive(value: int, key: str) -> None:
     if value < 1:
         raise ConfigError(f"must be at least 1, got {value}", fix=f"set {key} to a positive integer", key=key)
+
+
+def _prefill_chunk(t: int, s: int) -> None:
+    """T tiles the prefill window: a multiple of 16 that divides S, below it (0: no chunk graph)."""
+    key = "export.prefill_chunk"
+    divisors = [d for d in range(16, s, 16) if s % d == 0]
+    if t < 0 or t % 16 or t >= s or s % t:
+        raise ConfigError(f"prefill_chunk {t} does not tile prefill_len {s} in smaller chunks",
+                          fix=f"use 0 (no chunk graph) or a multiple of 16 below {s} that divides it: "
+                              f"{', '.join(map(str, divisors)) or 'none exists'}", key=key)
 
 
 def _multiple_of_16(value: int, key: str, minimum: int = 16) -> None:

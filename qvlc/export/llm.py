@@ -1,5 +1,5 @@
-"""The LLM part's export stage: embed_tokens.bin, and per rank a prefill and a decode graph sharing one weights
-file."""
+"""The LLM part's export stage: embed_tokens.bin, and per rank a prefill and a decode graph (and, with
+``export.prefill_chunk``, a chunk graph) sharing one weights file."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qvlc.artifact.layout import DECODE, EMBED, PREFILL, WEIGHTS, rank_dirs
+from qvlc.artifact.layout import EMBED, WEIGHTS, rank_dirs
 from qvlc.artifact.manifest import GraphRecord, RankRecord, TpRecord
 from qvlc.checkpoint.hf_model import LoadedCheckpoint
 from qvlc.checkpoint.lazy import LazyRows, lazy_text_model
@@ -57,6 +57,7 @@ class RankJob:
     opset: int
     prefill_len: int
     max_context: int
+    prefill_chunk: int
     simplify: bool
     stage: Path
     islands: Islands = Islands()  # export.fp32_layers, resolved
@@ -78,9 +79,10 @@ def export_rank(job: RankJob, text_model, lm_head) -> RankResult:
     folder = rank_dirs(stage, job.tp)[job.rank]
     layout = rank_layout(dims.text, job.tp, job.rank)
     dtype = job.dtype.torch
-    sigs = fam.llm_signatures(fam.llm_spec(dims, job.prefill_len, job.max_context, job.tp, job.dtype))
+    sigs = fam.llm_signatures(fam.llm_spec(dims, job.prefill_len, job.max_context, job.tp, job.dtype,
+                                           job.prefill_chunk))
     graphs, stack = [], None
-    for name in (PREFILL, DECODE):
+    for name in sigs:  # prefill, decode (and chunk): one stack of layers, one weights file
         module, stack = fam.llm_graph(name, text_model, lm_head, dims, layout, dtype, stack, job.islands)
         graphs.append(export_graph(name, module, example_inputs(sigs[name], dtype), sigs[name], job.opset,
                                    job.simplify, stage / "_work" / f"rank{job.rank}"))
@@ -91,7 +93,7 @@ def export_rank(job: RankJob, text_model, lm_head) -> RankResult:
     stats = write_shared(graphs, folder, WEIGHTS)
     del graphs, stack
     gc.collect()
-    return RankResult(job.rank, finish_graphs(stage, folder, [PREFILL, DECODE], job.rank), stats,
+    return RankResult(job.rank, finish_graphs(stage, folder, list(sigs), job.rank), stats,
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -145,7 +147,8 @@ def tp_record(plan: Plan, ranks: list[RankResult]) -> TpRecord:
     per_rank = []
     for r in ranks:
         lay = rank_layout(dims.text, tp, r.rank)
-        per_rank.append(RankRecord(r.rank, tuple(f"rank{r.rank}/{n}" for n in (PREFILL, DECODE, WEIGHTS)),
+        names = [*plan.family.llm_signatures(plan.llm_spec), WEIGHTS]
+        per_rank.append(RankRecord(r.rank, tuple(f"rank{r.rank}/{n}" for n in names),
                                    int(r.stats["weights_bytes"]), (lay.kv_head_start, lay.kv_head_start + lay.kv_heads),
                                    (lay.vocab_start, lay.vocab_start + lay.vocab),
                                    tuple(lay.split_points(tp_plan, dims.text.layers))))
@@ -176,7 +179,7 @@ def export_llm(plan: Plan, ck: LoadedCheckpoint | None, stage: Path) -> ExportRe
     result.bytes_written += write_embed_table(table, stage / EMBED, e.dtype)
     result.write_seconds += time.perf_counter() - t0
     jobs = [RankJob(plan.checkpoint, plan.family.model_type, plan.dims, r, e.tp, e.dtype, e.opset, e.prefill_len,
-                    e.max_context, e.simplify, stage, plan.islands, plan.quant, e.weights.dequantize == "explicit")
+                    e.max_context, e.prefill_chunk, e.simplify, stage, plan.islands, plan.quant, e.weights.dequantize == "explicit")
             for r in range(e.tp)]
     workers = min(e.workers, e.tp)
     # A validation follows in this process: export big models in a child, whose memory all goes back to the OS

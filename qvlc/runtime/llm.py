@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qvlc.artifact.layout import DECODE, EMBED, PREFILL, rank_dirs
+from qvlc.artifact.layout import CHUNK, DECODE, EMBED, PREFILL, rank_dirs
 from qvlc.artifact.spec import LlmSpec, TokenIds
 from qvlc.errors import QvlcError
 from qvlc.host.embeddings import EmbedTable, dense_deepstack
@@ -65,24 +65,28 @@ def tokens_of(spec: LlmSpec) -> TokenIds:
 
 @dataclass
 class KvState:
-    """The host side of a sequence: per-rank KV caches, the past mask and the next free slot."""
+    """The host side of a sequence: per-rank KV caches, the past mask, the next free slot, and the slots its prompt
+    took (S after the prefill graph; whole chunks of T after the chunk graph): decode step k writes slot
+    ``window + k``."""
 
     kv: list[np.ndarray]
     past_mask: np.ndarray
     slot: int
+    window: int = 0
 
 
 class LlmRuntime:
     """Prefill + decode loop with a host-managed KV cache, over one or several ranks."""
 
     def __init__(self, folder: Path, spec: LlmSpec | None = None, family: Family | None = None, *,
-                 merge_size: int = 2, tokens_per_second: int = 0, graphs: tuple | None = None,
-                 runtime: Runtime = Runtime.ONNXRUNTIME) -> None:
+                 merge_size: int = 2, tokens_per_second: int = 0, graphs: dict[str, object] | None = None,
+                 runtime: Runtime = Runtime.ONNXRUNTIME, chunked: bool | None = None) -> None:
         """``spec``/``family`` default to the artifact's, opened and checked (``qvlc.runtime.artifact``);
         ``merge_size`` and ``tokens_per_second`` are the vision tower's (they shape M-RoPE positions of images
-        and videos). ``graphs`` replaces the ONNX graphs by other runners with the same ``run(feeds per rank)`` and
-        ``run_many`` (validation drives the unsplit torch deployment module this way); ``runtime`` runs the graphs
-        on ONNX Runtime (the default) or TVM."""
+        and videos). ``graphs`` (by file name) replaces the ONNX graphs by other runners with the same
+        ``run(feeds per rank)`` and ``run_many`` (validation drives the unsplit torch deployment module this way);
+        ``runtime`` runs the graphs on ONNX Runtime (the default) or TVM. ``chunked``: fill the cache with the chunk
+        graph (None: when the artifact has one; False: always the full prefill graph)."""
         self.folder, self.runtime = Path(folder), runtime
         if spec is None or family is None:
             m, family = open_artifact(self.folder, "llm", str(folder))
@@ -90,7 +94,10 @@ class LlmRuntime:
         self.spec, self.family = spec, family
         self.merge_size, self.tokens_per_second = merge_size, tokens_per_second
         s = self.spec
-        self._graphs: dict[str, object] = {} if graphs is None else {PREFILL: graphs[0], DECODE: graphs[1]}
+        self._graphs: dict[str, object] = dict(graphs or {})
+        self.chunked = bool(s.prefill_chunk) if chunked is None else chunked
+        if self.chunked and not s.prefill_chunk:
+            raise ValueError("chunked prefill asked of an artifact without a chunk graph")
         self.embed = EmbedTable(self.folder / EMBED, s.vocab, s.hidden, s.dtype)
         self.np_dtype = s.dtype.numpy
         self.state = self._empty_state()
@@ -109,9 +116,15 @@ class LlmRuntime:
     def decode_graph(self):
         return self._graph(DECODE)
 
+    @property
+    def chunk_graph(self):
+        return self._graph(CHUNK)
+
     def release_prefill(self) -> None:
-        """Free the prefill sessions (on CPU an fp16 2B session holds ~7.6 GB: ORT keeps fp32 casts of the weights)."""
+        """Free the prefill (and chunk) sessions (on CPU an fp16 2B session holds ~7.6 GB: ORT keeps fp32 casts of
+        the weights)."""
         self._graphs.pop(PREFILL, None)
+        self._graphs.pop(CHUNK, None)
         gc.collect()
 
     # -- KV state -----------------------------------------------------------------------------------------
@@ -120,7 +133,7 @@ class LlmRuntime:
 
     def snapshot(self) -> KvState:
         st = self.state
-        return KvState([kv.copy() for kv in st.kv], st.past_mask.copy(), st.slot)
+        return KvState([kv.copy() for kv in st.kv], st.past_mask.copy(), st.slot, st.window)
 
     def take_state(self) -> KvState:
         """The current sequence's state, handed over without a copy (the runtime starts empty again)."""
@@ -128,7 +141,7 @@ class LlmRuntime:
         return state
 
     def restore(self, state: KvState) -> None:
-        self.state = KvState([kv.copy() for kv in state.kv], state.past_mask.copy(), state.slot)
+        self.state = KvState([kv.copy() for kv in state.kv], state.past_mask.copy(), state.slot, state.window)
 
     # -- the host's prompt window -------------------------------------------------------------------------
     def prompt_window(self, ids: np.ndarray, media: Media = Media()) -> Window:
@@ -177,8 +190,11 @@ class LlmRuntime:
 
     def prefill(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray,
                 deepstack: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
-        """Run prefill on a full, already left-padded window: embeds [S,H], positions [3,S], mask [S] (0 = pad).
-        Resets the KV cache to what prefill produced. Returns each rank's raw outputs."""
+        """Fill the KV cache from a full, already left-padded window: embeds [S,H], positions [3,S], mask [S]
+        (0 = pad) — through the chunk graph when this runtime uses it, else the prefill graph. Resets the KV cache
+        to the prompt's. Returns each rank's raw outputs of the last call (its logits are the last token's)."""
+        if self.chunked:
+            return self.run_chunks(self.chunk_feeds(embeds, positions, mask, deepstack))
         s = self.spec
         S = s.prefill_len
         outs = self.prefill_graph.run([self.prefill_feed(embeds, positions, mask, deepstack)] * s.tp)
@@ -189,7 +205,55 @@ class LlmRuntime:
             buf[..., :S, :] = present
             state.kv.append(buf)
         state.past_mask[0, :S] = mask
-        state.slot = S
+        state.slot = state.window = S
+        self.state = state
+        return outs
+
+    def chunk_feeds(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+                    deepstack: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+        """The chunk graph's inputs, but the past cache and its mask, for a full left-padded window: its last
+        W = ceil(n / T) * T rows (n real tokens), T at a time. The first chunk holds the left padding, so the last
+        chunk's last row is the prompt's last token. The positions are the full window's: M-RoPE positions do not
+        depend on the left padding and the rope delta is taken against S, so decode positions are the same as after
+        the full prefill. ``attention_mask`` here is the new tokens' [1, T]."""
+        s = self.spec
+        S, T, dt = s.prefill_len, s.prefill_chunk, self.np_dtype
+        self.prefill_feed(embeds, positions, mask, deepstack)  # the shape checks
+        W = s.prompt_slots(int(np.count_nonzero(mask)))
+        cos, sin = mrope_cos_sin(positions[:, S - W:], s.head_dim, s.rope_theta, s.mrope_section, dtype=dt,
+                                 interleaved=s.mrope_interleaved)
+        feeds = []
+        for start in range(S - W, S, T):
+            rows, at = slice(start, start + T), slice(start - S + W, start - S + W + T)
+            feed = {"inputs_embeds": embeds[None, rows].astype(dt),
+                    "attention_mask": mask[None, rows].astype(np.int64), "cos": cos[..., at, :], "sin": sin[..., at, :]}
+            if s.deepstack_layers:
+                feed["deepstack_embeds"] = (np.zeros((s.deepstack_layers, 1, T, s.hidden), dt) if deepstack is None
+                                            else deepstack[:, :, rows].astype(dt))
+            feeds.append(feed)
+        return feeds
+
+    def with_past(self, feed: dict[str, np.ndarray], state: KvState) -> list[dict[str, np.ndarray]]:
+        """Each rank's full chunk-graph inputs: ``feed`` (from ``chunk_feeds``) against ``state``'s cache."""
+        full = {**feed, "attention_mask": np.concatenate([state.past_mask, feed["attention_mask"]], axis=1)}
+        return [{**full, "past_key_values": kv} for kv in state.kv]
+
+    def run_chunks(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """``feeds`` (``chunk_feeds``) through the chunk graph into a new cache, each call's K/V written at the next
+        T slots. Returns each rank's outputs of the last call."""
+        s = self.spec
+        state = self._empty_state()
+        state.kv = [np.zeros((s.layers, 2, 1, s.kv_heads_per_rank, s.max_context - 1, s.head_dim), self.np_dtype)
+                    for _ in range(s.tp)]
+        outs: list[dict[str, np.ndarray]] = []
+        for feed in feeds:
+            outs = self.chunk_graph.run(self.with_past(feed, state))
+            t = feed["inputs_embeds"].shape[1]
+            for kv, o in zip(state.kv, outs):
+                kv[..., state.slot:state.slot + t, :] = o["present_key_values"]
+            state.past_mask[0, state.slot:state.slot + t] = feed["attention_mask"][0]
+            state.slot += t
+        state.window = state.slot
         self.state = state
         return outs
 
@@ -212,7 +276,8 @@ class LlmRuntime:
         for state, embed, position in zip(states, embeds, positions):
             if state.slot >= s.max_context - 1:
                 raise QvlcError(f"the KV cache is full: max_context {s.max_context} holds "
-                                f"{s.max_context - s.prefill_len} generated tokens after the prefill window",
+                                f"{s.max_context - state.window} generated tokens after the prompt's "
+                                f"{state.window} slots",
                                 fix="generate fewer tokens, or recompile with a larger export.max_context",
                                 key="export.max_context")
             cos, sin = decode_cos_sin(position, s.head_dim, s.rope_theta, s.mrope_section, dtype=self.np_dtype,
@@ -241,7 +306,7 @@ class LlmRuntime:
         (``qvlc.host.rope.decode_position``: transformers' cache_position + rope delta).
         """
         stops = frozenset(stop_ids or ())
-        first = self.state.slot - self.spec.prefill_len  # decode steps already taken from this state
+        first = self.state.slot - self.state.window  # decode steps already taken from this state
         tokens: list[int] = []
         for step in range(max_new_tokens):
             tok = int(np.argmax(logits))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from qvlc.artifact.layout import PREFILL
+from qvlc.artifact.layout import CHUNK, PREFILL
 from qvlc.checkpoint.hf_model import LoadedCheckpoint
 from qvlc.checkpoint.lazy import lazy_text_model
 from qvlc.models.common.params import UNSPLIT_MAX_BYTES, text_params
@@ -86,7 +86,9 @@ def llm_cases(plan: Plan, ck: LoadedCheckpoint | None, seed: int = 0,
     """The validation prompts (those in ``names``; default all), image rows included (from transformers' vision
     tower). Every case is built, then the chosen ones kept, so a case is the same whichever others run."""
     embed_std = float(lazy_text_model(plan.checkpoint)[0].embed_tokens.weight.narrow(0, 0, 4096).float().std())
-    cases = build_cases(plan.dims, plan.llm_spec.prefill_len, seed, embed_std, plan.family.frames_as_grids)
+    spec = plan.llm_spec
+    cases = build_cases(plan.dims, spec.prefill_len, seed, embed_std, plan.family.frames_as_grids,
+                        spec.prefill_chunk)
     return vision_rows(plan, ck, [c for c in cases if names is None or c.name in names])
 
 
@@ -110,7 +112,7 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
         return
     v, dims, spec, phases = plan.cfg.validate, plan.dims, plan.llm_spec, Phases()
     steps = max(v.decode_steps, v.generate_tokens - 1)
-    chosen, skipped = v.chosen(plan.cfg.part)
+    chosen, skipped = v.chosen(plan.cfg.part, bool(spec.prefill_chunk))
     report.cases = {"run": chosen, "skipped": skipped}
     with phases.phase("vision rows", "transformers' vision tower on the prompts given as pixels"):
         cases = llm_cases(plan, ck, seed, chosen)
@@ -118,6 +120,9 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     runs = run_graphs(plan, folder, cases, steps, unsplit, phases=phases)
     del unsplit
     release_memory()
+    # the chunk graph: every prompt again, its cache filled T tokens at a time, decode fed the same tokens
+    chunk_runs = run_graphs(plan, folder, cases, steps, None, fed=runs, phases=phases, chunked=True) \
+        if spec.prefill_chunk else []
     some = cases[:v.runtime_cases or len(cases)]  # the same cases (or the first few) and fed tokens
     others = {}
     for rt in (r for r in v.runtimes if r != Runtime.ONNXRUNTIME):
@@ -139,6 +144,15 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
             for run, ref in zip(rt_runs, refs):
                 compare_run(report, run, ref, layouts, spec.prefill_len, v.decode_steps, v.generate_tokens,
                             spec.dtype)
+    for run, full, ref in zip(chunk_runs, runs, refs):
+        compare_run(report, run, ref, layouts, spec.prefill_len, v.decode_steps, v.generate_tokens, spec.dtype,
+                    first="chunk")
+        report.tokens.append(TokenCheck("chunk vs prefill", run.case.name, full.tokens[:v.generate_tokens],
+                                        run.tokens[:v.generate_tokens], required=spec.dtype == "fp32"))
+    if chunk_runs:
+        report.notes.append(f"chunk graph: every prompt again through llm_chunk.onnx, {spec.prefill_chunk} tokens "
+                            "a call (the first chunk left-padded), then decode fed the tokens the prefill path chose; "
+                            "'chunk vs prefill' compares the greedy tokens of both paths")
     report.notes.append(f"oracle: {type(oracle).__name__}; each prompt then {steps} greedy decode steps of the "
                         "graphs, the oracle teacher-forced on the tokens the graphs chose")
     if skipped:
@@ -152,9 +166,10 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
                             "greedy check compares its own argmax at every step")
     failed = next((c for c in report.checks if not c.passed and c.metrics), None)
     if failed is not None:
-        run = next(r for r in runs if r.case.name == failed.case.split("/")[0])
+        chunk = failed.graph.startswith("chunk")
+        run = next(r for r in (chunk_runs if chunk else runs) if r.case.name == failed.case.split("/")[0])
         with report.using(Runtime(failed.runtime)), phases.phase("diagnosis", "first divergent layer"):
-            diagnose_prefill(plan, folder, report, run, oracle)
+            diagnose_prefill(plan, folder, report, run, oracle, chunk)
     report.phases = phases.rows
 
 
@@ -187,8 +202,10 @@ def _quantization(plan: Plan, report: ParityReport, runs, inputs, layouts) -> No
         quantization_error(plan, report, runs, inputs, layouts)
 
 
-def diagnose_prefill(plan: Plan, folder: Path, report: ParityReport, run: GraphRun, oracle) -> None:
-    """The first divergent decoder layer of the prefill graph on a case that failed (tp = 1 graphs)."""
+def diagnose_prefill(plan: Plan, folder: Path, report: ParityReport, run: GraphRun, oracle,
+                     chunk: bool = False) -> None:
+    """The first divergent decoder layer of the prefill graph (``chunk``: of the chunk graph, on the prompt's last
+    chunk against the cache the chunks before it wrote) on a case that failed (tp = 1 graphs)."""
     if plan.llm_spec.tp > 1:
         report.notes.append("first divergent layer: not diagnosed for tp > 1 (a rank graph's residual stream is cut "
                             "at its reductions); compile at tp = 1 to find it")
@@ -196,27 +213,38 @@ def diagnose_prefill(plan: Plan, folder: Path, report: ParityReport, run: GraphR
     w, tokens = run.window, plan.dims.tokens
     capture = LayerCapture()
     oracle.run([oracle_input(run.case, [], tokens.image, tokens.video)], capture)
-    feed = llm_runtime(plan, folder).prefill_feed(w.embeds, w.positions, w.mask, w.deepstack)
-    diagnose(report, folder / PREFILL, "llm", feed, np.flatnonzero(w.mask), capture, run.case.name)
+    if not chunk:
+        feed = llm_runtime(plan, folder).prefill_feed(w.embeds, w.positions, w.mask, w.deepstack)
+        diagnose(report, folder / PREFILL, "llm", feed, np.flatnonzero(w.mask), capture, run.case.name)
+        return
+    rt = llm_runtime(plan, folder, chunked=True)
+    *before, last = rt.chunk_feeds(w.embeds, w.positions, w.mask, w.deepstack)
+    rt.run_chunks(before)  # the cache the last chunk reads
+    rows = np.flatnonzero(last["attention_mask"][0])
+    capture.outputs = {m: x[len(x) - len(rows):] for m, x in capture.outputs.items()}  # the last chunk's real rows
+    diagnose(report, folder / CHUNK, "llm", rt.with_past(last, rt.state)[0], rows, capture,
+             f"{run.case.name} (last chunk)")
 
 
 def compare_run(report: ParityReport, run: GraphRun, ref: OracleOutput, layouts: list[RankLayout], S: int,
-                decode_steps: int, generate_tokens: int, dtype) -> None:
+                decode_steps: int, generate_tokens: int, dtype, first: str = "prefill") -> None:
+    """One prompt's graphs against the oracle: ``first`` (prefill, or chunk: the call that filled the cache),
+    then every decode step, and the greedy tokens."""
     name, n = run.case.name, len(run.case.ids)
     if run.window.delta + S != ref.delta + n:
         report.fail("host", name, "rope_delta", f"host rope_delta {run.window.delta} (padded to {S}) is not "
                                                 f"transformers' {ref.delta} (unpadded, {n} tokens)")
-    _compare_step(report, "prefill", name, run.logits[0], run.kv[0], ref.logits[0], ref.kv[..., :n, :], layouts)
+    _compare_step(report, first, name, run.logits[0], run.kv[0], ref.logits[0], ref.kv[..., :n, :], layouts)
     if run.unsplit_logits:
         report.add("prefill vs tp=1", name, "logits", run.unsplit_logits[0], np.concatenate(run.logits[0]))
     for k in range(1, len(run.logits)):
         case = f"{name}/step{k - 1}"
-        _compare_step(report, "decode", case, run.logits[k], run.kv[k], ref.logits[k], ref.kv[..., n + k - 1:n + k, :],
-                      layouts)
+        _compare_step(report, "decode" if first == "prefill" else f"decode after {first}", case, run.logits[k],
+                      run.kv[k], ref.logits[k], ref.kv[..., n + k - 1:n + k, :], layouts)
         if run.unsplit_logits:
             report.add("decode vs tp=1", case, "logits", run.unsplit_logits[k], np.concatenate(run.logits[k]))
     expected = [int(np.argmax(x)) for x in ref.logits[:generate_tokens]]
-    report.tokens.append(TokenCheck("prefill+decode", name, expected, run.tokens[:generate_tokens],
+    report.tokens.append(TokenCheck(f"{first}+decode", name, expected, run.tokens[:generate_tokens],
                                     required=dtype == "fp32", runtime=str(report.runtime)))
 
 

@@ -65,11 +65,12 @@ def _rows(rng, ids: np.ndarray, token: int, hidden: int, std: float) -> np.ndarr
     return (rng.standard_normal((n, hidden)) * std).astype(np.float32) if n else None
 
 
-def build_cases(dims: ModelDims, prefill_len: int, seed: int, embed_std: float,
-                frames_as_grids: bool = False) -> list[LlmCase]:
+def build_cases(dims: ModelDims, prefill_len: int, seed: int, embed_std: float, frames_as_grids: bool = False,
+                prefill_chunk: int = 0) -> list[LlmCase]:
     """Prompts of different lengths with image and video spans; all but the full one are left-padded to S. The
     image of ``one_image_half`` comes as pixels (its rows from the transformers vision tower, the path users run);
-    the other vision rows are random at the embedding table's scale."""
+    the other vision rows are random at the embedding table's scale. With ``prefill_chunk`` T, three more
+    (``chunk_cases``), drawn from a generator of their own so the others stay the same."""
     rng = np.random.default_rng(seed)
     S, m, H, tk = prefill_len, dims.vision.merge_size, dims.text.hidden, dims.tokens
     cases = [LlmCase("text_short", np.array(_text(rng, max(8, S // 4), dims)), Media())]
@@ -80,20 +81,50 @@ def build_cases(dims: ModelDims, prefill_len: int, seed: int, embed_std: float,
                                ("two_images_full", [(g2, tk.image), (g3, tk.image)], S),
                                ("image_and_video", [(g2, tk.image), (video, tk.video)], S * 3 // 4)):
         ids = np.array(_prompt(rng, dims, items, total, frames_as_grids))
-        images = np.array([g for g, pad in items if pad == tk.image], dtype=np.int64)
-        videos = np.array([g for g, pad in items if pad == tk.video], dtype=np.int64).reshape(-1, 3)
-        k = len(dims.vision.deepstack)
-        media = Media(images, _rows(rng, ids, tk.image, H, embed_std), videos if len(videos) else None,
-                      _rows(rng, ids, tk.video, H, embed_std),
-                      (VIDEO_SECOND_PER_GRID,) * len(videos) if len(videos) else None,
-                      _deep(rng, ids, tk.image, H, embed_std, k), _deep(rng, ids, tk.video, H, embed_std, k))
+        media = _media(rng, dims, ids, items, embed_std)
         pixels = None
         if name == "one_image_half":
             patches = g1[0] * g1[1] * g1[2]
             pixels = rng.uniform(-1.8, 2.1, size=(patches, dims.vision.patch_dim)).astype(np.float32)  # normalized
             media = replace(media, image_embeds=None, image_deepstack=None)
         cases.append(LlmCase(name, ids, media, pixels))
+    return cases + (chunk_cases(dims, S, prefill_chunk, seed, embed_std) if prefill_chunk else [])
+
+
+def chunk_cases(dims: ModelDims, prefill_len: int, chunk: int, seed: int, embed_std: float) -> list[LlmCase]:
+    """The chunk graph's edges: ``chunk_short`` (half a chunk: one call, mostly padding), ``chunks_exact`` (2T
+    tokens with an image: no padding), ``image_across_chunks`` (more than two chunks' worth up to S - T/2, its
+    image's rows split between the first and second chunk)."""
+    rng = np.random.default_rng([seed, chunk])
+    S, T, m, tk = prefill_len, chunk, dims.vision.merge_size, dims.tokens
+    cases = [LlmCase("chunk_short", np.array(_text(rng, max(1, T // 2), dims)), Media())]
+    exact = [(_grid_for(max(2, T // 4), 1.0, m), tk.image)]
+    ids = np.array(_prompt(rng, dims, exact, 2 * T))
+    cases.append(LlmCase("chunks_exact", ids, _media(rng, dims, ids, exact, embed_std)))
+    n = min(2 * T + T // 2, S - T // 2)
+    grid = _grid_for(max(2, T // 4), 0.5, m)
+    span = _span(dims, grid, tk.image)
+    boundary = T - (-(-n // T) * T - n)  # prompt index of the second chunk's first row (the first is left-padded)
+    before = max(1, boundary - (len(span) - 2) // 2 - 1)
+    ids = np.array(_text(rng, before, dims) + span + _text(rng, n - before - len(span), dims))
+    image = np.flatnonzero(ids == tk.image)
+    if not image[0] < boundary <= image[-1]:
+        raise ValueError(f"image rows {image[0]}..{image[-1]} do not cross index {boundary}")  # a bug in this file
+    cases.append(LlmCase("image_across_chunks", ids, _media(rng, dims, ids, [(grid, tk.image)], embed_std)))
     return cases
+
+
+def _media(rng, dims: ModelDims, ids: np.ndarray, items: list[tuple[tuple[int, int, int], int]],
+           embed_std: float) -> Media:
+    """Grids of a prompt's vision ``items`` (grid, pad token) and random rows (DeepStack ones too) for their
+    positions, at the embedding table's scale."""
+    tk, H, k = dims.tokens, dims.text.hidden, len(dims.vision.deepstack)
+    images = np.array([g for g, pad in items if pad == tk.image], dtype=np.int64)
+    videos = np.array([g for g, pad in items if pad == tk.video], dtype=np.int64).reshape(-1, 3)
+    return Media(images, _rows(rng, ids, tk.image, H, embed_std), videos if len(videos) else None,
+                 _rows(rng, ids, tk.video, H, embed_std),
+                 (VIDEO_SECOND_PER_GRID,) * len(videos) if len(videos) else None,
+                 _deep(rng, ids, tk.image, H, embed_std, k), _deep(rng, ids, tk.video, H, embed_std, k))
 
 
 def _deep(rng, ids: np.ndarray, token: int, hidden: int, std: float, layers: int) -> np.ndarray | None:

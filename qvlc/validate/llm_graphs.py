@@ -55,13 +55,15 @@ class TorchGraph:
         return [self.run(feeds) for feeds in items]
 
 
-def llm_runtime(plan: Plan, folder: Path, graphs: tuple | None = None,
-                runtime: Runtime = Runtime.ONNXRUNTIME) -> LlmRuntime:
+def llm_runtime(plan: Plan, folder: Path, graphs: dict | None = None, runtime: Runtime = Runtime.ONNXRUNTIME,
+                chunked: bool = False) -> LlmRuntime:
+    """The host loop over the artifact's graphs (``graphs``: runners by file name instead), filling the cache with
+    the full prefill graph, or with the chunk graph when ``chunked``."""
     spec, v = plan.llm_spec, plan.dims.vision
     if graphs is not None:
         spec = replace(spec, tp=1, kv_heads_per_rank=plan.dims.text.kv_heads)
     return LlmRuntime(folder, spec, plan.family, merge_size=v.merge_size, tokens_per_second=v.tokens_per_second,
-                      graphs=graphs, runtime=runtime)
+                      graphs=graphs, runtime=runtime, chunked=chunked)
 
 
 def unsplit_runtime(plan: Plan, ck: LoadedCheckpoint | None, folder: Path) -> LlmRuntime:
@@ -70,27 +72,29 @@ def unsplit_runtime(plan: Plan, ck: LoadedCheckpoint | None, folder: Path) -> Ll
     text_model, lm_head = (ck.text_model, ck.lm_head) if ck is not None else \
         quantized_tree(*lazy_text_model(plan.checkpoint), plan.quant)
     sigs = plan.family.llm_signatures(replace(plan.llm_spec, tp=1, kv_heads_per_rank=plan.dims.text.kv_heads))
-    graphs, stack = [], None
+    graphs, stack = {}, None
     for name, sig in sigs.items():
         module, stack = plan.family.llm_graph(name, text_model, lm_head, plan.dims, rank_layout(plan.dims.text, 1, 0),
                                               plan.cfg.export.dtype.torch, stack, plan.islands)
-        graphs.append(TorchGraph(module, sig.input_names, sig.output_names))
-    return llm_runtime(plan, folder, tuple(graphs))
+        graphs[name] = TorchGraph(module, sig.input_names, sig.output_names)
+    return llm_runtime(plan, folder, graphs)
 
 
 def run_graphs(plan: Plan, folder: Path, cases: list[LlmCase], steps: int, unsplit: LlmRuntime | None,
                on: Runtime = Runtime.ONNXRUNTIME, fed: list[GraphRun] | None = None,
-               phases: Phases | None = None) -> list[GraphRun]:
+               phases: Phases | None = None, chunked: bool = False) -> list[GraphRun]:
     """Phase 1: every prefill, then (prefill sessions released) the greedy decode of every prompt together, on
     runtime ``on``. Decode runs step-major with the prompts inside each graph segment (``decode_many``), so every
     decode step reads the weights once for all prompts, not once per prompt. With ``fed`` (another runtime's runs)
     each decode step is fed the token that run chose, so the oracle's teacher-forced pass fits both; ``tokens``
-    still records this runtime's own argmax at every step."""
-    runtime, S, phases = llm_runtime(plan, folder, runtime=on), plan.cfg.export.prefill_len, phases or Phases()
+    still records this runtime's own argmax at every step. ``chunked``: the cache filled by the chunk graph."""
+    runtime, S, phases = llm_runtime(plan, folder, runtime=on, chunked=chunked), plan.cfg.export.prefill_len, \
+        phases or Phases()
     runs, states, unsplit_states = [], [], []
-    with phases.phase(f"prefill ({on})", f"{len(cases)} prompts, one at a time"):
+    first = f"chunks of {plan.cfg.export.prefill_chunk}" if chunked else "prefill"
+    with phases.phase(f"{first} ({on})", f"{len(cases)} prompts, one at a time"):
         _prefill_all(runtime, unsplit, cases, runs, states, unsplit_states)
-    with phases.phase(f"decode ({on})", f"{steps} steps, the {len(cases)} prompts together in each graph segment"):
+    with phases.phase(f"decode{' after chunks' if chunked else ''} ({on})", f"{steps} steps, the {len(cases)} prompts together in each graph segment"):
         _decode_all(runtime, unsplit, runs, states, unsplit_states, steps, S, fed)
     return runs
 
@@ -100,9 +104,9 @@ def _prefill_all(runtime: LlmRuntime, unsplit: LlmRuntime | None, cases: list[Ll
     for case in cases:
         w = runtime.prompt_window(case.ids, case.media)
         outs = runtime.prefill_window(w)
-        real = np.flatnonzero(w.mask)
+        real = np.flatnonzero(runtime.state.past_mask[0])  # the prompt's slots in the cache
         run = GraphRun(case, w, logits=[[o["logits"].reshape(-1) for o in outs]],
-                       kv=[[o["present_key_values"][:, :, 0][..., real, :] for o in outs]])
+                       kv=[[kv[:, :, 0][..., real, :] for kv in runtime.state.kv]])
         del outs
         states.append(runtime.take_state())  # the sequence's KV, handed over (no copy)
         if unsplit is not None:

@@ -82,7 +82,7 @@ class Family:
 
     def llm_graph(self, file: str, text_model: Any, lm_head: Any, dims: ModelDims, layout: "RankLayout",
                   dtype: "torch.dtype", stack: Any = None, islands: Islands = Islands()) -> tuple["torch.nn.Module", Any]:
-        """The deployment module of LLM graph ``file`` (prefill or decode) for one rank; ``stack`` reuses the
+        """The deployment module of LLM graph ``file`` (prefill, decode or chunk) for one rank; ``stack`` reuses the
         layers built for the other graph; ``islands``: modules computed in fp32. Returns (module, stack)."""
         from qvlc.models.common.text import GRAPH_MODULES, TextStack
 
@@ -105,7 +105,8 @@ class Family:
         raise NotImplementedError
 
     # -- what the manifest records ----------------------------------------------------------------------------
-    def llm_spec(self, dims: ModelDims, prefill_len: int, max_context: int, tp: int, dtype: Precision) -> LlmSpec:
+    def llm_spec(self, dims: ModelDims, prefill_len: int, max_context: int, tp: int, dtype: Precision,
+                 prefill_chunk: int = 0) -> LlmSpec:
         from qvlc.models.common.tp import rank_layout
 
         t, k = dims.text, dims.tokens
@@ -114,7 +115,8 @@ class Family:
                        kv_heads_per_rank=rank_layout(t, tp, 0).kv_heads, vocab=t.vocab, rope_theta=t.rope_theta,
                        mrope_section=tuple(t.mrope_section), eos=k.eos, image_token=k.image, video_token=k.video,
                        vision_start=k.vision_start, vision_end=k.vision_end, stop_tokens=self.stop_tokens,
-                       deepstack_layers=len(dims.vision.deepstack), mrope_interleaved=t.mrope_interleaved)
+                       deepstack_layers=len(dims.vision.deepstack), mrope_interleaved=t.mrope_interleaved,
+                       prefill_chunk=prefill_chunk)
 
     def visual_spec(self, dims: ModelDims, max_patches: int, chunk_width: int, dtype: Precision) -> VisualSpec:
         v = dims.vision

@@ -1,4 +1,4 @@
-"""Deployment modules for the Qwen2 decoder that Qwen2-VL and Qwen2.5-VL share: the prefill and decode graphs.
+"""Deployment modules for the Qwen2 decoder the Qwen-VL families share: the prefill, decode and chunk graphs.
 
 Our own small modules holding the Hugging Face parameters (views, or this rank's slice of them; converted only
 when the export dtype differs). They compute what transformers' eager text model computes, with the choices a
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvlc.artifact.layout import DECODE, PREFILL
+from qvlc.artifact.layout import CHUNK, DECODE, PREFILL
 from qvlc.artifact.signature import GraphSig, TensorSig
 from qvlc.artifact.spec import LlmSpec
 from qvlc.models.common.dims import TextDims
@@ -141,6 +141,13 @@ class TextStack(nn.Module):
         return self.lm_head(self.norm(h_last).to(self.head_dtype)).float()
 
 
+def _deepstack(h: torch.Tensor, deepstack_embeds: torch.Tensor | None, i: int) -> torch.Tensor:
+    """DeepStack (Qwen3-VL): the vision rows' k-th embedding added to the hidden states after layer k < K."""
+    if deepstack_embeds is not None and i < deepstack_embeds.shape[0]:
+        return h + deepstack_embeds[i].to(h.dtype)
+    return h
+
+
 class PrefillGraph(nn.Module):
     """inputs_embeds [1,S,H], attention_mask [1,S] int64 (0 = left pad), cos/sin [1,1,S,D]
     (, deepstack_embeds [k,1,S,H]: added to the hidden states after layers 0..k-1 — DeepStack; zeros outside the
@@ -159,50 +166,71 @@ class PrefillGraph(nn.Module):
         kv = []
         for i, layer in enumerate(self.stack.layers):
             h, k, v = layer(h, cos, sin, allowed)
-            if deepstack_embeds is not None and i < deepstack_embeds.shape[0]:
-                h = h + deepstack_embeds[i].to(h.dtype)
+            h = _deepstack(h, deepstack_embeds, i)
             kv.append(torch.stack([k, v]))
         return self.stack.logits(h[:, -1:, :]), torch.stack(kv)
 
 
-class DecodeGraph(nn.Module):
-    """inputs_embeds [1,1,H], attention_mask [1,C] int64 (past slots, then the new token), cos/sin [1,1,1,D],
-    past_key_values [L,2,1,kvH,C-1,D] → logits [1,1,V] fp32, present_key_values [L,2,1,kvH,1,D] (new token)."""
+class PastGraph(nn.Module):
+    """T new tokens against the packed past cache: the decode graph (T = 1) and the chunk graph (T > 1).
+
+    inputs_embeds [1,T,H], attention_mask [1,C-1+T] int64 (the C-1 past slots, then the T new tokens; 0 = empty
+    slot or left pad), cos/sin [1,1,T,D], past_key_values [L,2,1,kvH,C-1,D] (, deepstack_embeds [k,1,T,H], chunk
+    only) → logits [1,1,V] fp32 of the last new token, present_key_values [L,2,1,kvH,T,D] (the new tokens' K/V).
+    A new token sees every allowed past slot and the new tokens up to itself."""
 
     def __init__(self, stack: TextStack) -> None:
         super().__init__()
         self.stack = stack
 
-    def forward(self, inputs_embeds, attention_mask, cos, sin, past_key_values):
-        allowed = (attention_mask != 0)[:, None, None, None, :]
+    def forward(self, inputs_embeds, attention_mask, cos, sin, past_key_values, deepstack_embeds=None):
+        t, past = inputs_embeds.shape[1], past_key_values.shape[4]
+        valid = (attention_mask != 0)[:, None, None, None, :]  # [1,1,1,1,C-1+T]
+        if t == 1:
+            allowed = valid
+        else:
+            pos = torch.arange(t, device=inputs_embeds.device)
+            causal = pos[None, :] <= pos[:, None]  # [T, T]
+            allowed = torch.cat([valid[..., :past].expand(-1, -1, -1, t, -1),
+                                 valid[..., past:] & causal[None, None, None]], dim=-1)
         h = inputs_embeds
         kv = []
         for i, layer in enumerate(self.stack.layers):
             h, k, v = layer(h, cos, sin, allowed, past_key_values[i, 0], past_key_values[i, 1])
+            h = _deepstack(h, deepstack_embeds, i)
             kv.append(torch.stack([k, v]))
-        return self.stack.logits(h), torch.stack(kv)
+        return self.stack.logits(h[:, -1:, :]), torch.stack(kv)
 
 
-GRAPH_MODULES = {PREFILL: PrefillGraph, DECODE: DecodeGraph}
+GRAPH_MODULES = {PREFILL: PrefillGraph, DECODE: PastGraph, CHUNK: PastGraph}
 
 
 def llm_signatures(spec: LlmSpec) -> dict[str, GraphSig]:
-    """The prefill and decode interfaces of DESIGN.md section 3 for one rank (V: the rank's vocab slice)."""
+    """The prefill and decode interfaces of DESIGN.md section 3 for one rank (V: the rank's vocab slice), and the
+    chunk graph's when the spec has one (``export.prefill_chunk``)."""
     s, dt = spec, spec.dtype.onnx_name
     S, C, H, D, L, kvh = s.prefill_len, s.max_context, s.hidden, s.head_dim, s.layers, s.kv_heads_per_rank
     V = s.vocab // s.tp
     logits = TensorSig("logits", (1, 1, V), "float32")
-    deepstack = (TensorSig("deepstack_embeds", (s.deepstack_layers, 1, S, H), dt),) if s.deepstack_layers else ()
+
+    def deepstack(rows: int) -> tuple[TensorSig, ...]:
+        return (TensorSig("deepstack_embeds", (s.deepstack_layers, 1, rows, H), dt),) if s.deepstack_layers else ()
+
+    def past_graph(t: int, vision: bool) -> GraphSig:
+        return GraphSig(
+            inputs=(TensorSig("inputs_embeds", (1, t, H), dt), TensorSig("attention_mask", (1, C - 1 + t), "int64"),
+                    TensorSig("cos", (1, 1, t, D), dt), TensorSig("sin", (1, 1, t, D), dt),
+                    TensorSig("past_key_values", (L, 2, 1, kvh, C - 1, D), dt), *(deepstack(t) if vision else ())),
+            outputs=(logits, TensorSig("present_key_values", (L, 2, 1, kvh, t, D), dt)))
+
     prefill = GraphSig(
         inputs=(TensorSig("inputs_embeds", (1, S, H), dt), TensorSig("attention_mask", (1, S), "int64"),
-                TensorSig("cos", (1, 1, S, D), dt), TensorSig("sin", (1, 1, S, D), dt), *deepstack),
+                TensorSig("cos", (1, 1, S, D), dt), TensorSig("sin", (1, 1, S, D), dt), *deepstack(S)),
         outputs=(logits, TensorSig("present_key_values", (L, 2, 1, kvh, S, D), dt)))
-    decode = GraphSig(
-        inputs=(TensorSig("inputs_embeds", (1, 1, H), dt), TensorSig("attention_mask", (1, C), "int64"),
-                TensorSig("cos", (1, 1, 1, D), dt), TensorSig("sin", (1, 1, 1, D), dt),
-                TensorSig("past_key_values", (L, 2, 1, kvh, C - 1, D), dt)),
-        outputs=(logits, TensorSig("present_key_values", (L, 2, 1, kvh, 1, D), dt)))
-    return {PREFILL: prefill, DECODE: decode}
+    sigs = {PREFILL: prefill, DECODE: past_graph(1, vision=False)}
+    if s.prefill_chunk:
+        sigs[CHUNK] = past_graph(s.prefill_chunk, vision=True)
+    return sigs
 
 
 def example_inputs(sig: GraphSig, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
