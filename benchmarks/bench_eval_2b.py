@@ -93,11 +93,11 @@ def mmbench_tsv(path: Path, questions: int) -> Path:
     return path
 
 
-def compile_part(ck: Path, out: Path, part: str, export: dict) -> tuple[Path, float]:
+def compile_part(ck: Path, out: Path, part: str, export: dict, name: str = "") -> tuple[Path, float]:
     from qvlc.compile.stages import compile_artifact
     from qvlc.config.loading import config_from_dict
 
-    name = f"eval2b_{part}"
+    name = name or f"eval2b_{part}"
     if (out / name / "manifest.json").is_file():
         return out / name, 0.0
     t0 = time.perf_counter()

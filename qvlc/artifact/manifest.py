@@ -9,9 +9,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-from qvlc.artifact.hashing import listed_files, sha256_file
+from qvlc.artifact.hashing import FileDigest, listed_files, sha256_file
 from qvlc.artifact.json_codec import from_json, read_json_file, to_json
 from qvlc.artifact.layout import MANIFEST, MANIFEST_DIGEST
 from qvlc.artifact.signature import TensorSig
@@ -173,16 +174,30 @@ def read_part_manifest(folder: Path, part: str, key: str | None = None) -> Manif
     return m
 
 
-def file_table(folder: Path) -> tuple[FileRecord, ...]:
-    """Every file under ``folder`` except the manifest, its digest and the marker, sorted, with bytes and sha256."""
-    return tuple(FileRecord(p.relative_to(folder).as_posix(), p.stat().st_size, sha256_file(p))
-                 for p in listed_files(folder))
+def file_table(folder: Path, written: Mapping[str, FileDigest] | None = None) -> tuple[FileRecord, ...]:
+    """Every file under ``folder`` except the manifest, its digest and the marker, sorted, with bytes and sha256.
+    ``written``: digests taken as files were written (path relative to ``folder``), used while the file still has
+    the size and modification time it had when it was closed; every other file is read and hashed, two at a time
+    (hashlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    written = written or {}
+
+    def record(p: Path) -> FileRecord:
+        rel = p.relative_to(folder).as_posix()
+        known = written.get(rel)
+        digest = known.sha256 if known is not None and known.describes(p) else sha256_file(p)
+        return FileRecord(rel, p.stat().st_size, digest)
+
+    with ThreadPoolExecutor(2) as pool:
+        return tuple(pool.map(record, listed_files(folder)))
 
 
-def write_manifest(folder: Path, manifest: Manifest) -> None:
-    """The one place manifest.json is written: ``manifest`` with the table of every file beside it, then its own
-    sha256 in manifest.sha256 (so an edited manifest is caught too)."""
-    text = dataclasses.replace(manifest, files=file_table(folder)).to_json()
+def write_manifest(folder: Path, manifest: Manifest, written: Mapping[str, FileDigest] | None = None) -> None:
+    """The one place manifest.json is written: ``manifest`` with the table of every file beside it (``written``:
+    digests taken as the export wrote them, ``file_table``), then its own sha256 in manifest.sha256 (so an edited
+    manifest is caught too)."""
+    text = dataclasses.replace(manifest, files=file_table(folder, written)).to_json()
     (folder / MANIFEST).write_text(text)
     (folder / MANIFEST_DIGEST).write_text(f"{hashlib.sha256(text.encode()).hexdigest()}  {MANIFEST}\n")
 

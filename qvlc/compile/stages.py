@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -119,16 +121,31 @@ def validate(plan: Plan, ck: LoadedCheckpoint, folder: Path) -> ParityReport:
     return report
 
 
-def source_record(plan: Plan) -> SourceRecord:
-    weights = tuple(WeightFileRecord(p.name, p.stat().st_size, sha256_file(p)) for p in weight_files(plan.checkpoint))
+def source_record(plan: Plan, stop: threading.Event | None = None) -> SourceRecord:
+    """The checkpoint's weight files with their sha256 (``stop`` set: give up early; the record is then unused)."""
+    weights = tuple(WeightFileRecord(p.name, p.stat().st_size, sha256_file(p, stop=stop))
+                    for p in weight_files(plan.checkpoint))
     return SourceRecord(plan.cfg.model.checkpoint, weights, TINY_SEED if plan.cfg.is_tiny else None)
 
 
-def manifest(plan: Plan, exported: ExportResult, report: ParityReport | None) -> Manifest:
+@contextlib.contextmanager
+def hashed_in_background(plan: Plan) -> Iterator[Future]:
+    """The checkpoint's ``source_record``, hashed by a thread while the compile loads, exports and validates (the
+    export reads the same files; hashlib and file reads release the GIL). Leaving the block early stops it."""
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="qvlc-source-hash")
+    try:
+        yield pool.submit(source_record, plan, stop)
+    finally:
+        stop.set()
+        pool.shutdown(wait=True)
+
+
+def manifest(plan: Plan, exported: ExportResult, report: ParityReport | None, source: SourceRecord) -> Manifest:
     cfg = plan.cfg
     return Manifest(
         qvlc_version=__version__, part=str(cfg.part), family=plan.family.model_type, config=cfg.to_dict(),
-        ignored_config_keys=tuple(cfg.ignored), source=source_record(plan), libraries=library_versions(),
+        ignored_config_keys=tuple(cfg.ignored), source=source, libraries=library_versions(),
         graphs=tuple(exported.graphs),
         parity=report.summary() if report else {"passed": None, "skipped": "validate.enabled is false"},
         llm=exported.llm, tp=exported.tp, visual=exported.visual, fp32=fp32_record(plan))
@@ -173,7 +190,13 @@ def _compile_locked(cfg: Config, force: bool, timed, timings: dict[str, float]) 
             from qvlc.export.calibration_data import calibration_set
 
             plan = dataclasses.replace(plan, calibration=calibration_set(cfg, plan.checkpoint, plan.dims.text.vocab))
-    stage = make_staging(final)
+    with hashed_in_background(plan) as source:
+        return _compile_staged(plan, make_staging(final), force, timed, timings, source)
+
+
+def _compile_staged(plan: Plan, stage: Path, force: bool, timed, timings: dict[str, float],
+                    source: Future) -> CompileResult:
+    cfg, final = plan.cfg, plan.cfg.artifact_dir
     try:
         with timed("load"):
             ck = load(plan)
@@ -199,10 +222,10 @@ def _compile_locked(cfg: Config, force: bool, timed, timings: dict[str, float]) 
                 report = validate(plan, ck, stage)
                 report.write(stage)
         with timed("manifest"):
-            write_manifest(stage, manifest(plan, exported, report))
+            write_manifest(stage, manifest(plan, exported, report, source.result()), exported.written)
         if report is not None and not report.passed:
             failed = keep_failed(stage, final)
-            raise ParityError(f"{len(report.failures)} parity checked_plan(s) failed:\n  - " +
+            raise ParityError(f"{len(report.failures)} parity check(s) failed:\n  - " +
                               "\n  - ".join(report.failures) + (f"\n  {report.cause}" if report.cause else ""),
                               fix=f"see {failed / 'parity.md'}; nothing was written to {final}")
         with timed("publish"):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qvlc.artifact.layout import EMBED, WEIGHTS, rank_dirs
+from qvlc.artifact.hashing import FileDigest
 from qvlc.artifact.manifest import GraphRecord, RankRecord, TpRecord
 from qvlc.checkpoint.hf_model import LoadedCheckpoint
 from qvlc.checkpoint.lazy import LazyRows, lazy_text_model
@@ -71,6 +72,7 @@ class RankResult:
     graphs: list[GraphRecord]
     stats: dict[str, float]
     peak_rss_mb: float
+    weights: FileDigest  # the rank's weights file, hashed as it was written
 
 
 def export_rank(job: RankJob, text_model, lm_head) -> RankResult:
@@ -90,11 +92,11 @@ def export_rank(job: RankJob, text_model, lm_head) -> RankResult:
         weights, shared = rank_weights(text_model, lm_head, job.quant), {}
         for graph in graphs:
             quantize_graph(graph.model, weights, job.dequantize_explicit, shared)
-    stats = write_shared(graphs, folder, WEIGHTS)
+    stats, digest = write_shared(graphs, folder, WEIGHTS)
     del graphs, stack
     gc.collect()
     return RankResult(job.rank, finish_graphs(stage, folder, list(sigs), job.rank), stats,
-                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, digest)
 
 
 def _worker_init() -> None:
@@ -176,7 +178,8 @@ def export_llm(plan: Plan, ck: LoadedCheckpoint | None, stage: Path) -> ExportRe
         text_model, lm_head = lazy_text_model(plan.checkpoint)
         table = LazyRows(text_model.embed_tokens.weight)  # the table is never quantized
     t0 = time.perf_counter()
-    result.bytes_written += write_embed_table(table, stage / EMBED, e.dtype)
+    result.written[EMBED] = write_embed_table(table, stage / EMBED, e.dtype)
+    result.bytes_written += result.written[EMBED].size
     result.write_seconds += time.perf_counter() - t0
     jobs = [RankJob(plan.checkpoint, plan.family.model_type, plan.dims, r, e.tp, e.dtype, e.opset, e.prefill_len,
                     e.max_context, e.prefill_chunk, e.simplify, stage, plan.islands, plan.quant, e.weights.dequantize == "explicit")
@@ -190,8 +193,9 @@ def export_llm(plan: Plan, ck: LoadedCheckpoint | None, stage: Path) -> ExportRe
     else:
         ranks = [export_rank(job, *quantized_tree(*lazy_text_model(plan.checkpoint), plan.quant))
                  if plan.quant is not None else export_rank(job, text_model, lm_head) for job in jobs]
-    for r in ranks:
+    for r, folder in zip(ranks, rank_dirs(stage, e.tp)):
         result.add(r.stats, r.graphs)
+        result.written[(folder / WEIGHTS).relative_to(stage).as_posix()] = r.weights
         result.worker_peak_rss_mb = max(result.worker_peak_rss_mb, r.peak_rss_mb if workers > 1 or isolate else 0.0)
     shutil.rmtree(stage / "_work", ignore_errors=True)  # the onnxsim work files, inside our staging folder
     if e.tp > 1:

@@ -9,7 +9,6 @@ memory-map them.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from qvlc.artifact.hashing import FileDigest, HashingWriter
 from qvlc.artifact.manifest import GraphRecord, TpRecord, graph_io
 from qvlc.artifact.signature import GraphSig
 from qvlc.artifact.spec import LlmSpec, VisualSpec
@@ -49,6 +49,7 @@ class ExportResult:
     write_seconds: float = 0.0  # wall time spent writing (and fsyncing) those bytes
     weights_unshared_bytes: int = 0  # what per-graph weight files would have taken
     worker_peak_rss_mb: float = 0.0  # largest peak RSS of a worker process (0 when exported in-process)
+    written: dict[str, FileDigest] = field(default_factory=dict)  # digests taken while writing, by relative path
 
     def add(self, stats: dict[str, float], graphs: list[GraphRecord]) -> None:
         """Count one ``write_shared`` (its stats) and the graphs it wrote."""
@@ -95,18 +96,19 @@ def simplify(graph: ExportedGraph, work_dir: Path) -> ExportedGraph:
     return ExportedGraph(graph.name, ir.load(dst))
 
 
-def write_shared(graphs: Sequence[ExportedGraph], folder: Path, weights_name: str) -> dict[str, float]:
+def write_shared(graphs: Sequence[ExportedGraph], folder: Path,
+                 weights_name: str) -> tuple[dict[str, float], FileDigest]:
     """Save ``graphs`` into ``folder`` with all their large initializers in one file ``weights_name``.
 
-    Returns stats: bytes of unique weights written, bytes a per-graph layout would have written, and the wall
-    time spent writing.
+    Returns stats (bytes of unique weights written, bytes a per-graph layout would have written, and the wall
+    time spent writing), and the weights file's digest, taken from the bytes as they were written.
     """
     folder.mkdir(parents=True, exist_ok=True)
     weights_path = folder / weights_name
     placed: dict[tuple, tuple[int, int]] = {}
     stats: dict[str, float] = {"weights_bytes": 0, "unshared_bytes": 0, "tensors": 0, "shared_tensors": 0,
                                "write_seconds": 0.0, "graph_bytes": 0}
-    with open(weights_path, "wb") as f:
+    with HashingWriter(weights_path) as f:
         for graph in graphs:
             for name, value in graph.model.graph.initializers.items():
                 t = value.const_value
@@ -132,13 +134,12 @@ def write_shared(graphs: Sequence[ExportedGraph], folder: Path, weights_name: st
                 value.const_value = ir.ExternalTensor(
                     weights_name, offset, length, t.dtype, shape=t.shape, name=name, base_dir=folder)
         t0 = time.perf_counter()
-        f.flush()
-        os.fsync(f.fileno())
-        for graph in graphs:
-            ir.save(graph.model, folder / graph.name)
-            stats["graph_bytes"] += (folder / graph.name).stat().st_size
-        stats["write_seconds"] += time.perf_counter() - t0
-    return stats
+        digest = f.close()  # flushed and fsynced
+    for graph in graphs:
+        ir.save(graph.model, folder / graph.name)
+        stats["graph_bytes"] += (folder / graph.name).stat().st_size
+    stats["write_seconds"] += time.perf_counter() - t0
+    return stats, digest
 
 
 def check_graph(path: Path) -> None:

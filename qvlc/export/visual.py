@@ -58,7 +58,7 @@ def export_visual(plan: Plan, ck: LoadedCheckpoint, stage: Path) -> ExportResult
         quantize_graph(graph.model, weights, e.weights.dequantize == "explicit")
     del module
     gc.collect()
-    stats = write_shared([graph], stage, VISUAL_WEIGHTS)
+    stats, result.written[VISUAL_WEIGHTS] = write_shared([graph], stage, VISUAL_WEIGHTS)
     del graph
     gc.collect()
     shutil.rmtree(stage / "_work", ignore_errors=True)  # the onnxsim work files, inside our staging folder

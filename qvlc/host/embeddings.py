@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from qvlc.artifact.hashing import FileDigest, HashingWriter
 from qvlc.errors import QvlcError
 from qvlc.precision import Precision
 
 
-def write_embed_table(table: np.ndarray, path: Path, dtype: Precision, chunk_rows: int = 8192) -> int:
-    """Write ``table`` (float32 [vocab, hidden]) cast to ``dtype``; returns bytes written.
+def write_embed_table(table: np.ndarray, path: Path, dtype: Precision, chunk_rows: int = 8192) -> FileDigest:
+    """Write ``table`` (float32 [vocab, hidden]) cast to ``dtype``; returns the file's digest (its size: the bytes
+    written), taken from the bytes as they were written.
 
     Rows are cast and written in chunks so a 150k-row table never needs a second full-size buffer.
     """
     target = Precision(dtype).numpy
-    written = 0
-    with open(path, "wb") as f:
+    with HashingWriter(path) as f:
         for start in range(0, table.shape[0], chunk_rows):
             block = np.ascontiguousarray(table[start:start + chunk_rows], dtype=np.float32).astype(target)
             f.write(block.tobytes())
-            written += block.nbytes
-        f.flush()
-        os.fsync(f.fileno())
-    return written
+    return f.close()
 
 
 class EmbedTable:
