@@ -100,6 +100,24 @@ def test_fp32_tokens_equal_transformers_generate(pipelines, images, expected, ca
     assert 0 < result.time_to_first_token <= result.seconds
 
 
+@pytest.fixture(scope="module")
+def chunked(compiled, folders) -> VlmPipeline:
+    """The fp32 LLM part with a chunk graph of 64 tokens (S = 256: up to four calls per prompt)."""
+    llm = compiled(**no_validate("run_llm_fp32_chunk64", prefill_len=S, max_context=C, prefill_chunk=64))
+    return VlmPipeline(llm.folder, folders["fp32"][1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_chunked_artifact_tokens_equal_transformers_generate(chunked, images, expected, case):
+    """`qvlc run` on an artifact with a chunk graph fills the cache chunk by chunk (the prefill graph never opens)
+    and generates what transformers generates."""
+    prepared = chunked.prepare([images[k] for k in CASES[case]], PROMPT)
+    result = chunked.generate_prepared(prepared, NEW, stop_at_eos=False)
+    assert result.tokens == expected[case]
+    assert chunked.llm.state.window == -(-len(prepared.input_ids) // 64) * 64
+    assert "llm_prefill.onnx" not in chunked.llm._graphs
+
+
 def test_images_change_the_answer(pipelines, images):
     """The image rows reach the LLM: the same prompt with another image of the same size (so the same token
     positions) gives other next-token logits, and the same image gives the same ones."""
