@@ -239,8 +239,7 @@ class LlmRuntime:
         return [{**full, "past_key_values": kv} for kv in state.kv]
 
     def run_chunks(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        """``feeds`` (``chunk_feeds``) through the chunk graph into a new cache, each call's K/V written at the next
-        T slots. Returns each rank's outputs of the last call."""
+        """``feeds`` (``chunk_feeds``) through the chunk graph into a new cache; returns the last call's outputs."""
         s = self.spec
         state = self._empty_state()
         state.kv = [np.zeros((s.layers, 2, 1, s.kv_heads_per_rank, s.max_context - 1, s.head_dim), self.np_dtype)

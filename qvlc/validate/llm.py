@@ -144,15 +144,8 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
             for run, ref in zip(rt_runs, refs):
                 compare_run(report, run, ref, layouts, spec.prefill_len, v.decode_steps, v.generate_tokens,
                             spec.dtype)
-    for run, full, ref in zip(chunk_runs, runs, refs):
-        compare_run(report, run, ref, layouts, spec.prefill_len, v.decode_steps, v.generate_tokens, spec.dtype,
-                    first="chunk")
-        report.tokens.append(TokenCheck("chunk vs prefill", run.case.name, full.tokens[:v.generate_tokens],
-                                        run.tokens[:v.generate_tokens], required=spec.dtype == "fp32"))
     if chunk_runs:
-        report.notes.append(f"chunk graph: every prompt again through llm_chunk.onnx, {spec.prefill_chunk} tokens "
-                            "a call (the first chunk left-padded), then decode fed the tokens the prefill path chose; "
-                            "'chunk vs prefill' compares the greedy tokens of both paths")
+        compare_chunks(plan, report, chunk_runs, runs, refs, layouts)
     report.notes.append(f"oracle: {type(oracle).__name__}; each prompt then {steps} greedy decode steps of the "
                         "graphs, the oracle teacher-forced on the tokens the graphs chose")
     if skipped:
@@ -171,6 +164,20 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
         with report.using(Runtime(failed.runtime)), phases.phase("diagnosis", "first divergent layer"):
             diagnose_prefill(plan, folder, report, run, oracle, chunk)
     report.phases = phases.rows
+
+
+def compare_chunks(plan: Plan, report: ParityReport, chunk_runs: list[GraphRun], runs: list[GraphRun],
+                   refs: list[OracleOutput], layouts: list[RankLayout]) -> None:
+    """The chunk path against the oracle (``compare_run``), and its greedy tokens against the prefill path's."""
+    v, spec = plan.cfg.validate, plan.llm_spec
+    for run, full, ref in zip(chunk_runs, runs, refs):
+        compare_run(report, run, ref, layouts, spec.prefill_len, v.decode_steps, v.generate_tokens, spec.dtype,
+                    first="chunk")
+        report.tokens.append(TokenCheck("chunk vs prefill", run.case.name, full.tokens[:v.generate_tokens],
+                                        run.tokens[:v.generate_tokens], required=spec.dtype == "fp32"))
+    report.notes.append(f"chunk graph: every prompt again through llm_chunk.onnx, {spec.prefill_chunk} tokens a "
+                        "call (the first chunk left-padded), then decode fed the tokens the prefill path chose; "
+                        "'chunk vs prefill' compares the greedy tokens of both paths")
 
 
 def _unsplit(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: ParityReport):
