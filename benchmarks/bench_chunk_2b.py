@@ -1,16 +1,20 @@
 """Chunked prefill at the real 2B shapes: time to first token and `qvlc eval` seconds per item, chunks against the
 full S = 2048 prefill, on random weights.
 
-    .venv/bin/python benchmarks/bench_chunk_2b.py --workdir /work/bench --chunks 128 256 --items 20
+    .venv/bin/python benchmarks/bench_chunk_2b.py --workdir /work/bench --chunks 128 256 --items 20 \
+        --baseline-items 5 --eval-chunk 128
 
-Reuses the random Qwen2-VL-2B checkpoint and synthetic tokenizer of bench_eval_2b.py and its artifacts (LLM fp16,
-S = 2048, C = 4096; visual fp16, N = 5120; compiled without validation, the figures are time), and compiles one LLM
-artifact per chunk length T with ``export.prefill_chunk: T``. Then, for the full prefill and each T, in that order:
+Reuses the random Qwen2-VL-2B checkpoint and synthetic tokenizer of bench_eval_2b.py and its LLM artifact (fp16,
+S = 2048, C = 4096; compiled without validation, the figures are time), compiles one LLM artifact per chunk length
+T with ``export.prefill_chunk: T``, and a visual artifact at N = ``--max-patches`` (default 1024: a 448 x 448 image
+exactly; the visual graph's cost is the same static N with or without chunks, so a small N keeps the LLM's share
+visible). Then, for the full prefill and each T:
 
 1. time to first token of a ~300-token image prompt (a 448 x 448 image, 256 vision tokens, and a question),
-   ``--repeats`` times, median: end to end (visual graph included) and the LLM alone (prefill or chunks);
-2. `qvlc eval` on an MMBench-layout file of ``--items`` single-image questions (no circular copies), seconds per
-   item;
+   ``--repeats`` times after a warm-up call, median: end to end (visual graph included) and the LLM alone;
+2. `qvlc eval` on an MMBench-layout file of 448 x 448 single-image questions (no circular copies), seconds per
+   item: ``--items`` items with the chunk graph of T = ``--eval-chunk``, the first ``--baseline-items`` of them with
+   the full prefill (every item costs the same static S there);
 
 and prints each against the full prefill's, and the bytes each chunk graph adds to the artifact.
 """
@@ -42,7 +46,7 @@ def items_tsv(path: Path, items: int) -> Path:
         w = csv.DictWriter(f, fieldnames=cols, delimiter="\t")
         w.writeheader()
         for q in range(items):
-            size = (448, 448) if q % 2 else (640, 480)
+            size = (448, 448)
             w.writerow({"index": q, "question": "Which shape is in the picture?", "A": "a red square",
                         "B": "a blue circle", "C": "a green triangle", "D": "a yellow star", "answer": "ABCD"[q % 4],
                         "image": image_b64(q, *size), "category": "shapes"})
@@ -72,12 +76,11 @@ def time_to_first_token(llm: Path, visual: Path, repeats: int) -> tuple[float, f
     return statistics.median(ends), statistics.median(llms), n
 
 
-def eval_seconds(llm: Path, visual: Path, data: Path, out: Path) -> tuple[float, dict]:
-    from qvlc.eval.evaluate import PRESETS, evaluate
+def eval_seconds(llm: Path, visual: Path, data: Path, out: Path, items: int) -> tuple[float, dict]:
+    from qvlc.eval.evaluate import evaluate
 
     t0 = time.perf_counter()
-    res = evaluate(llm, visual, data, out, max_new_tokens=1, min_pixels=PRESETS["vlmevalkit"][0],
-                   max_pixels=PRESETS["vlmevalkit"][1])
+    res = evaluate(llm, visual, data, out, max_new_tokens=1, limit=items)
     gc.collect()
     return (time.perf_counter() - t0) / res["items"], res
 
@@ -91,8 +94,10 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("bench_out"))
     ap.add_argument("--chunks", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--items", type=int, default=20)
+    ap.add_argument("--baseline-items", type=int, default=5)
+    ap.add_argument("--eval-chunk", type=int, default=128)
+    ap.add_argument("--max-patches", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.environ.setdefault("QVLC_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "qvlc"))
@@ -103,7 +108,8 @@ def main() -> int:
     synthetic_tokenizer(ck)
     out = args.workdir / "eval2b"
     base = {"prefill_len": 2048, "max_context": 4096, "max_patches": 5120}
-    visual, t = compile_part(ck, out, "visual", {"max_patches": 5120})
+    visual, t = compile_part(ck, out, "visual", {"max_patches": args.max_patches},
+                             name=f"eval2b_visual_{args.max_patches}")
     arts = {0: compile_part(ck, out, "llm", base)}
     for T in args.chunks:
         arts[T] = compile_part(ck, out, "llm", {**base, "prefill_chunk": T}, name=f"eval2b_llm_chunk{T}")
@@ -119,8 +125,9 @@ def main() -> int:
         rows[T] = {"ttft": end, "llm": llm, "tokens": n}
         print(f"{'full prefill' if not T else f'T = {T}':>13}: prompt {n} tokens, time to first token median "
               f"{end:.2f} s end to end, {llm:.2f} s in the LLM ({args.repeats} runs)", flush=True)
-        if not args.skip_eval:
-            per_item, res = eval_seconds(folder, visual, data, out / f"results_chunk{T}.json")
+        if T in (0, args.eval_chunk):
+            per_item, res = eval_seconds(folder, visual, data, out / f"results_chunk{T}.json",
+                                         args.items if T else args.baseline_items)
             rows[T]["eval"] = per_item
             print(f"{'':>13}  qvlc eval: {res['items']} items, {per_item:.1f} s per item, ttft median "
                   f"{res['time_to_first_token_s']['median']:.1f} s, errors {res['errors']}", flush=True)

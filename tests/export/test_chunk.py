@@ -131,3 +131,28 @@ def test_qwen3_fp16_tp2_chunks_with_deepstack(compiled):
     assert all(f"rank{k}/{CHUNK}" in rec["files"] for k, rec in enumerate(m["tp"]["per_rank"]))
     agree = [t.matched for t in r.report.tokens if t.graph == "chunk vs prefill"]
     assert len(agree) == 4 and min(agree) >= 8
+
+
+def test_a_fault_in_the_chunk_graph_alone_is_found_and_located(chunked, copy_artifact, reseal):
+    """Layer 1's down_proj of llm_chunk.onnx (only) pointed at a scaled copy of the weight: prefill and decode still
+    pass, the chunk checks fail, and the diagnosis runs the last chunk and names layer 1."""
+    from qvlc.compile.stages import validate_artifact
+
+    folder = copy_artifact(chunked.folder)
+    model = onnx.load(str(folder / CHUNK), load_external_data=False)
+    init = next(i for i in model.graph.initializer if i.name == "stack.layers.1.mlp.down_proj.weight_t")
+    ext = {e.key: e for e in init.external_data}
+    weights = folder / ext["location"].value
+    data = weights.read_bytes()
+    offset, length = int(ext["offset"].value), int(ext["length"].value)
+    scaled = (np.frombuffer(data[offset:offset + length], np.float32) * 1.5).astype(np.float32).tobytes()
+    pad = b"\0" * (-len(data) % 64)
+    weights.write_bytes(data + pad + scaled)
+    ext["offset"].value = str(len(data) + len(pad))
+    onnx.save(model, str(folder / CHUNK))
+    reseal(folder)
+    report = validate_artifact(folder)
+    failed = {c.graph for c in report.checks if not c.passed}
+    assert failed and failed <= {"chunk", "decode after chunk"}, failed
+    assert report.divergence["module"] == "model.language_model.layers.1", report.divergence
+    assert "(last chunk)" in report.divergence["case"]
