@@ -159,7 +159,7 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
                             "greedy check compares its own argmax at every step")
     failed = next((c for c in report.checks if not c.passed and c.metrics), None)
     if failed is not None:
-        chunk = failed.graph.startswith("chunk")
+        chunk = "chunk" in failed.graph  # chunk, decode after chunk, chunk+decode
         run = next(r for r in (chunk_runs if chunk else runs) if r.case.name == failed.case.split("/")[0])
         with report.using(Runtime(failed.runtime)), phases.phase("diagnosis", "first divergent layer"):
             diagnose_prefill(plan, folder, report, run, oracle, chunk)
