@@ -26,15 +26,13 @@ import base64
 import csv
 import gc
 import io
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ensure_checkpoint  # noqa: E402
-from bench_eval_2b import compile_part, image_b64, synthetic_tokenizer  # noqa: E402
+from bench_eval_2b import compile_part, eval2b_setup, image_b64  # noqa: E402
 
 QUESTION = ("Look at the picture carefully and answer the question. Which of the shapes listed in the options "
             "appears in the centre of the picture, and what colour does it have?")
@@ -100,13 +98,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    os.environ.setdefault("QVLC_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "qvlc"))
-    from qvlc.system.library_noise import quiet_libraries
-
-    quiet_libraries()
-    ck = ensure_checkpoint(args.workdir, args.seed)
-    synthetic_tokenizer(ck)
-    out = args.workdir / "eval2b"
+    ck, out = eval2b_setup(args.workdir, args.seed)
     base = {"prefill_len": 2048, "max_context": 4096, "max_patches": 5120}
     visual, t = compile_part(ck, out, "visual", {"max_patches": args.max_patches},
                              name=f"eval2b_visual_{args.max_patches}")
@@ -114,10 +106,10 @@ def main() -> int:
     for T in args.chunks:
         arts[T] = compile_part(ck, out, "llm", {**base, "prefill_chunk": T}, name=f"eval2b_llm_chunk{T}")
     for T, (folder, secs) in arts.items():
+        added = (folder_bytes(folder) - folder_bytes(arts[0][0])) / 1e6
         print(f"{'full prefill' if not T else f'T = {T}':>13}: {folder} (compiled in {secs:.0f} s; 0: reused), "
-              f"{folder_bytes(folder) / 1e9:.3f} GB" + (f", chunk graph + its .onnx: "
-                                                        f"{(folder_bytes(folder) - folder_bytes(arts[0][0])) / 1e6:+.2f}"
-                                                        " MB against the full-prefill artifact" if T else ""))
+              f"{folder_bytes(folder) / 1e9:.3f} GB"
+              + (f", chunk graph + its .onnx: {added:+.2f} MB against the full-prefill artifact" if T else ""))
     data = items_tsv(out / "single_image_items.tsv", args.items)
     rows = {}
     for T, (folder, _) in arts.items():

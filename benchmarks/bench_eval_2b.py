@@ -106,6 +106,18 @@ def compile_part(ck: Path, out: Path, part: str, export: dict, name: str = "") -
     return compile_artifact(config_from_dict(raw), force=True).folder, time.perf_counter() - t0
 
 
+def eval2b_setup(workdir: Path, seed: int) -> tuple[Path, Path]:
+    """(the random 2B checkpoint with its synthetic tokenizer, the folder its eval artifacts go to); libraries
+    quieted, QVLC_CACHE defaulting to the checkout's."""
+    os.environ.setdefault("QVLC_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "qvlc"))
+    from qvlc.system.library_noise import quiet_libraries
+
+    quiet_libraries()
+    ck = ensure_checkpoint(workdir, seed)
+    synthetic_tokenizer(ck)
+    return ck, workdir / "eval2b"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("bench_out"))
@@ -113,14 +125,9 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    os.environ.setdefault("QVLC_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "qvlc"))
+    ck, out = eval2b_setup(args.workdir, args.seed)
     from qvlc.eval.evaluate import PRESETS, evaluate
-    from qvlc.system.library_noise import quiet_libraries
 
-    quiet_libraries()
-    ck = ensure_checkpoint(args.workdir, args.seed)
-    synthetic_tokenizer(ck)
-    out = args.workdir / "eval2b"
     llm, t_llm = compile_part(ck, out, "llm", {"prefill_len": 2048, "max_context": 4096, "max_patches": 5120})
     visual, t_vis = compile_part(ck, out, "visual", {"max_patches": 5120})
     print(f"compiled without validation: LLM {t_llm:.0f} s, visual {t_vis:.0f} s (0: reused)")

@@ -45,12 +45,6 @@ class LlmSpec:
     mrope_interleaved: bool = False  # cos/sin frequencies alternate t, h, w (Qwen3-VL) instead of sections
     prefill_chunk: int = 0  # T of the chunk graph (llm_chunk.onnx; 0: the artifact has none)
 
-    def prompt_slots(self, tokens: int) -> int:
-        """KV slots a prompt of ``tokens`` occupies: whole chunks of T when the artifact has a chunk graph (the
-        first chunk left-padded), else the full prefill window S."""
-        t = self.prefill_chunk
-        return -(-tokens // t) * t if t else self.prefill_len
-
 
 @dataclass(frozen=True, kw_only=True)
 class VisualSpec:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qvlc.artifact.layout import EMBED, WEIGHTS, rank_dirs
 from qvlc.artifact.hashing import FileDigest
+from qvlc.artifact.layout import EMBED, WEIGHTS, rank_dirs
 from qvlc.artifact.manifest import GraphRecord, RankRecord, TpRecord
 from qvlc.checkpoint.hf_model import LoadedCheckpoint
 from qvlc.checkpoint.lazy import LazyRows, lazy_text_model
@@ -149,8 +149,7 @@ def tp_record(plan: Plan, ranks: list[RankResult]) -> TpRecord:
     per_rank = []
     for r in ranks:
         lay = rank_layout(dims.text, tp, r.rank)
-        names = [*plan.family.llm_signatures(plan.llm_spec), WEIGHTS]
-        per_rank.append(RankRecord(r.rank, tuple(f"rank{r.rank}/{n}" for n in names),
+        per_rank.append(RankRecord(r.rank, (*(g.file for g in r.graphs), f"rank{r.rank}/{WEIGHTS}"),
                                    int(r.stats["weights_bytes"]), (lay.kv_head_start, lay.kv_head_start + lay.kv_heads),
                                    (lay.vocab_start, lay.vocab_start + lay.vocab),
                                    tuple(lay.split_points(tp_plan, dims.text.layers))))
@@ -182,7 +181,8 @@ def export_llm(plan: Plan, ck: LoadedCheckpoint | None, stage: Path) -> ExportRe
     result.bytes_written += result.written[EMBED].size
     result.write_seconds += time.perf_counter() - t0
     jobs = [RankJob(plan.checkpoint, plan.family.model_type, plan.dims, r, e.tp, e.dtype, e.opset, e.prefill_len,
-                    e.max_context, e.prefill_chunk, e.simplify, stage, plan.islands, plan.quant, e.weights.dequantize == "explicit")
+                    e.max_context, e.prefill_chunk, e.simplify, stage, plan.islands, plan.quant,
+                    e.weights.dequantize == "explicit")
             for r in range(e.tp)]
     workers = min(e.workers, e.tp)
     # A validation follows in this process: export big models in a child, whose memory all goes back to the OS

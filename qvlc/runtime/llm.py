@@ -219,7 +219,7 @@ class LlmRuntime:
         s = self.spec
         S, T, dt = s.prefill_len, s.prefill_chunk, self.np_dtype
         self.prefill_feed(embeds, positions, mask, deepstack)  # the shape checks
-        W = s.prompt_slots(max(1, int(np.count_nonzero(mask))))  # an empty prompt still makes one call
+        W = -(-max(1, int(np.count_nonzero(mask))) // T) * T  # whole chunks; an empty prompt still makes one call
         cos, sin = mrope_cos_sin(positions[:, S - W:], s.head_dim, s.rope_theta, s.mrope_section, dtype=dt,
                                  interleaved=s.mrope_interleaved)
         feeds = []

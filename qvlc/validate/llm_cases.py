@@ -72,7 +72,7 @@ def build_cases(dims: ModelDims, prefill_len: int, seed: int, embed_std: float, 
     the other vision rows are random at the embedding table's scale. With ``prefill_chunk`` T, three more
     (``chunk_cases``), drawn from a generator of their own so the others stay the same."""
     rng = np.random.default_rng(seed)
-    S, m, H, tk = prefill_len, dims.vision.merge_size, dims.text.hidden, dims.tokens
+    S, m, tk = prefill_len, dims.vision.merge_size, dims.tokens
     cases = [LlmCase("text_short", np.array(_text(rng, max(8, S // 4), dims)), Media())]
     g1 = _grid_for(max(2, S // 8), 1.5, m)
     g2, g3 = _grid_for(max(2, S // 10), 0.5, m), _grid_for(max(3, S // 6), 2.0, m)

@@ -94,7 +94,8 @@ def run_graphs(plan: Plan, folder: Path, cases: list[LlmCase], steps: int, unspl
     first = f"chunks of {plan.cfg.export.prefill_chunk}" if chunked else "prefill"
     with phases.phase(f"{first} ({on})", f"{len(cases)} prompts, one at a time"):
         _prefill_all(runtime, unsplit, cases, runs, states, unsplit_states)
-    with phases.phase(f"decode{' after chunks' if chunked else ''} ({on})", f"{steps} steps, the {len(cases)} prompts together in each graph segment"):
+    with phases.phase(f"decode{' after chunks' if chunked else ''} ({on})",
+                      f"{steps} steps, the {len(cases)} prompts together in each graph segment"):
         _decode_all(runtime, unsplit, runs, states, unsplit_states, steps, S, fed)
     return runs
 
