@@ -92,6 +92,17 @@ class WeightFormat(str, Enum):
         return {WeightFormat.INT8: 0.98, WeightFormat.INT4: 0.5}[self]
 
 
+class KvCache(str, Enum):
+    """How the graphs store the KV cache (``export.kv_cache``): in the activation dtype, or as int8 with one fp32
+    scale per layer, K or V, kv head and position (``qvlc.models.common.kvquant`` holds the rule)."""
+
+    FP = "fp"
+    INT8 = "int8"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class Runtime(str, Enum):
     """A runtime the proof runs the graphs on (``validate.runtimes``)."""
 

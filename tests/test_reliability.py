@@ -196,8 +196,10 @@ CASES = [
         _vamc(frontend__model_kwargs__build_visual="no"))),
     Case("vamc with a native export block", 2, "native key 'export'", lambda e: e.compile(
         {**_vamc(), "export": {"tp": 2}})),
-    Case("vamc quantize type qvlc lacks (never silently fp16)", 2, "'w16kv8'", lambda e: e.compile(
-        _vamc(frontend__quantize__type="w16kv8", backend__dtype="float16"))),
+    Case("vamc quantize type qvlc lacks (never silently fp16)", 2, "'w4a8'", lambda e: e.compile(
+        _vamc(frontend__quantize__type="w4a8", backend__dtype="float16"))),
+    Case("vamc w16kv8 with int8 weights asked", 2, "w16kv8 keeps fp16 weights", lambda e: e.compile(
+        _vamc(frontend__quantize__type="w16kv8", backend__dtype="int8"))),
     Case("vamc calibration dataset alone", 2, "calibration dataset without", lambda e: e.compile(
         _vamc(frontend__dataset__path="texts.jsonl"))),
     Case("vamc dataset by name only (no download)", 2, "dataset.path", lambda e: e.compile(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qvlc.errors import IntegrityError, QvlcError
-from qvlc.precision import Precision
+from qvlc.precision import KvCache, Precision
 
 
 def read_json_file(path: Path, what: str, max_bytes: int = 64 << 20) -> Any:
@@ -74,11 +74,11 @@ def from_json(typ: Any, data: Any, where: str) -> Any:
         if len(data) != len(args):
             raise bad(f"a list of {len(args)}")
         return tuple(from_json(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
-    if typ is Precision:
+    if typ in (Precision, KvCache):
         try:
-            return Precision(data)
+            return typ(data)
         except ValueError:
-            raise bad(f"one of {[p.value for p in Precision]}") from None
+            raise bad(f"one of {[p.value for p in typ]}") from None
     if typ is dict:
         if not isinstance(data, dict):
             raise bad("an object")

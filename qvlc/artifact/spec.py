@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qvlc.precision import Precision
+from qvlc.precision import KvCache, Precision
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +44,7 @@ class LlmSpec:
     deepstack_layers: int = 0  # prefill input deepstack_embeds [k,1,S,H], added after layers 0..k-1 (Qwen3-VL)
     mrope_interleaved: bool = False  # cos/sin frequencies alternate t, h, w (Qwen3-VL) instead of sections
     prefill_chunk: int = 0  # T of the chunk graph (llm_chunk.onnx; 0: the artifact has none)
+    kv_cache: KvCache = KvCache.FP  # int8: the cache is int8 with fp32 scales per layer, K/V, kv head and position
 
 
 @dataclass(frozen=True, kw_only=True)

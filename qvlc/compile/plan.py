@@ -84,7 +84,8 @@ class Plan:
     @property
     def llm_spec(self) -> LlmSpec:
         e = self.cfg.export
-        return self.family.llm_spec(self.dims, e.prefill_len, e.max_context, e.tp, e.dtype, e.prefill_chunk)
+        return self.family.llm_spec(self.dims, e.prefill_len, e.max_context, e.tp, e.dtype, e.prefill_chunk,
+                                    e.kv_cache)
 
     @property
     def visual_spec(self) -> VisualSpec:

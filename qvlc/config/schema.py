@@ -13,7 +13,7 @@ from qvlc.config.choices import OracleKind
 from qvlc.config.weights import WeightsConfig
 from qvlc.config.yaml_to_dataclass import AUTO, HIDDEN_FIELDS
 from qvlc.models import TINY
-from qvlc.precision import Precision, Runtime
+from qvlc.precision import KvCache, Precision, Runtime
 
 MIN_OPSET = 18  # the dynamo exporter emits opset 18 and newer
 
@@ -36,6 +36,7 @@ class ExportConfig:
     prefill_len: int = 128  # llm: S, static prefill length (multiple of 16)
     max_context: int = 256  # llm: C, KV capacity including the new token (multiple of 16)
     prefill_chunk: int = 0  # llm: T > 0 adds llm_chunk.onnx, T prompt tokens per call (divides prefill_len)
+    kv_cache: KvCache = KvCache.FP  # llm: fp (the cache in dtype) or int8 (per layer, K/V, kv head, position)
     tp: int = 1  # llm: tensor-parallel ranks
     workers: int = 1  # llm, tp > 1: ranks exported by this many parallel processes
     max_patches: int = 256  # visual: N, static patch count (multiple of 16)
@@ -106,7 +107,7 @@ class Config:
             if not self.llm_holds_patches:
                 del d["export"]["max_patches"]
         else:
-            for key in ("prefill_len", "max_context", "prefill_chunk", "tp", "workers"):
+            for key in ("prefill_len", "max_context", "prefill_chunk", "kv_cache", "tp", "workers"):
                 del d["export"][key]
             for key in ("decode_steps", "generate_tokens"):
                 del d["validate"][key]

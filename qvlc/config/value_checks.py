@@ -10,7 +10,7 @@ from qvlc.config.cases import check_cases
 from qvlc.config.schema import MAX_OPSET, MIN_OPSET, MIN_PREFILL, Config
 from qvlc.config.weights import check_weights
 from qvlc.errors import ConfigError, quoted
-from qvlc.precision import Precision, Runtime
+from qvlc.precision import KvCache, Precision, Runtime
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -63,6 +63,9 @@ def check_values(cfg: Config) -> None:
         if e.prefill_chunk:
             raise ConfigError(f"prefill_chunk {e.prefill_chunk} given for the visual part, which has no prompt",
                               fix="remove export.prefill_chunk from the visual config", key="export.prefill_chunk")
+        if e.kv_cache != KvCache.FP:
+            raise ConfigError(f"kv_cache {e.kv_cache} given for the visual part, which has no KV cache",
+                              fix="remove export.kv_cache from the visual config", key="export.kv_cache")
         if e.tp != 1:
             raise ConfigError(f"tp {e.tp} given for the visual part, which is never split across ranks",
                               fix="remove export.tp from the visual config (or set it to 1)", key="export.tp")

@@ -24,6 +24,7 @@ VAMC_EQUIVALENT = {"part": "frontend.model_kwargs.build_visual", "model": "front
 
 
 QUANTIZE_TYPES = {"w8a16_gptq": "int8"}  # frontend.quantize.type → export.weights.format, calibrated by GPTQ
+KV_TYPES = {"w16kv8": "int8"}  # frontend.quantize.type → export.kv_cache, with fp16 weights and activations
 DATASET_KEYS = {"path": "path", "nsamples": "nsamples", "seqlen": "seqlen"}
 
 
@@ -37,11 +38,14 @@ def _quantize(flat: dict[str, Any], take) -> dict[str, Any]:
     if not keys:
         return {}
     kind = take("frontend.quantize.type")
+    if kind in KV_TYPES:
+        return _kv_quantize(flat, take, kind)
     if kind not in QUANTIZE_TYPES:
         what = f"quantize type {quoted(kind)}" if kind is not None else \
             "a calibration dataset without frontend.quantize.type"
-        raise ConfigError(f"{what}: qvlc implements {', '.join(QUANTIZE_TYPES)} (int8 weights, GPTQ-calibrated, fp16 "
-                          "activations)", fix="use frontend.quantize.type: w8a16_gptq, or remove frontend.quantize "
+        raise ConfigError(f"{what}: qvlc implements {', '.join((*QUANTIZE_TYPES, *KV_TYPES))} (int8 weights, "
+                          "GPTQ-calibrated, fp16 activations; fp16 weights with an int8 KV cache)",
+                          fix="use frontend.quantize.type: w8a16_gptq or w16kv8, or remove frontend.quantize "
                           "and the dataset block for an fp16 artifact", key="frontend.quantize.type")
     calibration: dict[str, Any] = {}
     for k in keys:
@@ -68,6 +72,18 @@ def _quantize(flat: dict[str, Any], take) -> dict[str, Any]:
     take("backend.dtype")
     return {"dtype": "fp16", "opset": 21, "weights": {"format": QUANTIZE_TYPES[kind], "method": "gptq",
                                                       **({"calibration": calibration} if calibration else {})}}
+
+
+def _kv_quantize(flat: dict[str, Any], take, kind: str) -> dict[str, Any]:
+    """``w16kv8``: fp16 weights and activations, the KV cache int8 (export.kv_cache). vamc calibrates static
+    per-channel cache scales on its dataset; qvlc computes a scale per token and head as the cache is written, so a
+    dataset block is not read (it is listed among the ignored keys)."""
+    dt = take("backend.dtype")
+    if dt is not None and _VAMC_DTYPES.get(str(dt).lower()) != "fp16":
+        raise ConfigError(f"frontend.quantize.type {kind} with backend.dtype {quoted(dt)}",
+                          fix="write backend.dtype: float16 (w16kv8 keeps fp16 weights; only the cache is int8)",
+                          key="backend.dtype")
+    return {"dtype": "fp16", "kv_cache": KV_TYPES[kind]}
 
 
 def _shapes(take: Callable[[str], Any], native: dict[str, Any]) -> None:

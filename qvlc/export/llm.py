@@ -34,7 +34,7 @@ from qvlc.models.common.quantized import quantized_tree, rank_weights
 from qvlc.models.common.text import example_inputs
 from qvlc.models.common.tp import rank_layout
 from qvlc.parallel.allreduce import DOMAIN, OP_TYPE
-from qvlc.precision import Precision
+from qvlc.precision import KvCache, Precision
 from qvlc.weights.imported import ImportedQuant
 from qvlc.weights.quant import WeightQuant
 
@@ -64,6 +64,7 @@ class RankJob:
     islands: Islands = Islands()  # export.fp32_layers, resolved
     quant: WeightQuant | ImportedQuant | None = None  # export.weights, or the checkpoint's own (GPTQ/AWQ)
     dequantize_explicit: bool = False  # int4: Cast/Sub/Mul instead of blocked DequantizeLinear
+    kv_cache: KvCache = KvCache.FP  # export.kv_cache
 
 
 @dataclass
@@ -82,11 +83,12 @@ def export_rank(job: RankJob, text_model, lm_head) -> RankResult:
     layout = rank_layout(dims.text, job.tp, job.rank)
     dtype = job.dtype.torch
     sigs = fam.llm_signatures(fam.llm_spec(dims, job.prefill_len, job.max_context, job.tp, job.dtype,
-                                           job.prefill_chunk))
+                                           job.prefill_chunk, job.kv_cache))
     graphs, stack = [], None
     for name in sigs:  # prefill, decode (and chunk): one stack of layers, one weights file
-        module, stack = fam.llm_graph(name, text_model, lm_head, dims, layout, dtype, stack, job.islands)
-        graphs.append(export_graph(name, module, example_inputs(sigs[name], dtype), sigs[name], job.opset,
+        module, stack = fam.llm_graph(name, text_model, lm_head, dims, layout, dtype, stack, job.islands,
+                                      job.kv_cache)
+        graphs.append(export_graph(name, module, example_inputs(sigs[name]), sigs[name], job.opset,
                                    job.simplify, stage / "_work" / f"rank{job.rank}"))
     if job.quant is not None:  # the modules computed with the dequantized integers; the graphs now carry them
         weights, shared = rank_weights(text_model, lm_head, job.quant), {}
@@ -182,7 +184,7 @@ def export_llm(plan: Plan, ck: LoadedCheckpoint | None, stage: Path) -> ExportRe
     result.write_seconds += time.perf_counter() - t0
     jobs = [RankJob(plan.checkpoint, plan.family.model_type, plan.dims, r, e.tp, e.dtype, e.opset, e.prefill_len,
                     e.max_context, e.prefill_chunk, e.simplify, stage, plan.islands, plan.quant,
-                    e.weights.dequantize == "explicit")
+                    e.weights.dequantize == "explicit", e.kv_cache)
             for r in range(e.tp)]
     workers = min(e.workers, e.tp)
     # A validation follows in this process: export big models in a child, whose memory all goes back to the OS

@@ -53,7 +53,7 @@ def export_visual(plan: Plan, ck: LoadedCheckpoint, stage: Path) -> ExportResult
     sig = plan.family.visual_signature(plan.visual_spec)
     weights = _dequantize_tower(plan, ck.visual)
     module = plan.family.visual_graph(ck.visual, plan.dims, e.chunk_width, dtype, e.attention_block, plan.islands)
-    graph = export_graph(VISUAL, module, example_inputs(sig, dtype), sig, e.opset, e.simplify, stage / "_work")
+    graph = export_graph(VISUAL, module, example_inputs(sig), sig, e.opset, e.simplify, stage / "_work")
     if weights:  # the modules computed with the dequantized integers; the graph now carries the integers
         quantize_graph(graph.model, weights, e.weights.dequantize == "explicit")
     del module

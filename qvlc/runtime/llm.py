@@ -18,6 +18,7 @@ from qvlc.host.rope import decode_cos_sin, decode_position, mrope_cos_sin
 from qvlc.models.common.family import Family
 from qvlc.precision import Runtime
 from qvlc.runtime.artifact import open_artifact
+from qvlc.runtime.kvcache import Cache, empty_cache, write
 from qvlc.runtime.ranked import RankedGraph
 
 
@@ -65,14 +66,19 @@ def tokens_of(spec: LlmSpec) -> TokenIds:
 
 @dataclass
 class KvState:
-    """The host side of a sequence: per-rank KV caches, the past mask, the next free slot, and the slots its prompt
-    took (S after the prefill graph; whole chunks of T after the chunk graph): decode step k writes slot
-    ``window + k``."""
+    """The host side of a sequence: per-rank KV caches (``qvlc.runtime.kvcache``: the past inputs by name), the past
+    mask, the next free slot, and the slots its prompt took (S after the prefill graph; whole chunks of T after the
+    chunk graph): decode step k writes slot ``window + k``."""
 
-    kv: list[np.ndarray]
+    kv: list[Cache]
     past_mask: np.ndarray
     slot: int
     window: int = 0
+
+
+def _copy(state: KvState) -> KvState:
+    return KvState([{k: a.copy() for k, a in cache.items()} for cache in state.kv], state.past_mask.copy(),
+                   state.slot, state.window)
 
 
 class LlmRuntime:
@@ -132,8 +138,7 @@ class LlmRuntime:
         return KvState([], np.zeros((1, self.spec.max_context - 1), dtype=np.int64), 0)
 
     def snapshot(self) -> KvState:
-        st = self.state
-        return KvState([kv.copy() for kv in st.kv], st.past_mask.copy(), st.slot, st.window)
+        return _copy(self.state)
 
     def take_state(self) -> KvState:
         """The current sequence's state, handed over without a copy (the runtime starts empty again)."""
@@ -141,7 +146,7 @@ class LlmRuntime:
         return state
 
     def restore(self, state: KvState) -> None:
-        self.state = KvState([kv.copy() for kv in state.kv], state.past_mask.copy(), state.slot, state.window)
+        self.state = _copy(state)
 
     # -- the host's prompt window -------------------------------------------------------------------------
     def prompt_window(self, ids: np.ndarray, media: Media = Media()) -> Window:
@@ -200,10 +205,8 @@ class LlmRuntime:
         outs = self.prefill_graph.run([self.prefill_feed(embeds, positions, mask, deepstack)] * s.tp)
         state = self._empty_state()
         for o in outs:
-            present = o["present_key_values"]
-            buf = np.zeros(present.shape[:4] + (s.max_context - 1, s.head_dim), dtype=self.np_dtype)
-            buf[..., :S, :] = present
-            state.kv.append(buf)
+            state.kv.append(empty_cache(s))
+            write(state.kv[-1], o, 0)
         state.past_mask[0, :S] = mask
         state.slot = state.window = S
         self.state = state
@@ -236,20 +239,18 @@ class LlmRuntime:
     def with_past(self, feed: dict[str, np.ndarray], state: KvState) -> list[dict[str, np.ndarray]]:
         """Each rank's full chunk-graph inputs: ``feed`` (from ``chunk_feeds``) against ``state``'s cache."""
         full = {**feed, "attention_mask": np.concatenate([state.past_mask, feed["attention_mask"]], axis=1)}
-        return [{**full, "past_key_values": kv} for kv in state.kv]
+        return [{**full, **cache} for cache in state.kv]
 
     def run_chunks(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """``feeds`` (``chunk_feeds``) through the chunk graph into a new cache; returns the last call's outputs."""
-        s = self.spec
         state = self._empty_state()
-        state.kv = [np.zeros((s.layers, 2, 1, s.kv_heads_per_rank, s.max_context - 1, s.head_dim), self.np_dtype)
-                    for _ in range(s.tp)]
+        state.kv = [empty_cache(self.spec) for _ in range(self.spec.tp)]
         outs: list[dict[str, np.ndarray]] = []
         for feed in feeds:
             outs = self.chunk_graph.run(self.with_past(feed, state))
             t = feed["inputs_embeds"].shape[1]
-            for kv, o in zip(state.kv, outs):
-                kv[..., state.slot:state.slot + t, :] = o["present_key_values"]
+            for cache, o in zip(state.kv, outs):
+                write(cache, o, state.slot)
             state.past_mask[0, state.slot:state.slot + t] = feed["attention_mask"][0]
             state.slot += t
         state.window = state.slot
@@ -283,12 +284,12 @@ class LlmRuntime:
                                       interleaved=s.mrope_interleaved)
             mask = np.concatenate([state.past_mask, np.ones((1, 1), dtype=np.int64)], axis=1)
             x = embed.reshape(1, 1, s.hidden).astype(self.np_dtype)
-            items.append([{"inputs_embeds": x, "attention_mask": mask, "cos": cos, "sin": sin,
-                           "past_key_values": kv} for kv in state.kv])
+            items.append([{"inputs_embeds": x, "attention_mask": mask, "cos": cos, "sin": sin, **cache}
+                          for cache in state.kv])
         results = self.decode_graph.run_many(items)
         for state, outs in zip(states, results):
-            for kv, o in zip(state.kv, outs):
-                kv[..., state.slot, :] = o["present_key_values"][..., 0, :]
+            for cache, o in zip(state.kv, outs):
+                write(cache, o, state.slot)
             state.past_mask[0, state.slot] = 1
             state.slot += 1
         return results

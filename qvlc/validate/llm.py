@@ -32,11 +32,12 @@ from qvlc.checkpoint.hf_model import LoadedCheckpoint
 from qvlc.checkpoint.lazy import lazy_text_model
 from qvlc.models.common.params import UNSPLIT_MAX_BYTES, text_params
 from qvlc.models.common.tp import RankLayout, rank_layout
-from qvlc.precision import Runtime
+from qvlc.precision import KvCache, Runtime
 from qvlc.runtime.tvm_session import TvmBuildError
 from qvlc.system.memory import release_memory
 from qvlc.validate.divergence import LayerCapture, diagnose
 from qvlc.validate.interface import check_interface
+from qvlc.validate.kv_error import add_kv, cache_error
 from qvlc.validate.llm_cases import LlmCase, build_cases, with_image_rows
 from qvlc.validate.llm_graphs import GraphRun, llm_runtime, run_graphs, unsplit_runtime
 from qvlc.validate.metrics import ParityReport, TokenCheck
@@ -131,8 +132,8 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
         except TvmBuildError as exc:  # the graphs do not import into this compiler: a failed check, not a crash
             with report.using(rt):
                 report.fail("llm", str(rt), "build", str(exc))
-    oracle = InMemoryOracle(plan.family, ck.model, dims) if ck is not None else \
-        StreamedOracle(plan.family, plan.checkpoint, dims, plan.quant)
+    oracle = InMemoryOracle(plan.family, ck.model, dims, spec.kv_cache) if ck is not None else \
+        StreamedOracle(plan.family, plan.checkpoint, dims, plan.quant, spec.kv_cache)
     inputs = oracle_inputs(runs, dims.tokens.image, dims.tokens.video)
     layouts = [rank_layout(dims.text, spec.tp, r) for r in range(spec.tp)]
     ranges = RangeRecorder()
@@ -143,7 +144,7 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
         with report.using(rt):
             for run, ref in zip(rt_runs, refs):
                 compare_run(report, run, ref, layouts, spec.prefill_len, v.decode_steps, v.generate_tokens,
-                            spec.dtype)
+                            spec.dtype, kv_cache=spec.kv_cache)
     if chunk_runs:
         compare_chunks(plan, report, chunk_runs, runs, refs, layouts)
     report.notes.append(f"oracle: {type(oracle).__name__}; each prompt then {steps} greedy decode steps of the "
@@ -153,6 +154,11 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
     with phases.phase("quantization error", "the graphs against the unquantized checkpoint (a second oracle)",
                       record=plan.quant is not None and plan.imported is None):
         _quantization(plan, report, runs, inputs, layouts)
+    if spec.kv_cache == KvCache.INT8:
+        with phases.phase("kv cache error", "the graphs against the same model with an unquantized cache"):
+            cache_error(plan, report, runs, inputs)
+        report.notes.append("kv_cache int8: the oracle applies the cache rule inside transformers' cache update "
+                            "(exactness); 'KV cache error' compares the graphs with an unquantized cache")
     if others:
         report.notes.append(f"{', '.join(map(str, others))}: {len(some)} of the {len(cases)} prompts "
                             "(validate.runtime_cases); each decode step is fed the token ONNX Runtime chose, and the "
@@ -172,7 +178,7 @@ def compare_chunks(plan: Plan, report: ParityReport, chunk_runs: list[GraphRun],
     v, spec = plan.cfg.validate, plan.llm_spec
     for run, full, ref in zip(chunk_runs, runs, refs):
         compare_run(report, run, ref, layouts, spec.prefill_len, v.decode_steps, v.generate_tokens, spec.dtype,
-                    first="chunk")
+                    first="chunk", kv_cache=spec.kv_cache)
         report.tokens.append(TokenCheck("chunk vs prefill", run.case.name, full.tokens[:v.generate_tokens],
                                         run.tokens[:v.generate_tokens], required=spec.dtype == "fp32"))
     report.notes.append(f"chunk graph: every prompt again through llm_chunk.onnx, {spec.prefill_chunk} tokens a "
@@ -234,20 +240,22 @@ def diagnose_prefill(plan: Plan, folder: Path, report: ParityReport, run: GraphR
 
 
 def compare_run(report: ParityReport, run: GraphRun, ref: OracleOutput, layouts: list[RankLayout], S: int,
-                decode_steps: int, generate_tokens: int, dtype, first: str = "prefill") -> None:
+                decode_steps: int, generate_tokens: int, dtype, first: str = "prefill",
+                kv_cache: KvCache = KvCache.FP) -> None:
     """One prompt's graphs against the oracle: ``first`` (prefill, or chunk: the call that filled the cache),
     then every decode step, and the greedy tokens."""
     name, n = run.case.name, len(run.case.ids)
     if run.window.delta + S != ref.delta + n:
         report.fail("host", name, "rope_delta", f"host rope_delta {run.window.delta} (padded to {S}) is not "
                                                 f"transformers' {ref.delta} (unpadded, {n} tokens)")
-    _compare_step(report, first, name, run.logits[0], run.kv[0], ref.logits[0], ref.kv[..., :n, :], layouts)
+    _compare_step(report, first, name, run.logits[0], run.kv[0], ref.logits[0], ref.kv[..., :n, :], layouts,
+                  kv_cache)
     if run.unsplit_logits:
         report.add("prefill vs tp=1", name, "logits", run.unsplit_logits[0], np.concatenate(run.logits[0]))
     for k in range(1, len(run.logits)):
         case = f"{name}/step{k - 1}"
         _compare_step(report, "decode" if first == "prefill" else f"decode after {first}", case, run.logits[k],
-                      run.kv[k], ref.logits[k], ref.kv[..., n + k - 1:n + k, :], layouts)
+                      run.kv[k], ref.logits[k], ref.kv[..., n + k - 1:n + k, :], layouts, kv_cache)
         if run.unsplit_logits:
             report.add("decode vs tp=1", case, "logits", run.unsplit_logits[k], np.concatenate(run.logits[k]))
     expected = [int(np.argmax(x)) for x in ref.logits[:generate_tokens]]
@@ -256,12 +264,14 @@ def compare_run(report: ParityReport, run: GraphRun, ref: OracleOutput, layouts:
 
 
 def _compare_step(report: ParityReport, graph: str, case: str, logits: list[np.ndarray], kv: list[np.ndarray],
-                  ref_logits: np.ndarray, ref_kv: np.ndarray, layouts: list[RankLayout]) -> None:
-    """Logits and KV, per rank (tp > 1) and recombined. ``ref_kv`` and each rank's ``kv``: [L,2,kvH,T,D]."""
+                  ref_logits: np.ndarray, ref_kv: np.ndarray, layouts: list[RankLayout],
+                  kv_cache: KvCache = KvCache.FP) -> None:
+    """Logits and KV, per rank (tp > 1) and recombined. ``ref_kv`` and each rank's ``kv``: [L,2,kvH,T,D] (an int8
+    cache: the values attention reads, ``qvlc.validate.kv_error.add_kv``)."""
     report.add(graph, case, "logits", ref_logits, np.concatenate(logits))
     if len(logits) > 1:
         for r, (lay, lg, k) in enumerate(zip(layouts, logits, kv)):
             report.add(graph, case, f"rank{r}.logits", ref_logits[lay.vocab_start:lay.vocab_start + lay.vocab], lg)
-            report.add(graph, case, f"rank{r}.present_key_values",
-                       ref_kv[:, :, lay.kv_head_start:lay.kv_head_start + lay.kv_heads], k)
-    report.add(graph, case, "present_key_values", ref_kv, recombine_kv(kv, layouts))
+            add_kv(report, graph, case, f"rank{r}.present_key_values",
+                   ref_kv[:, :, lay.kv_head_start:lay.kv_head_start + lay.kv_heads], k, kv_cache)
+    add_kv(report, graph, case, "present_key_values", ref_kv, recombine_kv(kv, layouts), kv_cache)

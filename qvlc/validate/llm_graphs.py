@@ -17,6 +17,7 @@ from qvlc.host.rope import decode_position
 from qvlc.models.common.quantized import quantized_tree
 from qvlc.models.common.tp import rank_layout
 from qvlc.precision import Runtime
+from qvlc.runtime.kvcache import kv_values
 from qvlc.runtime.llm import LlmRuntime, Window
 from qvlc.system.malloc import trim_heap
 from qvlc.system.memory import release_memory
@@ -36,7 +37,8 @@ class GraphRun:
     window: Window
     tokens: list[int] = field(default_factory=list)  # generated greedily: g_0 from prefill, g_k from decode k-1
     logits: list[list[np.ndarray]] = field(default_factory=list)  # per step (prefill, decode 0 …), per rank
-    kv: list[list[np.ndarray]] = field(default_factory=list)  # per step, per rank: [L,2,kvH,T,D] (real positions)
+    # per step, per rank: [L,2,kvH,T,D] (real positions): the values attention reads (an int8 cache dequantized)
+    kv: list[list[np.ndarray]] = field(default_factory=list)
     unsplit_logits: list[np.ndarray] = field(default_factory=list)  # tp > 1: the tp = 1 module on the same tokens
 
 
@@ -75,7 +77,7 @@ def unsplit_runtime(plan: Plan, ck: LoadedCheckpoint | None, folder: Path) -> Ll
     graphs, stack = {}, None
     for name, sig in sigs.items():
         module, stack = plan.family.llm_graph(name, text_model, lm_head, plan.dims, rank_layout(plan.dims.text, 1, 0),
-                                              plan.cfg.export.dtype.torch, stack, plan.islands)
+                                              plan.cfg.export.dtype.torch, stack, plan.islands, plan.cfg.export.kv_cache)
         graphs[name] = TorchGraph(module, sig.input_names, sig.output_names)
     return llm_runtime(plan, folder, graphs)
 
@@ -107,7 +109,7 @@ def _prefill_all(runtime: LlmRuntime, unsplit: LlmRuntime | None, cases: list[Ll
         outs = runtime.prefill_window(w)
         real = np.flatnonzero(runtime.state.past_mask[0])  # the prompt's slots in the cache
         run = GraphRun(case, w, logits=[[o["logits"].reshape(-1) for o in outs]],
-                       kv=[[kv[:, :, 0][..., real, :] for kv in runtime.state.kv]])
+                       kv=[[kv_values(cache)[:, :, 0][..., real, :] for cache in runtime.state.kv]])
         del outs
         states.append(runtime.take_state())  # the sequence's KV, handed over (no copy)
         if unsplit is not None:
@@ -131,7 +133,7 @@ def _decode_all(runtime: LlmRuntime, unsplit: LlmRuntime | None, runs: list[Grap
         positions = [decode_position(S, step, run.window.delta) for run in runs]  # the host's rule
         for run, outs in zip(runs, runtime.decode_many(states, embeds, positions)):
             run.logits.append([o["logits"].reshape(-1) for o in outs])
-            run.kv.append([o["present_key_values"][:, :, 0] for o in outs])
+            run.kv.append([kv_values(o, "present")[:, :, 0] for o in outs])
         if unsplit is not None:
             for run, outs in zip(runs, unsplit.decode_many(unsplit_states, embeds, positions)):
                 run.unsplit_logits.append(unsplit.logits_of(outs))

@@ -11,7 +11,7 @@ import numpy as np
 
 from qvlc.artifact.layout import PARITY_JSON, PARITY_MD
 from qvlc.precision import Precision, Runtime, Tolerance
-from qvlc.validate.sections import ranges_markdown
+from qvlc.validate.sections import kv_cache_failures, kv_cache_markdown, ranges_markdown
 
 
 def token_agreement(expected, got) -> int:
@@ -96,6 +96,8 @@ class ParityReport:
     divergence: dict | None = None
     # export.weights: the graphs against the unquantized model (qvlc.validate.quant_error)
     quantization: dict | None = None
+    # export.kv_cache: int8 — the graphs against the same model with an unquantized cache (qvlc.validate.kv_error)
+    kv_cache: dict | None = None
     # qvlc.validate.phases: seconds, GB read, memory per phase — printed and returned, never written into the
     # artifact (its files stay byte-identical from one compile of the same inputs to the next)
     phases: list[dict] = field(default_factory=list)
@@ -147,6 +149,7 @@ class ParityReport:
             out += [f"quantization error/{r['graph']}/{r['case']}/{r['output']}: cosine {r['cosine']:.5f} against the "
                     f"unquantized model, below {q['min_cosine']} (export.weights.min_cosine)"
                     for r in q["checks"] if not r["passed"]]
+        out += kv_cache_failures(self.kv_cache)
         if self.dtype == Precision.FP16:  # an fp16 graph computes inf/nan there, whatever ONNX Runtime shows
             out += [f"fp16 range/{h['case']}/{h['module']}: {h['kind']} reaches {h['max_abs']:.3g}, beyond fp16's "
                     f"65504 (keep it in fp32: export.fp32_layers)" for h in self.hazards
@@ -210,6 +213,7 @@ class ParityReport:
             "fp16_ranges": {"hazards": self.hazards, "peaks": self.range_peaks},
             "first_divergent_layer": self.divergence,
             "quantization_error": self.quantization,
+            "kv_cache_error": self.kv_cache,
             "cases": self.cases,
             "notes": self.notes,
         }
@@ -252,7 +256,7 @@ class ParityReport:
             for tk in self.tokens:
                 res = "pass" if tk.expected == tk.got else ("FAIL" if tk.required else "reported")
                 lines.append(f"| {tk.graph} | {tk.case} |{col(tk.runtime)} {tk.matched}/{len(tk.expected)} | {res} |")
-        lines += ranges_markdown(self) + self._quantization_markdown()
+        lines += ranges_markdown(self) + self._quantization_markdown() + kv_cache_markdown(self.kv_cache)
         if self.failures:
             lines += ["", "## Failures", ""] + [f"- {f}" for f in self.failures]
         if self.notes:

@@ -19,12 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicCache
 
 from qvlc.checkpoint.hf_model import Shell, causal
 from qvlc.checkpoint.lazy import lazy_text_model, materialize, read_float
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.family import Family
+from qvlc.models.common.kvquant import fake_quantize_kv
 from qvlc.models.common.quantized import quantized_tree
+from qvlc.precision import KvCache
 from qvlc.validate.ranges import LINEAR, LINEAR_IN, RangeRecorder, remove
 from qvlc.weights.quant import WeightQuant
 
@@ -63,14 +66,27 @@ class OracleOutput:
 
 
 class _Recorder:
-    """A transformers Cache stand-in: keeps the keys and values a layer computes (after rotary)."""
+    """A transformers Cache stand-in: keeps the keys and values a layer computes (after rotary); with ``int8`` it
+    applies the int8 cache rule first and returns what the cache would hold, as ``Int8Cache`` does."""
 
-    def __init__(self) -> None:
+    def __init__(self, int8: bool = False) -> None:
         self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.int8 = int8
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if self.int8:
+            key_states, value_states = fake_quantize_kv(key_states), fake_quantize_kv(value_states)
         self.kv = (key_states, value_states)
         return key_states, value_states
+
+
+class Int8Cache(DynamicCache):
+    """transformers' own DynamicCache with the int8 cache rule (``qvlc.models.common.kvquant``) applied in its
+    update: the new keys and values are quantized and stored dequantized, and attention reads what update
+    returns — so the positions written in the same call are read quantized too, as the graphs read them."""
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        return super().update(fake_quantize_kv(key_states), fake_quantize_kv(value_states), layer_idx, cache_kwargs)
 
 
 @torch.no_grad()
@@ -105,10 +121,13 @@ class _Oracle:
 class StreamedOracle(_Oracle):
     """One decoder layer in memory at a time (see the module docstring)."""
 
-    def __init__(self, family: Family, folder: Path, dims: ModelDims, quant: WeightQuant | None = None) -> None:
+    def __init__(self, family: Family, folder: Path, dims: ModelDims, quant: WeightQuant | None = None,
+                 kv_cache: KvCache = KvCache.FP) -> None:
         """``quant``: read the included Linear weights dequantized from their integers (export.weights) — the
-        transformers model carrying exactly the weights the quantized graphs carry."""
+        transformers model carrying exactly the weights the quantized graphs carry. ``kv_cache``: int8 applies the
+        cache rule where each layer's keys and values enter the cache."""
         self.shell, self.dims = Shell(family, folder), dims
+        self.int8 = KvCache(kv_cache) is KvCache.INT8
         self.text, self.head = quantized_tree(*lazy_text_model(folder), quant)
 
     def _embed(self, seqs: list[OracleInput]) -> list[torch.Tensor]:
@@ -133,7 +152,7 @@ class StreamedOracle(_Oracle):
             # fragment a reused heap (7B int8: 13 GB anonymous in the oracle, OOM-killed at 16 GiB)
             layer = materialize(self.shell.layer_cls, self.shell.text_config, i, tree=self.text.layers[i])
             for j, h in enumerate(hidden):
-                hidden[j], layer_kv = self._layer(layer, i, h, pos[j][0], rope[j], seqs[j], ranges)
+                hidden[j], layer_kv = self._layer(layer, i, h, pos[j][0], rope[j], seqs[j], ranges, self.int8)
                 kv[j].append(layer_kv)
             del layer
         norm = materialize(self.shell.norm_cls, self.dims.text.hidden, self.dims.text.rms_eps, tree=self.text.norm)
@@ -152,9 +171,9 @@ class StreamedOracle(_Oracle):
 
     @staticmethod
     def _layer(layer, i: int, h: torch.Tensor, position_ids, rope, seq: OracleInput,
-               ranges: RangeRecorder) -> tuple[torch.Tensor, np.ndarray]:
+               ranges: RangeRecorder, int8: bool = False) -> tuple[torch.Tensor, np.ndarray]:
         """Decoder layer ``i`` on one sequence: its output hidden states (DeepStack rows added) and its KV."""
-        rec, t = _Recorder(), h.shape[1]
+        rec, t = _Recorder(int8), h.shape[1]
         handles = ranges.hook(layer, f"{LAYERS}.{i}", [(seq.name, 0, 1)], packed=False)
         out = layer(h, attention_mask=causal(t), position_ids=position_ids, past_key_values=rec,
                     use_cache=True, cache_position=torch.arange(t), position_embeddings=rope)
@@ -187,8 +206,10 @@ class InMemoryOracle(_Oracle):
     """The whole transformers model (already loaded), on each sequence in turn: for small models, and as the
     reference the streamed oracle is tested against."""
 
-    def __init__(self, family: Family, model: torch.nn.Module, dims: ModelDims) -> None:
+    def __init__(self, family: Family, model: torch.nn.Module, dims: ModelDims,
+                 kv_cache: KvCache = KvCache.FP) -> None:
         self.family, self.model, self.dims = family, model, dims
+        self.int8 = KvCache(kv_cache) is KvCache.INT8
 
     def _run(self, seqs: list[OracleInput], ranges: RangeRecorder) -> list[OracleOutput]:
         embed = self.model.model.language_model.embed_tokens
@@ -204,12 +225,13 @@ class InMemoryOracle(_Oracle):
             n = seq.prompt_len
             handles.append(self.model.lm_head.register_forward_hook(lambda m, i, o, name=seq.name, n=n: ranges.observe(
                 "lm_head", LINEAR_IN, i[0][0, n - 1:], [(name, 0, 1)], whole=True)))
-            deep = _deepstack_kwargs(seq)
-            if deep:  # transformers' top model takes DeepStack rows only with pixels: its language model, then lm_head
-                res = self.model.model.language_model(inputs_embeds=h, position_ids=pos, use_cache=True, **deep)
+            kwargs = {**_deepstack_kwargs(seq), **({"past_key_values": Int8Cache()} if self.int8 else {})}
+            if "deepstack_visual_embeds" in kwargs:
+                # transformers' top model takes DeepStack rows only with pixels: its language model, then lm_head
+                res = self.model.model.language_model(inputs_embeds=h, position_ids=pos, use_cache=True, **kwargs)
                 logits = self.model.lm_head(res.last_hidden_state)
-            else:
-                res = self.model(inputs_embeds=h, position_ids=pos, use_cache=True)  # 4.57: no logits_to_keep
+            else:  # 4.57: no logits_to_keep
+                res = self.model(inputs_embeds=h, position_ids=pos, use_cache=True, **kwargs)
                 logits = res.logits
             remove(handles)
             ranges.observe("lm_head", LINEAR, logits[0, n - 1:], [(seq.name, 0, 1)], whole=True)

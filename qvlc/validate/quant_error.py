@@ -29,7 +29,9 @@ def quantization_error(plan: Plan, report: ParityReport, runs: list, inputs: lis
     """Compare every prefill and decode step of ``runs`` (ONNX Runtime's, tp ranks recombined) with the
     unquantized model; record the rows and the verdict in ``report.quantization``."""
     floor = _floor(plan)
-    refs = StreamedOracle(plan.family, plan.checkpoint, plan.dims).run(inputs, RangeRecorder(enabled=False))
+    # the same cache rule as the graphs (export.kv_cache): this section measures the weights' error alone
+    refs = StreamedOracle(plan.family, plan.checkpoint, plan.dims, kv_cache=plan.llm_spec.kv_cache).run(
+        inputs, RangeRecorder(enabled=False))
     rows = []
     for run, ref in zip(runs, refs):
         n = len(run.case.ids)

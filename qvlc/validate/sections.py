@@ -1,4 +1,4 @@
-"""Sections of the parity report's markdown that stand on their own: the fp16 ranges the oracle met."""
+"""Sections of the parity report that stand on their own: the fp16 ranges the oracle met, the KV cache error."""
 
 from __future__ import annotations
 
@@ -23,4 +23,21 @@ def ranges_markdown(report) -> list[str]:
     lines += [f"| {h['level']} | {h['kind']} | {h['max_abs']:.4g} | {h['underflow_fraction']:.2%} | {h['module']} "
               f"| {h['case'] if h['level'] != 'underflow' else h['underflow_case']} | "
               f"{'fp32 island' if h.get('fp32') else 'fp16'} |" for h in report.hazards]
+    return lines
+
+
+def kv_cache_failures(kv: dict | None) -> list[str]:
+    return [f"kv cache error/{p['case']}: logits cosine {p['worst_cosine']:.5f} against the unquantized cache, below "
+            f"{kv['min_cosine']}" for p in (kv or {}).get("prompts", []) if not p["passed"]]
+
+
+def kv_cache_markdown(kv: dict | None) -> list[str]:
+    if not kv:
+        return []
+    lines = ["", "## KV cache error", "", f"{kv['format']} cache, {kv['granularity']}, against {kv['reference']}: "
+             "the graphs' logits at every step, and their greedy tokens against that model's argmax. A prompt passes "
+             f"at cosine >= {kv['min_cosine']}.", "",
+             "| case | steps | worst cosine | worst rel L2 | greedy tokens equal | result |", "|---|---|---|---|---|---|"]
+    lines += [f"| {p['case']} | {p['steps']} | {p['worst_cosine']:.6f} | {p['worst_rel_l2']:.3e} | "
+              f"{p['tokens_matched']}/{p['of']} | {'pass' if p['passed'] else 'FAIL'} |" for p in kv["prompts"]]
     return lines

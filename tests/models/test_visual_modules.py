@@ -217,7 +217,7 @@ def test_example_inputs_follow_the_signature(family_ck):
     fam, ck = family_ck
     v = ck.dims.vision
     sig = fam.visual_signature(fam.visual_spec(ck.dims, 48, 640, Precision.FP16))
-    args = dict(zip(sig.input_names, example_inputs(sig, torch.float16)))
+    args = dict(zip(sig.input_names, example_inputs(sig)))
     assert args["pixel_values"].shape == (48, v.patch_dim) and args["pixel_values"].dtype == torch.float16
     assert args["attention_mask"].shape == (1, 48, 48) and args["attention_mask"].dtype == torch.bool
     assert args["cos"].shape == args["sin"].shape == (48, v.head_dim)

@@ -118,6 +118,32 @@ def test_chunked_artifact_tokens_equal_transformers_generate(chunked, images, ex
     assert "llm_prefill.onnx" not in chunked.llm._graphs
 
 
+@pytest.fixture(scope="module")
+def kv8(compiled, folders) -> VlmPipeline:
+    """The fp32 LLM part with an int8 KV cache and a chunk graph of 64 tokens."""
+    llm = compiled(**no_validate("run_llm_fp32_kv8", prefill_len=S, max_context=C, prefill_chunk=64, kv_cache="int8"))
+    return VlmPipeline(llm.folder, folders["fp32"][1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_int8_cache_tokens_equal_generate_with_the_rule_in_its_cache(kv8, images, pipelines, model, case):
+    """`qvlc run` with an int8 KV cache generates what transformers `generate` does when its DynamicCache applies
+    the same rule in its update (prefill, then one token per call: the incremental path)."""
+    from qvlc.validate.oracle import Int8Cache
+
+    pipe = pipelines["fp32"]
+    ims = [images[k] for k in CASES[case]]
+    text = pipe.processor.apply_chat_template(pipe.messages(len(ims), PROMPT), tokenize=False,
+                                              add_generation_prompt=True)
+    inputs = pipe.processor(text=[text], images=ims or None, return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, past_key_values=Int8Cache())
+    result = kv8.generate(ims, PROMPT, max_new_tokens=NEW, stop_at_eos=False)
+    assert result.tokens == ids[0, inputs["input_ids"].shape[1]:].tolist()
+    assert kv8.llm.state.kv[0]["past_key_values"].dtype == np.int8
+
+
 def test_images_change_the_answer(pipelines, images):
     """The image rows reach the LLM: the same prompt with another image of the same size (so the same token
     positions) gives other next-token logits, and the same image gives the same ones."""

@@ -175,3 +175,13 @@ def test_qwen3_vl_imports_gptq_at_tp2(tmp_path):
     r = _compile(tmp_path, tmp_path / "ck", "q3gptq", tp=2)
     assert r.report.passed, r.report.failures
     assert "imported" in r.report.quantization["method"]
+
+
+def test_imported_awq_with_an_int8_kv_cache(tmp_path):
+    """The checkpoint's own AWQ integers and an int8 KV cache (export.kv_cache): exact against the oracle carrying
+    both, with the cache's own error reported."""
+    write_quantized(tmp_path / "ck", "awq", 4, 32, False)
+    r = _compile(tmp_path, tmp_path / "ck", "awq_kv8", kv_cache="int8")
+    assert r.report.passed, r.report.failures
+    assert "imported" in r.report.quantization["method"]
+    assert r.report.kv_cache and all(p["passed"] for p in r.report.kv_cache["prompts"])

@@ -24,7 +24,7 @@ from qvlc.artifact.signature import GraphSig
 from qvlc.artifact.spec import LlmSpec, TokenIds, VisualSpec
 from qvlc.models.common.dims import ModelDims
 from qvlc.models.common.islands import Islands
-from qvlc.precision import Precision
+from qvlc.precision import KvCache, Precision
 
 VISION_ROPE_THETA = 10000.0  # the rotary base of every Qwen-VL vision tower (not in config.json)
 
@@ -81,12 +81,14 @@ class Family:
         return QWEN2_TP_PLAN
 
     def llm_graph(self, file: str, text_model: Any, lm_head: Any, dims: ModelDims, layout: "RankLayout",
-                  dtype: "torch.dtype", stack: Any = None, islands: Islands = Islands()) -> tuple["torch.nn.Module", Any]:
+                  dtype: "torch.dtype", stack: Any = None, islands: Islands = Islands(),
+                  kv_cache: KvCache = KvCache.FP) -> tuple["torch.nn.Module", Any]:
         """The deployment module of LLM graph ``file`` (prefill, decode or chunk) for one rank; ``stack`` reuses the
-        layers built for the other graph; ``islands``: modules computed in fp32. Returns (module, stack)."""
+        layers built for the other graph; ``islands``: modules computed in fp32; ``kv_cache``: how the cache is
+        stored (``export.kv_cache``). Returns (module, stack)."""
         from qvlc.models.common.text import GRAPH_MODULES, TextStack
 
-        stack = stack or TextStack(text_model, lm_head, dims.text, layout, dtype, islands)
+        stack = stack or TextStack(text_model, lm_head, dims.text, layout, dtype, islands, kv_cache)
         return GRAPH_MODULES[file](stack), stack
 
     def visual_graph(self, hf_visual: Any, dims: ModelDims, chunk_width: int, dtype: "torch.dtype",
@@ -106,7 +108,7 @@ class Family:
 
     # -- what the manifest records ----------------------------------------------------------------------------
     def llm_spec(self, dims: ModelDims, prefill_len: int, max_context: int, tp: int, dtype: Precision,
-                 prefill_chunk: int = 0) -> LlmSpec:
+                 prefill_chunk: int = 0, kv_cache: KvCache = KvCache.FP) -> LlmSpec:
         from qvlc.models.common.tp import rank_layout
 
         t, k = dims.text, dims.tokens
@@ -116,7 +118,7 @@ class Family:
                        mrope_section=tuple(t.mrope_section), eos=k.eos, image_token=k.image, video_token=k.video,
                        vision_start=k.vision_start, vision_end=k.vision_end, stop_tokens=self.stop_tokens,
                        deepstack_layers=len(dims.vision.deepstack), mrope_interleaved=t.mrope_interleaved,
-                       prefill_chunk=prefill_chunk)
+                       prefill_chunk=prefill_chunk, kv_cache=KvCache(kv_cache))
 
     def visual_spec(self, dims: ModelDims, max_patches: int, chunk_width: int, dtype: Precision) -> VisualSpec:
         v = dims.vision
