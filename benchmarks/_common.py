@@ -121,6 +121,25 @@ def weights_export(args) -> tuple[str, dict]:
     return suffix, {"opset": 21, "weights": weights}
 
 
+def print_cache(report, folder: Path) -> None:
+    """The decode graph's cache (its past inputs, every rank) against the same artifact with an fp16 cache, and the
+    KV cache error section of the report (export.kv_cache: int8)."""
+    from dataclasses import replace
+
+    from qvlc.artifact.manifest import read_manifest
+    from qvlc.runtime.kvcache import sequence_bytes
+
+    spec = read_manifest(folder).llm
+    got, fp = sequence_bytes(spec), sequence_bytes(replace(spec, kv_cache="fp"))
+    print(f"KV cache per sequence (decode's past inputs, {spec.tp} ranks, C - 1 = {spec.max_context - 1}): "
+          f"{got / 2**20:.1f} MiB {spec.kv_cache} against {fp / 2**20:.1f} MiB {spec.dtype}: {got / fp:.3f}x")
+    kv = report.kv_cache if report else None
+    for p in (kv or {}).get("prompts", []):
+        print(f"  kv cache error {p['case']:<18} worst logits cosine {p['worst_cosine']:.6f}, worst rel L2 "
+              f"{p['worst_rel_l2']:.3e}, greedy tokens equal {p['tokens_matched']}/{p['of']}"
+              f"{'' if p['passed'] else ' FAIL'}")
+
+
 def print_quant_error(report) -> None:
     """The quantization-error verdict on the logits of each graph, as the LLM benchmarks print it."""
     q = report.quantization if report else None

@@ -3,7 +3,7 @@ int8/int4 weights: --weights, as bench_llm_2b.py takes it).
 
     ../shared/tools/memcap 16 .venv/bin/python benchmarks/bench_llm_7b_tp4.py [--workdir bench_out]
         [--workers 1] [--prefill-len 2048] [--max-context 4096] [--no-validate | --validate-only]
-        [--cases all] [--weights int8] ...
+        [--cases all] [--weights int8] [--kv-cache int8] ...
 
 By default the same compile runs twice in one sitting, without validation and then with it, and the ratio of
 their wall times is printed, then every stage of the validated compile beside its floor on this machine
@@ -30,6 +30,7 @@ from _common import (
     ARTIFACTS,
     PrintProgress,
     add_weights_args,
+    print_cache,
     print_parity,
     print_quant_error,
     rss_gb,
@@ -66,13 +67,14 @@ def compile_once(args, checkpoint: Path, validate: bool):
     from qvlc.config.loading import config_from_dict
 
     quant, weights = weights_export(args)
-    name = f"bench_llm_{args.model}_{args.prefill_len}_{args.max_context}_tp4_fp16{quant}_w{args.workers}"
+    kv = "" if args.kv_cache == "fp" else f"_kv{args.kv_cache}"
+    name = f"bench_llm_{args.model}_{args.prefill_len}_{args.max_context}_tp4_fp16{quant}{kv}_w{args.workers}"
     out = args.workdir / ARTIFACTS
     shutil.rmtree(out / name, ignore_errors=True)
     cfg = config_from_dict({
         "name": name, "part": "llm", "model": {"checkpoint": str(checkpoint)},
         "export": {"dtype": "fp16", "prefill_len": args.prefill_len, "max_context": args.max_context, "tp": 4,
-                   "workers": args.workers, **weights},
+                   "workers": args.workers, "kv_cache": args.kv_cache, **weights},
         "validate": {"enabled": validate, "cases": args.cases}, "output": {"dir": str(out)},
     })
     rss_before, read_before = rss_gb(resource.RUSAGE_SELF), disk_read_gb()
@@ -82,7 +84,8 @@ def compile_once(args, checkpoint: Path, validate: bool):
     wall = time.perf_counter() - t0
     m = json.loads((result.folder / "manifest.json").read_text())
     print(f"\n== {args.model} LLM part, tp = 4 (random weights, real shapes), validate={validate} ==")
-    print(f"config: S={args.prefill_len} C={args.max_context} fp16{quant} workers={args.workers}")
+    print(f"config: S={args.prefill_len} C={args.max_context} fp16{quant} kv_cache={args.kv_cache} "
+          f"workers={args.workers}")
     for stage, seconds in result.timings.items():
         print(f"  {stage:<20} {seconds:8.1f} s")
     print(f"  {'total':<20} {wall:8.1f} s; {disk_read_gb() - read_before:.1f} GB read from storage")
@@ -99,6 +102,7 @@ def compile_once(args, checkpoint: Path, validate: bool):
           f"({result.export.bytes_written / 1e6 / max(ws, 1e-9):.0f} MB/s while writing)")
     print_parity(result.report)
     print_quant_error(result.report)
+    print_cache(result.report, result.folder)
     return result, wall
 
 
@@ -115,6 +119,7 @@ def main() -> int:
     which.add_argument("--no-validate", action="store_true", help="only the compile without validation")
     which.add_argument("--validate-only", action="store_true", help="only the compile with validation")
     add_weights_args(ap)
+    ap.add_argument("--kv-cache", choices=["fp", "int8"], default="fp", help="export.kv_cache")
     args = ap.parse_args()
 
     checkpoint = ensure_7b(args.workdir, args.seed, args.model)
