@@ -57,18 +57,7 @@ def check_values(cfg: Config) -> None:
                                   f"(max_context {e.max_context} - prefill_len {e.prefill_len} - 1)",
                                   fix=f"use {name} <= {room + (value - calls)}, or raise export.max_context", key=key)
     else:
-        _multiple_of_16(e.max_patches, "export.max_patches")
-        if e.attention_block:
-            _multiple_of_16(e.attention_block, "export.attention_block")
-        if e.prefill_chunk:
-            raise ConfigError(f"prefill_chunk {e.prefill_chunk} given for the visual part, which has no prompt",
-                              fix="remove export.prefill_chunk from the visual config", key="export.prefill_chunk")
-        if e.kv_cache != KvCache.FP:
-            raise ConfigError(f"kv_cache {e.kv_cache} given for the visual part, which has no KV cache",
-                              fix="remove export.kv_cache from the visual config", key="export.kv_cache")
-        if e.tp != 1:
-            raise ConfigError(f"tp {e.tp} given for the visual part, which is never split across ranks",
-                              fix="remove export.tp from the visual config (or set it to 1)", key="export.tp")
+        _visual_export(e)
     _runtimes(cfg.validate.runtimes)
     check_weights(cfg)
     if cfg.validate.runtime_cases < 0:
@@ -78,6 +67,22 @@ def check_values(cfg: Config) -> None:
     if e.fp32_layers and e.dtype != Precision.FP16:
         raise ConfigError(f"fp32_layers keeps modules in fp32 inside an fp16 graph; this compile is {e.dtype}",
                           fix="remove export.fp32_layers, or set export.dtype: fp16", key="export.fp32_layers")
+
+
+def _visual_export(e) -> None:
+    """The visual part's export keys: its shapes, and no LLM-only option."""
+    _multiple_of_16(e.max_patches, "export.max_patches")
+    if e.attention_block:
+        _multiple_of_16(e.attention_block, "export.attention_block")
+    if e.prefill_chunk:
+        raise ConfigError(f"prefill_chunk {e.prefill_chunk} given for the visual part, which has no prompt",
+                          fix="remove export.prefill_chunk from the visual config", key="export.prefill_chunk")
+    if e.kv_cache != KvCache.FP:
+        raise ConfigError(f"kv_cache {e.kv_cache} given for the visual part, which has no KV cache",
+                          fix="remove export.kv_cache from the visual config", key="export.kv_cache")
+    if e.tp != 1:
+        raise ConfigError(f"tp {e.tp} given for the visual part, which is never split across ranks",
+                          fix="remove export.tp from the visual config (or set it to 1)", key="export.tp")
 
 
 def _runtimes(runtimes: tuple[Runtime, ...]) -> None:

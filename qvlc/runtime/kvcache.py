@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,10 +15,6 @@ from qvlc.precision import KvCache
 KV, SCALES = "key_values", "kv_scales"  # the names after past_ / present_
 
 Cache = dict[str, np.ndarray]
-
-
-def cache_names(spec: LlmSpec) -> tuple[str, ...]:
-    return (KV, SCALES) if KvCache(spec.kv_cache) is KvCache.INT8 else (KV,)
 
 
 def empty_cache(spec: LlmSpec) -> Cache:
@@ -53,3 +50,20 @@ def sequence_bytes(spec: LlmSpec) -> int:
     if KvCache(spec.kv_cache) is KvCache.INT8:
         return rows * (spec.head_dim + 4)  # int8 values and one fp32 scale per row
     return rows * spec.head_dim * spec.dtype.bytes
+
+
+@dataclass
+class KvState:
+    """The host side of a sequence: per-rank KV caches (the graphs' past inputs by name), the past mask, the next
+    free slot, and the slots its prompt took (S after the prefill graph; whole chunks of T after the chunk graph):
+    decode step k writes slot ``window + k``."""
+
+    kv: list[Cache]
+    past_mask: np.ndarray
+    slot: int
+    window: int = 0
+
+
+def copy_state(state: KvState) -> KvState:
+    return KvState([{k: a.copy() for k, a in cache.items()} for cache in state.kv], state.past_mask.copy(),
+                   state.slot, state.window)

@@ -18,7 +18,7 @@ from qvlc.host.rope import decode_cos_sin, decode_position, mrope_cos_sin
 from qvlc.models.common.family import Family
 from qvlc.precision import Runtime
 from qvlc.runtime.artifact import open_artifact
-from qvlc.runtime.kvcache import Cache, empty_cache, write
+from qvlc.runtime.kvcache import KvState, copy_state, empty_cache, write
 from qvlc.runtime.ranked import RankedGraph
 
 
@@ -62,23 +62,6 @@ class Window:
 def tokens_of(spec: LlmSpec) -> TokenIds:
     return TokenIds(bos=None, eos=spec.eos, vision_start=spec.vision_start, vision_end=spec.vision_end,
                     image=spec.image_token, video=spec.video_token)
-
-
-@dataclass
-class KvState:
-    """The host side of a sequence: per-rank KV caches (``qvlc.runtime.kvcache``: the past inputs by name), the past
-    mask, the next free slot, and the slots its prompt took (S after the prefill graph; whole chunks of T after the
-    chunk graph): decode step k writes slot ``window + k``."""
-
-    kv: list[Cache]
-    past_mask: np.ndarray
-    slot: int
-    window: int = 0
-
-
-def _copy(state: KvState) -> KvState:
-    return KvState([{k: a.copy() for k, a in cache.items()} for cache in state.kv], state.past_mask.copy(),
-                   state.slot, state.window)
 
 
 class LlmRuntime:
@@ -138,7 +121,7 @@ class LlmRuntime:
         return KvState([], np.zeros((1, self.spec.max_context - 1), dtype=np.int64), 0)
 
     def snapshot(self) -> KvState:
-        return _copy(self.state)
+        return copy_state(self.state)
 
     def take_state(self) -> KvState:
         """The current sequence's state, handed over without a copy (the runtime starts empty again)."""
@@ -146,7 +129,7 @@ class LlmRuntime:
         return state
 
     def restore(self, state: KvState) -> None:
-        self.state = _copy(state)
+        self.state = copy_state(state)
 
     # -- the host's prompt window -------------------------------------------------------------------------
     def prompt_window(self, ids: np.ndarray, media: Media = Media()) -> Window:

@@ -151,14 +151,7 @@ def validate_llm(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: 
                         "graphs, the oracle teacher-forced on the tokens the graphs chose")
     if skipped:
         report.notes.append(f"validate.cases: {', '.join(skipped)} skipped (run: {', '.join(chosen)})")
-    with phases.phase("quantization error", "the graphs against the unquantized checkpoint (a second oracle)",
-                      record=plan.quant is not None and plan.imported is None):
-        _quantization(plan, report, runs, inputs, layouts)
-    if spec.kv_cache == KvCache.INT8:
-        with phases.phase("kv cache error", "the graphs against the same model with an unquantized cache"):
-            cache_error(plan, report, runs, inputs)
-        report.notes.append("kv_cache int8: the oracle applies the cache rule inside transformers' cache update "
-                            "(exactness); 'KV cache error' compares the graphs with an unquantized cache")
+    _error_sections(plan, report, runs, inputs, layouts, phases)
     if others:
         report.notes.append(f"{', '.join(map(str, others))}: {len(some)} of the {len(cases)} prompts "
                             "(validate.runtime_cases); each decode step is fed the token ONNX Runtime chose, and the "
@@ -199,6 +192,19 @@ def _unsplit(plan: Plan, ck: LoadedCheckpoint | None, folder: Path, report: Pari
                         f"up to {UNSPLIT_MAX_BYTES / 1e9:.1f} GB); every rank's slices and the "
                         "recombined result are compared with the fp32 oracle")
     return None
+
+
+def _error_sections(plan: Plan, report: ParityReport, runs, inputs, layouts, phases: Phases) -> None:
+    """What quantization costs, each against a second oracle pass: integer weights against the unquantized
+    checkpoint, an int8 KV cache against an unquantized cache."""
+    with phases.phase("quantization error", "the graphs against the unquantized checkpoint (a second oracle)",
+                      record=plan.quant is not None and plan.imported is None):
+        _quantization(plan, report, runs, inputs, layouts)
+    if plan.llm_spec.kv_cache == KvCache.INT8:
+        with phases.phase("kv cache error", "the graphs against the same model with an unquantized cache"):
+            cache_error(plan, report, runs, inputs)
+        report.notes.append("kv_cache int8: the oracle applies the cache rule inside transformers' cache update "
+                            "(exactness); 'KV cache error' compares the graphs with an unquantized cache")
 
 
 def _quantization(plan: Plan, report: ParityReport, runs, inputs, layouts) -> None:

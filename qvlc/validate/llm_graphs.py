@@ -75,9 +75,10 @@ def unsplit_runtime(plan: Plan, ck: LoadedCheckpoint | None, folder: Path) -> Ll
         quantized_tree(*lazy_text_model(plan.checkpoint), plan.quant)
     sigs = plan.family.llm_signatures(replace(plan.llm_spec, tp=1, kv_heads_per_rank=plan.dims.text.kv_heads))
     graphs, stack = {}, None
+    e = plan.cfg.export
     for name, sig in sigs.items():
         module, stack = plan.family.llm_graph(name, text_model, lm_head, plan.dims, rank_layout(plan.dims.text, 1, 0),
-                                              plan.cfg.export.dtype.torch, stack, plan.islands, plan.cfg.export.kv_cache)
+                                              e.dtype.torch, stack, plan.islands, e.kv_cache)
         graphs[name] = TorchGraph(module, sig.input_names, sig.output_names)
     return llm_runtime(plan, folder, graphs)
 

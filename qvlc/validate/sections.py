@@ -37,7 +37,8 @@ def kv_cache_markdown(kv: dict | None) -> list[str]:
     lines = ["", "## KV cache error", "", f"{kv['format']} cache, {kv['granularity']}, against {kv['reference']}: "
              "the graphs' logits at every step, and their greedy tokens against that model's argmax. A prompt passes "
              f"at cosine >= {kv['min_cosine']}.", "",
-             "| case | steps | worst cosine | worst rel L2 | greedy tokens equal | result |", "|---|---|---|---|---|---|"]
+             "| case | steps | worst cosine | worst rel L2 | greedy tokens equal | result |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {p['case']} | {p['steps']} | {p['worst_cosine']:.6f} | {p['worst_rel_l2']:.3e} | "
               f"{p['tokens_matched']}/{p['of']} | {'pass' if p['passed'] else 'FAIL'} |" for p in kv["prompts"]]
     return lines
