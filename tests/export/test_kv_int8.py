@@ -111,18 +111,21 @@ def test_attention_that_skips_the_rule_for_its_own_call_fails(compiled, monkeypa
 
 OPTIONS = {
     "fp16_tp2_int8weights_chunk": dict(dtype="fp16", tp=2, weights={"format": "int8"}, prefill_chunk=T),
-    "qwen3_vl_fp16_islands": dict(dtype="fp16", fp32_layers=["model.language_model.layers.1.self_attn"],
-                                  checkpoint="tiny:qwen3_vl"),
+    "qwen3_vl_fp16_islands_tvm": dict(dtype="fp16", fp32_layers=["model.language_model.layers.1.self_attn"],
+                                      checkpoint="tiny:qwen3_vl",
+                                      validate={"runtimes": ["onnxruntime", "tvm"], "runtime_cases": 1}),
 }
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_with_the_other_options(compiled, name):
     export = dict(OPTIONS[name])
-    checkpoint = export.pop("checkpoint", "tiny")
-    r = compiled(f"llm_kv8_{name}", checkpoint=checkpoint, prefill_len=S, max_context=C, kv_cache="int8",
-                 **export).report
+    checkpoint, validate = export.pop("checkpoint", "tiny"), export.pop("validate", None)
+    r = compiled(f"llm_kv8_{name}", checkpoint=checkpoint, validate=validate, prefill_len=S, max_context=C,
+                 kv_cache="int8", **export).report
     assert r.passed, r.failures
+    if validate:
+        assert {("tvm", "prefill"), ("tvm", "decode")} <= {(c.runtime, c.graph) for c in r.checks}
     assert r.kv_cache and all(p["passed"] for p in r.kv_cache["prompts"])
     if export.get("tp") == 2:
         assert {"rank0.present_key_values", "rank1.present_key_values"} <= {c.output for c in r.checks}
