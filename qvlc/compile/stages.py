@@ -109,7 +109,7 @@ def export(plan: Plan, ck: LoadedCheckpoint | None, stage: Path) -> ExportResult
 
 def validate(plan: Plan, ck: LoadedCheckpoint, folder: Path) -> ParityReport:
     cfg = plan.cfg
-    report = ParityReport(str(cfg.part), cfg.export.dtype)
+    report = ParityReport(str(cfg.part), cfg.export.dtype, cache=cfg.export.kv_cache)
     if cfg.part == Part.LLM:
         from qvlc.validate.llm import validate_llm
 

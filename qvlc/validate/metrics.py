@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from qvlc.artifact.layout import PARITY_JSON, PARITY_MD
-from qvlc.precision import Precision, Runtime, Tolerance
+from qvlc.precision import KvCache, Precision, Runtime, Tolerance
 from qvlc.validate.sections import kv_cache_failures, kv_cache_markdown, ranges_markdown
 
 
@@ -103,11 +103,15 @@ class ParityReport:
     phases: list[dict] = field(default_factory=list)
     cases: dict[str, list[str]] = field(default_factory=dict)  # validate.cases: {"run": [...], "skipped": [...]}
     runtime: Runtime = Runtime.ONNXRUNTIME  # the runtime whose results add() and fail() are recording now
+    cache: KvCache = KvCache.FP  # export.kv_cache of the graphs checked (fp16 + int8 has its own tolerance)
 
     @property
     def tolerance(self) -> Tolerance:
         """The tolerance of the runtime being recorded."""
-        return Precision(self.dtype).tolerance_on(self.runtime)
+        return self.tolerance_of(self.runtime)
+
+    def tolerance_of(self, runtime: Runtime | str) -> Tolerance:
+        return Precision(self.dtype).tolerance_on(Runtime(runtime), self.cache)
 
     @contextmanager
     def using(self, runtime: Runtime):
@@ -198,14 +202,14 @@ class ParityReport:
             w["rel_l2"] = max(w["rel_l2"], c.metrics["rel_l2"])
             w["min_cosine"] = min(w["min_cosine"], c.metrics["cosine"])
         return {"checks": len(checks), "failed": sum(not c.passed for c in checks), "worst_per_graph": worst,
-                "tolerance": asdict(Precision(self.dtype).tolerance_on(Runtime(runtime)))}
+                "tolerance": asdict(self.tolerance_of(runtime))}
 
     def to_dict(self) -> dict:
         return {
             "part": self.part,
             "dtype": str(self.dtype),
             "oracle": "transformers model, fp32, eager attention",
-            "tolerance": asdict(Precision(self.dtype).tolerance),  # ONNX Runtime's; every runtime's in summary
+            "tolerance": asdict(self.tolerance_of(Runtime.ONNXRUNTIME)),  # every runtime's in summary
             "summary": self.summary(),
             "failures": self.failures,
             "checks": [asdict(c) for c in self.checks],
@@ -237,7 +241,7 @@ class ParityReport:
             "",
         ]
         for rt in self.runtimes:
-            t = Precision(self.dtype).tolerance_on(Runtime(rt))
+            t = self.tolerance_of(rt)
             lines.append(f"Tolerance ({self.dtype}{', ' + rt if multi else ''}): max_abs <= {t.atol:g} + "
                          f"{t.rtol:g}·max|ref|, rel_l2 <= {t.max_rel_l2:g}, cosine >= {t.min_cosine:g}.")
         lines += ["", "| graph | case | output |" + col("runtime") + " max abs | mean abs | rel L2 | cosine | result |",

@@ -168,3 +168,18 @@ def test_configs_accept_kv_cache_and_vamc_w16kv8_and_refuse_what_does_not_fit():
     with pytest.raises(ConfigError) as e:
         from_vamc({**vamc, "backend": {"dtype": "int8"}})
     assert e.value.key == "backend.dtype" and "w16kv8" in str(e.value)
+
+
+def test_fp16_with_an_int8_cache_has_its_own_tolerance_and_fp32_keeps_its_own():
+    """fp16 requantization (the graph's fp16 K/V landing one integer away from the fp32 oracle's) gets its measured
+    row; fp32, the rule's exactness proof, and TVM's fp16 row are unchanged."""
+    from qvlc.precision import Precision, Runtime
+    from qvlc.validate.metrics import ParityReport
+
+    fp16 = Precision.FP16.tolerance_on(Runtime.ONNXRUNTIME, "int8")
+    assert fp16.max_rel_l2 == 6e-2 and fp16.min_cosine == 0.998
+    assert Precision.FP16.tolerance_on(Runtime.ONNXRUNTIME) == Precision.FP16.tolerance
+    assert Precision.FP32.tolerance_on(Runtime.ONNXRUNTIME, "int8") == Precision.FP32.tolerance
+    assert Precision.FP16.tolerance_on(Runtime.TVM, "int8") == Precision.FP16.tolerance_on(Runtime.TVM)
+    report = ParityReport("llm", Precision.FP16, cache="int8")
+    assert report.tolerance == fp16 and "rel_l2 <= 0.06" in report.to_markdown()
