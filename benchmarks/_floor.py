@@ -93,7 +93,7 @@ def _floor(flops: float, byte_terms: list[tuple[float, float, str]], rates: Rate
     """max(flops at the GEMM rate, each (bytes, MB/s) term) — the hardware can overlap them, no better."""
     terms = [(flops / rates.gemm_gflops / 1e9, f"{flops / 1e12:.1f} TFLOP")] if flops else []
     terms += [(b / (r * 1e6), f"{b / 1e9:.1f} GB {name}") for b, r, name in byte_terms]
-    seconds = max(t for t, _ in terms)
+    seconds = max((t for t, _ in terms), default=0.0)  # nothing to do (no image among the cases): 0
     return Floor(seconds, f"{what}: " + " | ".join(s for _, s in terms))
 
 
@@ -125,6 +125,7 @@ def llm_floors(dims, prefill_len: int, max_context: int, steps: int, rank_bytes:
         "oracle": _floor(oracle, [(checkpoint_bytes, disk, "read")], rates,
                          f"fp32 over {sum(seqs)} tokens (linears, T x T attention, lm_head at the generated ones)"),
         "quantization error": _floor(oracle, [(checkpoint_bytes, disk, "read")], rates, "a second oracle pass"),
+        "kv cache error": _floor(oracle, [(checkpoint_bytes, disk, "read")], rates, "a second oracle pass"),
         "manifest": _floor(0, [(written_bytes + checkpoint_bytes, rates.sha256_mbps, "hashed")], rates,
                            "sha256 of the artifact and the checkpoint"),
     }
